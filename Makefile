@@ -1,0 +1,39 @@
+# Two commands set up a fresh machine (README): `make demo` and `make test`.
+# uv (from PyPI) makes the installs fast; torch from PyPI is the CUDA build, which also runs on CPU.
+PYTHON ?= python3
+VENV ?= .venv
+ORACLE_VENV ?= .venv-oracle
+UV := $(VENV)/bin/uv
+
+.PHONY: demo test lint bench oracle clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q uv
+	$(UV) pip install --python $(VENV)/bin/python -e '.[dev]'
+	touch $@
+
+$(ORACLE_VENV)/.installed: tests/oracle/requirements.txt tests/oracle/requirements-nodeps.txt $(VENV)/.installed
+	$(UV) venv -q --python $(PYTHON) $(ORACLE_VENV)
+	$(UV) pip install --python $(ORACLE_VENV)/bin/python -r tests/oracle/requirements.txt
+	$(UV) pip install --python $(ORACLE_VENV)/bin/python --no-deps -r tests/oracle/requirements-nodeps.txt
+	touch $@
+
+oracle: $(ORACLE_VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/vbatch demo
+
+test: $(VENV)/.installed $(ORACLE_VENV)/.installed
+	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/bench_segment.py
+
+clean:
+	rm -rf $(VENV) $(ORACLE_VENV) vbatch-demo

@@ -1,0 +1,20 @@
+"""vbatch models: ModelScope models re-implemented in plain PyTorch, loading ModelScope's layout.
+
+Public API: :func:`load_model`, :func:`load_transforms`, :data:`REGISTRY`.
+"""
+
+from models.base import Predictor, Transforms
+from models.checkpoint import CheckpointError
+from models.registry import REGISTRY, ModelEntry, UnknownModelError, load_model, load_transforms, model_entry
+
+__all__ = [
+    "REGISTRY",
+    "CheckpointError",
+    "ModelEntry",
+    "Predictor",
+    "Transforms",
+    "UnknownModelError",
+    "load_model",
+    "load_transforms",
+    "model_entry",
+]
