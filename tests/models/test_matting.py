@@ -25,7 +25,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory):
 def test_import_does_not_pull_tensorflow_or_onnx() -> None:
     code = (
         "import sys, models; models.load_transforms('matting', '.');"
-        "import models.matting, models.matting.model, models.matting.transforms;"
+        "import models.matting.model, models.matting.transforms, models.matting.convert, models.matting.demo;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf2onnx', 'onnx', 'keras')];"
         "assert not bad, bad"
     )
