@@ -1,0 +1,110 @@
+"""Architecture of MTTR (frozen dataclasses) and the provenance of ModelScope's weights.
+
+The architecture is read from a ModelScope model directory (:func:`models.rvos.modeldir.read_config`):
+``configuration.json``'s ``model`` section gives the multimodal transformer, the RoBERTa
+``config.json`` in ``transformer_cfg_dir`` gives the text encoder, and the video Swin-T backbone is
+fixed in the reference (``VideoSwinTransformerBackbone`` hard-codes it), so :class:`SwinConfig`'s
+defaults are the only Swin the reference can load. ``FULL`` is the shipped model; ``TINY`` is the
+same code at toy sizes for fast tests (its Swin is smaller than the reference accepts, so a TINY
+model directory records its backbone under an extra ``backbone_config`` key that the reference
+ignores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# --- provenance of the shipped weights (kept apart from the architecture, like timm's PretrainedCfg)
+MODELSCOPE_ID = "damo/cv_swin-t_referring_video-object-segmentation"
+CONFIG_FILE = "configuration.json"
+CHECKPOINT_FILE = "pytorch_model.pt"  # ModelScope's ModelFile.TORCH_MODEL_FILE
+TEXT_DIR = "transformer_cfg_dir"  # RoBERTa config + tokenizer (+ weights the checkpoint overrides)
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SHORT_SIDE = 360  # the pipeline's F.resize(size=360, max_size=640)
+MAX_SIDE = 640
+WINDOW = 24  # frames per window in the pipeline
+OVERLAP = 6  # frames shared by consecutive windows; windows start every WINDOW - OVERLAP frames
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """The video Swin backbone as MTTR uses it: Swin-T's first three stages, no temporal downsampling.
+
+    ``depths``/``num_heads`` list the stages that are kept (MTTR drops Swin-T's fourth stage); stage
+    ``i`` has ``embed_dim * 2**i`` channels at stride ``4 * 2**i``.
+    """
+
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6)
+    num_heads: tuple[int, ...] = (3, 6, 12)
+    window_size: tuple[int, int, int] = (8, 7, 7)  # (frames, height, width), in tokens
+    patch_size: tuple[int, int, int] = (1, 4, 4)  # (1, ...) keeps one feature map per frame
+    mlp_ratio: float = 4.0
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of each stage's output."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The RoBERTa text encoder (fields of ``transformer_cfg_dir/config.json``); defaults: roberta-base."""
+
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+
+
+@dataclass(frozen=True)
+class RVOSConfig:
+    """MTTR: video Swin backbone + RoBERTa + multimodal DETR-style transformer + FPN mask decoder."""
+
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    d_model: int = 256
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    num_queries: int = (
+        50  # object-query slots; one is chosen per window by mean "is referred" score
+    )
+    mask_kernels_dim: int = 8
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        # the FPN decoder narrows d_model down to d_model // 8 channels under GroupNorm(8, ·)
+        if self.d_model % 64:
+            raise ValueError(f"d_model must be a multiple of 64, got {self.d_model}")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be relu or gelu, got {self.activation!r}")
+
+
+FULL = RVOSConfig()
+
+TINY = RVOSConfig(
+    swin=SwinConfig(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=(2, 3, 3)),
+    text=TextConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    ),
+    d_model=64,
+    nheads=4,
+    dim_feedforward=128,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    num_queries=5,
+)
+
+#: TINY's transformer and text encoder on the real Swin-T: the smallest model the reference loads.
+SMALL_REFERENCE = replace(TINY, swin=SwinConfig())
