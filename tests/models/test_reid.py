@@ -145,6 +145,7 @@ def test_batch_independence(tiny: ReidPredictor) -> None:
     batched = np.stack(tiny.forward(inputs))
     single = np.stack([tiny.forward([x])[0] for x in inputs])
     assert np.abs(batched - single).max() <= 1e-5
+    batched, single = batched.astype(np.float64), single.astype(np.float64)
     cos = (
         (batched * single).sum(1) / np.linalg.norm(batched, axis=1) / np.linalg.norm(single, axis=1)
     )
