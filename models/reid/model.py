@@ -182,13 +182,13 @@ class PartTokenViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x: (B, 3, H, W) float, normalised. Returns: (B, 4, D) final-norm outputs of the
         [cls, part1, part2, part3] tokens."""
-        x = (
-            self.patch_proj(x).flatten(2).transpose(1, 2)
-        )  # (B, N, D), row-major over the patch grid
+        # (B, N, D), patches in row-major order over the grid, as the reference flattens them
+        x = self.patch_proj(x).flatten(2).transpose(1, 2)
         x = torch.cat((self.tokens.expand(x.shape[0], -1, -1), x), dim=1)
         x = x + torch.cat((self.token_pos, self.pos_embed), dim=1)
         for blk in self.blocks:
             x = blk(x)
+        # LayerNorm is per token: normalising only the four tokens that are used is the same
         return self.norm(x[:, :NUM_TOKENS])
 
 
@@ -198,7 +198,6 @@ class FusionNeck(nn.Module):
     def __init__(self, cfg: ReidConfig) -> None:
         super().__init__()
         self.fusion = cfg.feat_fusion
-        self.multi_neck = cfg.multi_neck
         self.after = cfg.neck_feat == "after"
         dim = cfg.vit.embed_dim
         # one BN over the fused vector, or (multi-neck) one over the cls feature plus one per part token

@@ -352,6 +352,17 @@ def test_config_scalar_stride_and_bad_files(tmp_path: Path) -> None:
         load(tmp_path, device="cpu")
 
 
+def test_bf16_precision_close_to_fp32(tiny_dir: Path, tiny: ReidPredictor) -> None:
+    half = load(tiny_dir, device="cpu", precision="bf16")
+    inputs = [tiny.transforms.preprocess(im) for im in person_images(3)]
+    ref = np.stack(tiny.forward(inputs)).astype(np.float64)
+    out = np.stack(half.forward(inputs))
+    assert out.dtype == np.float32
+    assert not np.array_equal(out, ref)  # autocast really ran in bf16
+    cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.99
+
+
 def test_load_options(tiny_dir: Path) -> None:
     with pytest.raises(TypeError, match="unknown reid options"):
         load(tiny_dir, device="cpu", fast=True)
