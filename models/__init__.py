@@ -5,7 +5,14 @@ Public API: :func:`load_model`, :func:`load_transforms`, :data:`REGISTRY`.
 
 from models.base import Predictor, Transforms
 from models.checkpoint import CheckpointError
-from models.registry import REGISTRY, ModelEntry, UnknownModelError, load_model, load_transforms, model_entry
+from models.registry import (
+    REGISTRY,
+    ModelEntry,
+    UnknownModelError,
+    load_model,
+    load_transforms,
+    model_entry,
+)
 
 __all__ = [
     "REGISTRY",

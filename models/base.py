@@ -61,4 +61,7 @@ class Predictor(ABC):
             return []
         inputs = [self.transforms.preprocess(im) for im in images]
         outputs = self.forward(inputs)
-        return [self.transforms.postprocess(o, im.shape[:2]) for o, im in zip(outputs, images, strict=True)]
+        return [
+            self.transforms.postprocess(o, im.shape[:2])
+            for o, im in zip(outputs, images, strict=True)
+        ]

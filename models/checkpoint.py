@@ -65,7 +65,9 @@ def _fmt(names: list[str], limit: int = 20) -> str:
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def check_state_dict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
     """Raise :class:`CheckpointError` listing every missing, unexpected and mis-shaped key."""
     expected = module.state_dict()
     missing = sorted(k for k in expected if k not in state_dict)
@@ -83,7 +85,9 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     if misshaped:
         problems.append(f"shape mismatches ({len(misshaped)}): {_fmt(misshaped)}")
     if problems:
-        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems)
+        )
 
 
 def load_checkpoint(

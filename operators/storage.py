@@ -76,7 +76,9 @@ def _strip(uri: str) -> str:
     if scheme == "file":
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         return os.path.abspath(os.path.expanduser(path))
-    raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a local path, file:// or s3://)")
+    raise ValueError(
+        f"unsupported URI scheme {scheme!r} in {uri!r} (use a local path, file:// or s3://)"
+    )
 
 
 def normalize(uri: str) -> str:
@@ -197,7 +199,15 @@ class Storage:
             os.makedirs(os.path.dirname(dpath) or ".", exist_ok=True)
             os.replace(spath, dpath)
             return
-        fs.mv(spath, dpath, recursive=True)
+        # object by object: s3fs's recursive mv also tries to copy folder markers, which some
+        # S3-compatible stores list but cannot copy
+        if fs.isfile(spath):
+            fs.copy(spath, dpath)
+            fs.rm(spath)
+            return
+        for key in fs.find(spath):
+            fs.copy(key, dpath + "/" + posixpath.relpath(key, spath.rstrip("/")))
+        fs.rm(spath, recursive=True)
 
     # -- whole files -------------------------------------------------------------------------------
     def get_file(self, uri: str, local: str | Path) -> Path:
@@ -243,7 +253,9 @@ class Storage:
         stamp = hashlib.sha256(
             repr(sorted((k, v.get("size"), v.get("ETag")) for k, v in entries.items())).encode()
         ).hexdigest()[:16]
-        cache = Path(cache_root or os.environ.get("VBATCH_CACHE", Path.home() / ".cache" / "vbatch"))
+        cache = Path(
+            cache_root or os.environ.get("VBATCH_CACHE", Path.home() / ".cache" / "vbatch")
+        )
         target = cache / "model-dirs" / stamp
         if target.is_dir():
             return target

@@ -1,0 +1,237 @@
+"""``vbatch segment``: image manifest in, one product per image plus a results table out.
+
+Stages (Ray Data, streaming)::
+
+    read manifest (Ray, through the job's filesystem) → fetch bytes (CPU tasks, I/O threads)
+    → decode + preprocess (CPU tasks) → model (actor pool, one model per actor, GPU when present)
+    → postprocess + write products (CPU tasks) → results Parquet
+
+Results are written to ``<out>/.staging/<run id>/`` and then moved to ``<out>/results/``
+(replacing an earlier run's), so a repeated run never leaves duplicate rows. Every manifest row
+comes out exactly once, ``ok`` or ``error``; the job checks that before it reports success.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.dataset as pads
+import ray
+
+from jobs.runtime import Resources, decide_resources, ensure_ray
+from models import load_transforms, model_entry
+from operators.decode import DEFAULT_MAX_PIXELS
+from operators.images import decode_and_preprocess, fetch_bytes
+from operators.inference import ModelStage
+from operators.manifest import read_image_manifest
+from operators.outputs import OutputOptions, write_products
+from operators.storage import Storage, StorageOptions, join, normalize, parent
+
+logger = logging.getLogger(__name__)
+
+#: Rows per dataset block, the unit of work of the CPU stages: large enough to amortise a task's
+#: overhead (~ms), small enough that a few hundred images spread over every worker.
+ROWS_PER_BLOCK = 32
+
+
+@dataclass
+class SegmentConfig:
+    task: str
+    manifest: str
+    model_dir: str
+    out: str
+    batch_size: int | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    threads_per_actor: int | None = None
+    limit: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    s3_endpoint: str | None = None
+    address: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    rows_per_block: int = ROWS_PER_BLOCK
+
+
+@dataclass
+class JobSummary:
+    task: str
+    rows: int
+    ok: int
+    error: int
+    seconds: float
+    results_uri: str
+    out: str
+    model_version: str | None
+    resources: str
+    #: a few (image_id, error) pairs to show
+    sample_errors: list[tuple[str | None, str]]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def report(self) -> str:
+        lines = [
+            f"{self.task}: {self.rows} rows — {self.ok} ok, {self.error} error — "
+            f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s ({self.resources})",
+            f"results: {self.results_uri}",
+        ]
+        if self.model_version:
+            lines.append(f"model_version: {self.model_version}")
+        for image_id, err in self.sample_errors:
+            lines.append(f"  error {image_id!r}: {err}")
+        if self.error > len(self.sample_errors):
+            lines.append(
+                f"  … {self.error - len(self.sample_errors)} more error rows (see the results table)"
+            )
+        return "\n".join(lines)
+
+
+def _publish(storage: Storage, staging: str, results: str) -> None:
+    """Replace ``results`` with ``staging`` (a rename locally; copy + delete on S3)."""
+    storage.delete(results, recursive=True)
+    storage.move(staging, results)
+
+
+def run_segment(cfg: SegmentConfig) -> JobSummary:
+    """Run the job; returns the summary. Raises on problems with the job as a whole (bad manifest
+    columns, unreadable model directory), never on problems with single images."""
+    started = time.perf_counter()
+    entry = model_entry(cfg.task)
+    if entry.output not in ("mask", "rgba"):
+        raise ValueError(
+            f"--task {cfg.task} produces {entry.output}s; it has its own command (see vbatch --help)"
+        )
+    storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
+    out = normalize(cfg.out)
+
+    ensure_ray(cfg.address)
+    # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
+    local_model_dir = storage.localize_dir(cfg.model_dir)
+    transforms = load_transforms(cfg.task, local_model_dir)
+    res: Resources = decide_resources(
+        cfg.task, cfg.batch_size, cfg.actors, cfg.gpus_per_actor, cfg.threads_per_actor
+    )
+    ds, info = read_image_manifest(
+        cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
+    )
+    logger.info(
+        "manifest %s: %d rows (%d bad), %s",
+        info.uri,
+        info.num_rows,
+        info.num_bad_rows,
+        res.describe(),
+    )
+
+    cpu_stage: dict[str, Any] = {
+        "batch_format": "pyarrow",
+        "batch_size": None,
+        "udf_modifying_row_count": False,
+    }
+    ds = ds.map_batches(
+        fetch_bytes, fn_kwargs={"storage": storage, "base_uri": info.base_uri}, **cpu_stage
+    )
+    ds = ds.map_batches(
+        decode_and_preprocess,
+        fn_kwargs={"transforms": transforms, "max_pixels": cfg.max_pixels},
+        **cpu_stage,
+    )
+    ds = ds.map_batches(
+        ModelStage,
+        fn_constructor_kwargs={
+            "task": cfg.task,
+            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
+            "storage_options": storage.options,
+            "device": res.device,
+            "threads": res.threads,
+            "model_options": cfg.model_options,
+        },
+        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        num_gpus=res.gpus_per_actor or None,
+        # one logical CPU: the actor's torch threads use the cores; CPU stages still get scheduled
+        num_cpus=1,
+        # a replica that dies (node lost, OOM-killed) is restarted and its batch retried. Because
+        # these remote args differ from the CPU stages', Ray also never fuses decoding into the
+        # actor (it would, on a CPU-only cluster), so decoding overlaps with inference.
+        max_restarts=3,
+        max_task_retries=3,
+        udf_modifying_row_count=False,
+    )
+    options = OutputOptions(out_uri=out, task=cfg.task, output=entry.output)
+    ds = ds.map_batches(
+        write_products,
+        fn_kwargs={"transforms": transforms, "options": options, "storage": storage},
+        **cpu_stage,
+    )
+
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    staging = join(out, ".staging", run_id)
+    results = join(out, "results")
+    fs, staging_path = storage.arrow_fs(staging)
+    storage.makedirs(staging)
+    ds.write_parquet(staging_path, filesystem=fs)
+    _publish(storage, staging, results)
+
+    summary = summarize(
+        storage, results, cfg.task, info.num_rows, time.perf_counter() - started, res
+    )
+    storage.write_bytes(
+        join(out, "run.json"),
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "summary": asdict(summary),
+                "run_id": run_id,
+                "manifest_files": info.files,
+            },
+            indent=2,
+            default=str,
+        ).encode(),
+    )
+    return summary
+
+
+def summarize(
+    storage: Storage, results: str, task: str, expected_rows: int, seconds: float, res: Resources
+) -> JobSummary:
+    """Read the written results back and check the accounting: one row per manifest row."""
+    fs, path = storage.arrow_fs(results)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["image_id", "status", "error", "model_version"]
+    )
+    status = table.column("status").to_pylist()
+    ok = sum(s == "ok" for s in status)
+    if table.num_rows != expected_rows:
+        raise RuntimeError(
+            f"accounting error: the manifest has {expected_rows} rows but {results} has {table.num_rows}"
+        )
+    errors = [
+        (i, e)
+        for i, s, e in zip(
+            table.column("image_id").to_pylist(),
+            status,
+            table.column("error").to_pylist(),
+            strict=True,
+        )
+        if s != "ok"
+    ]
+    versions = {v for v in table.column("model_version").to_pylist() if v}
+    return JobSummary(
+        task=task,
+        rows=table.num_rows,
+        ok=ok,
+        error=table.num_rows - ok,
+        seconds=seconds,
+        results_uri=results,
+        out=parent(results),
+        model_version=", ".join(sorted(versions)) or None,
+        resources=res.describe(),
+        sample_errors=errors[:5],
+    )

@@ -1,0 +1,92 @@
+"""Decode image bytes to RGB uint8 on the CPU, turning every failure into a clear message.
+
+Pillow does the decoding, as ModelScope's ``LoadImage`` does, so what the models see matches the
+reference: EXIF orientation applied, palette/grey/alpha/CMYK converted to RGB. Pillow's own
+``convert("RGB")`` clips 16- and 32-bit images instead of scaling them, so those are scaled here.
+The pixel cap is checked from the header, before any pixel is decoded: a decompression bomb costs
+a few bytes of reading, not gigabytes of memory.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``, 178,956,970 px ≈ 179 Mpx, about 13k × 13k).
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a usable image; the message goes into the result row."""
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale a high-bit-depth array to 0..255 by its dtype's range (not by its content)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16 or (arr.dtype.kind in "iu" and arr.max(initial=0) > 255):
+        # 16-bit PNG/TIFF come as uint16 or as int32 holding 0..65535 (mode "I")
+        return (np.clip(arr, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+    if arr.dtype.kind == "f":
+        # float images (mode "F") are taken as 0..1 when they fit, else clipped to 0..255
+        scale = 255.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one encoded image.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, WebP, TIFF, BMP, GIF — whatever Pillow reads).
+        max_pixels: refuse images with more pixels than this (decompression bombs, huge scans).
+
+    Returns:
+        (H, W, 3) uint8 RGB, EXIF orientation applied.
+
+    Raises:
+        DecodeError: empty, truncated, not an image, or over the pixel cap.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Our cap, checked just below from the header, replaces Pillow's process-wide one (which
+            # would refuse at open with a message that names no option).
+            Image.MAX_IMAGE_PIXELS = None
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DecodeError(
+                    f"image too large: {width}x{height} = {width * height:,} pixels exceeds the cap of "
+                    f"{max_pixels:,} (--max-pixels)"
+                )
+            img = ImageOps.exif_transpose(img)  # also decodes
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError(f"not a recognised image format ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as e:  # only if a caller set Pillow's limit below ours
+        raise DecodeError(f"image too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(f"corrupt or truncated image: {e}") from None
+
+    try:
+        return _to_rgb(img)
+    except (OSError, ValueError) as e:
+        raise DecodeError(f"corrupt or truncated image: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        grey = _to_uint8(np.asarray(img))
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    # L, 1, P, RGBA/LA (alpha dropped, as ModelScope's LoadImage does), CMYK, YCbCr, LAB, …
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()

@@ -1,0 +1,93 @@
+"""CPU stages for images: fetch bytes, then decode and preprocess for the model.
+
+Both are stateless functions over ``pyarrow.Table`` batches (``batch_format="pyarrow"``), so
+passthrough columns travel untouched, whatever their types. A row that already carries an error is
+passed along unchanged; a row that fails here gets its error and goes on. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+
+from models.base import Transforms
+from operators.columns import encode_array, set_column
+from operators.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from operators.manifest import ERROR
+from operators.storage import Storage, resolve
+from schemas.images import INTERNAL_PREFIX
+
+logger = logging.getLogger(__name__)
+
+BYTES = f"{INTERNAL_PREFIX}bytes"  # large_binary: the fetched file
+INPUT = f"{INTERNAL_PREFIX}input"  # large_binary: one preprocessed network input, .npy encoded
+
+
+def _fetch_one(storage: Storage, uri: str) -> tuple[bytes | None, str | None]:
+    try:
+        return storage.read_bytes(uri), None
+    except FileNotFoundError:
+        return None, f"object not found: {uri}"
+    except IsADirectoryError:
+        return None, f"is a folder, not a file: {uri}"
+    except PermissionError as e:
+        return None, f"access denied reading {uri}: {e}"
+    except Exception as e:  # network errors, bad bucket names, …: the row fails, the job goes on
+        return None, f"cannot read {uri}: {type(e).__name__}: {e}"
+
+
+def fetch_bytes(
+    batch: pa.Table, *, storage: Storage, base_uri: str, io_threads: int = 16
+) -> pa.Table:
+    """Read each row's ``uri`` (resolved against the manifest folder) into ``_vb_bytes``.
+
+    Reads run on ``io_threads`` threads: object-store latency, not CPU, bounds this stage.
+    """
+    uris = batch.column("uri").to_pylist()
+    errors = batch.column(ERROR).to_pylist()
+    todo = [i for i, e in enumerate(errors) if e is None]
+    data: list[bytes | None] = [None] * len(uris)
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(io_threads, len(todo))) as pool:
+            results = pool.map(
+                lambda i: _fetch_one(storage, resolve(uris[i].strip(), base_uri)), todo
+            )
+            for i, (blob, err) in zip(todo, results, strict=True):
+                data[i], errors[i] = blob, err
+    batch = set_column(batch, BYTES, pa.array(data, pa.large_binary()))
+    return set_column(batch, ERROR, pa.array(errors, pa.string()))
+
+
+def decode_and_preprocess(
+    batch: pa.Table, *, transforms: Transforms, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> pa.Table:
+    """Decode ``_vb_bytes`` to RGB, record the original size, preprocess into ``_vb_input``.
+
+    Drops ``_vb_bytes`` (the encoded file is not needed downstream).
+    """
+    errors = batch.column(ERROR).to_pylist()
+    blobs = batch.column(BYTES).to_pylist()
+    widths: list[int | None] = [None] * len(errors)
+    heights: list[int | None] = [None] * len(errors)
+    inputs: list[bytes | None] = [None] * len(errors)
+    for i, (blob, err) in enumerate(zip(blobs, errors, strict=True)):
+        if err is not None:
+            continue
+        try:
+            image = decode_image(blob, max_pixels=max_pixels)
+        except DecodeError as e:
+            errors[i] = str(e)
+            continue
+        heights[i], widths[i] = image.shape[:2]
+        try:
+            inputs[i] = encode_array(transforms.preprocess(image))
+        except Exception as e:  # a model's preprocessing refusing an image is a row error
+            logger.exception("preprocess failed")
+            errors[i] = f"preprocess failed: {type(e).__name__}: {e}"
+    batch = batch.drop_columns([BYTES])
+    batch = set_column(batch, "width", pa.array(widths, pa.int32()))
+    batch = set_column(batch, "height", pa.array(heights, pa.int32()))
+    batch = set_column(batch, INPUT, pa.array(inputs, pa.large_binary()))
+    return set_column(batch, ERROR, pa.array(errors, pa.string()))

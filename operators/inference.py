@@ -1,0 +1,83 @@
+"""The model stage: a callable class run by a Ray Data actor pool, one model per actor.
+
+``__init__`` builds the model inside the actor from the model directory URI (never on the driver:
+a model shipped from the driver is pickled through the object store for every actor); ``__call__``
+runs one batch under ``torch.inference_mode``. Rows that already failed skip the network. If the
+batched forward raises, the batch is retried one row at a time so that only the row that cannot be
+run fails (and a CUDA out-of-memory on a big batch degrades instead of killing the job).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pyarrow as pa
+import torch
+
+from models import load_model
+from operators.columns import decode_array, encode_array, set_column
+from operators.images import INPUT
+from operators.manifest import ERROR
+from operators.storage import Storage, StorageOptions
+from schemas.images import INTERNAL_PREFIX
+
+logger = logging.getLogger(__name__)
+
+OUTPUT = f"{INTERNAL_PREFIX}output"  # large_binary: one raw network output, .npy encoded
+
+
+class ModelStage:
+    """Ray Data actor: ``_vb_input`` → ``_vb_output`` and ``model_version``."""
+
+    def __init__(
+        self,
+        task: str,
+        model_dir: str,
+        storage_options: StorageOptions,
+        device: str | None = None,
+        threads: int | None = None,
+        model_options: dict | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        local = Storage(storage_options).localize_dir(model_dir)
+        self.predictor = load_model(task, local, device=device, **(model_options or {}))
+        logger.info(
+            "actor pid %d: %s %s on %s",
+            os.getpid(),
+            task,
+            self.predictor.model_version,
+            self.predictor.device,
+        )
+
+    def _forward(self, arrays: list) -> list:
+        with torch.inference_mode():
+            return self.predictor.forward(arrays)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch.column(ERROR).to_pylist()
+        raw = batch.column(INPUT).to_pylist()
+        todo = [i for i, e in enumerate(errors) if e is None and raw[i] is not None]
+        outputs: list[bytes | None] = [None] * len(errors)
+        if todo:
+            arrays = [decode_array(raw[i]) for i in todo]
+            try:
+                results = self._forward(arrays)
+            except Exception:
+                logger.exception("batched forward failed; retrying row by row")
+                results = []
+                for i, arr in zip(todo, arrays, strict=True):
+                    try:
+                        results.extend(self._forward([arr]))
+                    except Exception as e:
+                        errors[i] = f"inference failed: {type(e).__name__}: {e}"
+                        results.append(None)
+            for i, out in zip(todo, results, strict=True):
+                if out is not None:
+                    outputs[i] = encode_array(out)
+        batch = batch.drop_columns([INPUT])
+        batch = set_column(batch, OUTPUT, pa.array(outputs, pa.large_binary()))
+        version = pa.array([self.predictor.model_version] * batch.num_rows, pa.string())
+        batch = set_column(batch, "model_version", version)
+        return set_column(batch, ERROR, pa.array(errors, pa.string()))

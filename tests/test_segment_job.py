@@ -1,0 +1,259 @@
+"""The `segment` job end to end on the shared Ray instance, on local paths and on the S3 server.
+
+One manifest holds every kind of bad input the job must survive next to good images; the tests
+check the results table row by row, the written masks against the Python API, and re-runs.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.demo_data import encode, product_image
+from jobs.segment import SegmentConfig, run_segment
+from models import load_model
+from models.checkpoint import file_version
+from operators.decode import decode_image
+from operators.outputs import safe_name
+from operators.storage import Storage, join
+from schemas.images import ManifestError, validate_image_results
+
+NORM_SIZE = (64, 64)  # full SENet, small input: a forward costs milliseconds
+
+
+@pytest.fixture(scope="module")
+def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.salient import write_random_model_dir
+
+    return write_random_model_dir(
+        tmp_path_factory.mktemp("salient"), variant="senet", norm_size=NORM_SIZE
+    )
+
+
+def _exif_rotated(seed: int) -> bytes:
+    pil = Image.fromarray(product_image(seed, (90, 40)))
+    exif = pil.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    pil.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def _png16(seed: int) -> bytes:
+    rgb = product_image(seed, (50, 30)).astype(np.uint16) * 257
+    return cv2.imencode(".png", rgb[..., ::-1])[1].tobytes()
+
+
+# (image_id, file name or None, file bytes or None, expected status, error fragment)
+def _cases() -> list[tuple[str | None, str | None, bytes | None, str, str | None]]:
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, "PNG")
+    return [
+        ("good-jpeg", "good.jpg", encode(product_image(0, (120, 80))), "ok", None),
+        ("good-png", "good.png", encode(product_image(1, (70, 90)), "PNG"), "ok", None),
+        ("grey-jpeg", "grey.jpg", encode(product_image(2, (64, 48))[..., 0]), "ok", None),
+        ("png-16bit", "deep.png", _png16(3), "ok", None),
+        ("exif-rotated", "rot.jpg", _exif_rotated(4), "ok", None),
+        (
+            "rgba-png",
+            "rgba.png",
+            encode(
+                np.dstack([product_image(5, (40, 40)), np.full((40, 40), 128, np.uint8)]), "PNG"
+            ),
+            "ok",
+            None,
+        ),
+        ("../../escape/attempt", "esc.jpg", encode(product_image(6, (33, 21))), "ok", None),
+        (
+            "corrupt",
+            "corrupt.jpg",
+            encode(product_image(7, (64, 64)))[:200],
+            "error",
+            "corrupt or truncated",
+        ),
+        ("zero-bytes", "empty.jpg", b"", "error", "empty file (0 bytes)"),
+        ("missing", "not-there.jpg", None, "error", "object not found"),
+        (
+            "text-as-jpg",
+            "notes.jpg",
+            b"this is a text file\n",
+            "error",
+            "not a recognised image format",
+        ),
+        ("huge", "huge.png", big.getvalue(), "error", "exceeds the cap of 5,000,000"),
+        (
+            "good-jpeg",
+            "dup.jpg",
+            encode(product_image(8, (64, 64))),
+            "error",
+            "duplicate image_id 'good-jpeg'",
+        ),
+        (None, "null-id.jpg", encode(product_image(9, (64, 64))), "error", "image_id is null"),
+        ("empty-uri", None, None, "error", "uri is empty"),
+    ]
+
+
+def _write_inputs(storage: Storage, root: str) -> tuple[str, list]:
+    cases = _cases()
+    rows = []
+    for i, (image_id, name, data, *_rest) in enumerate(cases):
+        if name is not None and data is not None:
+            storage.write_bytes(join(root, "imgs", name), data)
+        rows.append(
+            {
+                "image_id": image_id,
+                "uri": f"imgs/{name}" if name else "",
+                "shelf": i,
+                "tag": [f"t{i}"],
+            }
+        )
+    table = pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("image_id", pa.string()),
+                ("uri", pa.string()),
+                ("shelf", pa.int64()),
+                ("tag", pa.list_(pa.string())),
+            ]
+        ),
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(join(root, "manifest.parquet"), buf.getvalue())
+    return join(root, "manifest.parquet"), cases
+
+
+def _read_results(storage: Storage, out: str) -> pa.Table:
+    fs, path = storage.arrow_fs(join(out, "results"))
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def _check(storage: Storage, out: str, cases: list, model_dir: Path) -> None:
+    table = _read_results(storage, out)
+    validate_image_results(table, "mask")
+    assert table.num_rows == len(cases)  # every manifest row exactly once
+    rows = sorted(table.to_pylist(), key=lambda r: r["shelf"])
+    assert [r["shelf"] for r in rows] == list(
+        range(len(cases))
+    )  # passthrough intact, none lost or doubled
+    predictor = load_model("salient", model_dir, device="cpu")
+    assert {r["model_version"] for r in rows} == {file_version(model_dir / "pytorch_model.pt")}
+    for row, (image_id, _name, data, status, fragment) in zip(rows, _cases(), strict=True):
+        assert row["image_id"] == image_id
+        assert row["tag"] == [f"t{row['shelf']}"]
+        assert row["task"] == "salient"
+        assert row["status"] == status, (image_id, row["error"])
+        if status == "error":
+            assert fragment in row["error"], row["error"]
+            assert row["mask_uri"] is None
+            continue
+        assert row["error"] is None
+        image = decode_image(data)
+        assert (row["height"], row["width"]) == image.shape[:2]
+        assert row["mask_uri"] == join(out, "masks", safe_name(image_id) + ".png")
+        mask = cv2.imdecode(
+            np.frombuffer(storage.read_bytes(row["mask_uri"]), np.uint8), cv2.IMREAD_UNCHANGED
+        )
+        assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+        # the pipeline's mask is what the Python API gives for the same image; batch composition and
+        # thread count move float sums by ~1e-7, which the reference's uint8 truncation can turn
+        # into one grey level on a few pixels
+        diff = np.abs(mask.astype(int) - predictor.predict([image])[0].astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.02, (image_id, diff.max(), diff.mean())
+
+
+def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path) -> None:
+    storage = Storage()
+    manifest, cases = _write_inputs(storage, str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    summary = run_segment(
+        SegmentConfig(
+            "salient", manifest, str(salient_dir), out, batch_size=3, max_pixels=5_000_000
+        )
+    )
+    assert (summary.rows, summary.ok, summary.error) == (len(cases), 7, 8)
+    _check(storage, out, cases, salient_dir)
+    # the escaping id stayed inside masks/
+    assert not (tmp_path / "escape").exists()
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == sorted(
+        safe_name(c[0]) + ".png" for c in cases if c[3] == "ok"
+    )
+
+
+def test_segment_on_s3_and_rerun_replaces(ray_session, s3_server, salient_dir: Path) -> None:
+    storage = s3_server.storage()
+    bucket = s3_server.new_bucket()
+    manifest, cases = _write_inputs(storage, join(bucket, "in"))
+    model_uri = join(bucket, "models", "salient")
+    for f in salient_dir.iterdir():
+        storage.put_file(f, join(model_uri, f.name))
+    out = join(bucket, "out")
+    cfg = SegmentConfig(
+        "salient",
+        manifest,
+        model_uri,
+        out,
+        batch_size=4,
+        max_pixels=5_000_000,
+        s3_endpoint=s3_server.endpoint,
+    )
+    run_segment(cfg)
+    _check(storage, out, cases, salient_dir)
+    first_files = storage.list_files(join(out, "results"))
+    run_segment(cfg)  # a repeated run replaces the results instead of adding to them
+    _check(storage, out, cases, salient_dir)
+    assert len(storage.list_files(join(out, "masks"))) == 7
+    assert not set(first_files) & set(storage.list_files(join(out, "results")))
+
+
+def test_limit_and_folder_manifest(ray_session, tmp_path: Path, salient_dir: Path) -> None:
+    storage = Storage()
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    imgs = tmp_path / "manifest" / "imgs"
+    for part in range(2):  # two files, read in name order; relative uris resolve against the folder
+        ids = [f"p{part}-{i}" for i in range(3)]
+        for i in ids:
+            storage.write_bytes(
+                str(imgs / f"{i}.jpg"), encode(product_image(hash(i) % 100, (48, 40)))
+            )
+        pq.write_table(
+            pa.table({"image_id": ids, "uri": [f"imgs/{i}.jpg" for i in ids]}),
+            folder / f"part-{part}.parquet",
+        )
+    out = tmp_path / "out"
+    summary = run_segment(
+        SegmentConfig("salient", str(folder), str(salient_dir), str(out), limit=4)
+    )
+    table = _read_results(storage, str(out))
+    assert summary.ok == 4 and sorted(table.column("image_id").to_pylist()) == [
+        "p0-0",
+        "p0-1",
+        "p0-2",
+        "p1-0",
+    ]
+
+
+def test_manifest_missing_column_fails_fast(ray_session, tmp_path: Path, salient_dir: Path) -> None:
+    pq.write_table(pa.table({"image_id": ["a"], "url": ["x.jpg"]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"m\.parquet: missing required column 'uri'"):
+        run_segment(
+            SegmentConfig(
+                "salient", str(tmp_path / "m.parquet"), str(salient_dir), str(tmp_path / "o")
+            )
+        )
+    with pytest.raises(ManifestError, match="not found"):
+        run_segment(
+            SegmentConfig(
+                "salient", str(tmp_path / "nope.parquet"), str(salient_dir), str(tmp_path / "o")
+            )
+        )
