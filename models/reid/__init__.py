@@ -50,6 +50,7 @@ __all__ = [
     "ViTCfg",
     "load",
     "load_transforms",
+    "randomize_",
     "write_random_model_dir",
 ]
 
