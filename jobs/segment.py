@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow.dataset as pads
@@ -53,8 +53,23 @@ class SegmentConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     s3_endpoint: str | None = None
     address: str | None = None
-    model_options: dict[str, Any] = field(default_factory=dict)
+    #: matting: images with a longer side run downscaled to it (the model card's working range)
+    max_side: int = 2000
+    #: matting: composite cut-outs over this colour or image URI
+    background: str | None = None
+    #: shop-seg on GPU: "fp32", "bf16" or "fp16"
+    precision: str = "fp32"
     rows_per_block: int = ROWS_PER_BLOCK
+
+
+def task_options(cfg: SegmentConfig, res: Resources) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options for ``load_model``, options for ``load_transforms``) of ``cfg.task``."""
+    if cfg.task == "matting":
+        # ONNX Runtime has its own thread pool: give it the actor's share of the cores
+        return {"threads": res.threads, "max_side": cfg.max_side}, {"max_side": cfg.max_side}
+    if cfg.task == "shop-seg":
+        return {"precision": cfg.precision}, {}
+    return {}, {}
 
 
 @dataclass
@@ -111,12 +126,13 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     out = normalize(cfg.out)
 
     ensure_ray(cfg.address)
-    # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
-    local_model_dir = storage.localize_dir(cfg.model_dir)
-    transforms = load_transforms(cfg.task, local_model_dir)
     res: Resources = decide_resources(
         cfg.task, cfg.batch_size, cfg.actors, cfg.gpus_per_actor, cfg.threads_per_actor
     )
+    model_options, transform_options = task_options(cfg, res)
+    # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
+    local_model_dir = storage.localize_dir(cfg.model_dir)
+    transforms = load_transforms(cfg.task, local_model_dir, **transform_options)
     ds, info = read_image_manifest(
         cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
     )
@@ -138,7 +154,11 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     )
     ds = ds.map_batches(
         decode_and_preprocess,
-        fn_kwargs={"transforms": transforms, "max_pixels": cfg.max_pixels},
+        fn_kwargs={
+            "transforms": transforms,
+            "max_pixels": cfg.max_pixels,
+            "keep_bytes": entry.output == "rgba",
+        },
         **cpu_stage,
     )
     ds = ds.map_batches(
@@ -149,7 +169,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
             "storage_options": storage.options,
             "device": res.device,
             "threads": res.threads,
-            "model_options": cfg.model_options,
+            "model_options": model_options,
         },
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         batch_size=res.batch_size,
@@ -164,7 +184,9 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         max_task_retries=3,
         udf_modifying_row_count=False,
     )
-    options = OutputOptions(out_uri=out, task=cfg.task, output=entry.output)
+    options = OutputOptions(
+        out_uri=out, task=cfg.task, output=entry.output, background=cfg.background
+    )
     ds = ds.map_batches(
         write_products,
         fn_kwargs={"transforms": transforms, "options": options, "storage": storage},

@@ -95,6 +95,10 @@ def load_model(
     return _package(name).load(Path(model_dir), device=device, **options)
 
 
-def load_transforms(name: str, model_dir: str | Path) -> Transforms:
-    """The CPU pre/post-processing of ``name``, from the model directory's config only (no weights)."""
-    return _package(name).load_transforms(Path(model_dir))
+def load_transforms(name: str, model_dir: str | Path, **options: Any) -> Transforms:
+    """The CPU pre/post-processing of ``name``, from the model directory's config only (no weights).
+
+    ``options`` are the model's transform options (e.g. matting's ``max_side``), the same values
+    given to :func:`load`.
+    """
+    return _package(name).load_transforms(Path(model_dir), **options)

@@ -61,11 +61,17 @@ def fetch_bytes(
 
 
 def decode_and_preprocess(
-    batch: pa.Table, *, transforms: Transforms, max_pixels: int = DEFAULT_MAX_PIXELS
+    batch: pa.Table,
+    *,
+    transforms: Transforms,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_bytes: bool = False,
 ) -> pa.Table:
     """Decode ``_vb_bytes`` to RGB, record the original size, preprocess into ``_vb_input``.
 
-    Drops ``_vb_bytes`` (the encoded file is not needed downstream).
+    Drops ``_vb_bytes`` unless ``keep_bytes`` (a product that needs the original pixels, such as a
+    full-resolution cut-out, decodes the file again in the write stage rather than shipping
+    decoded pixels, ~10× larger, through the object store).
     """
     errors = batch.column(ERROR).to_pylist()
     blobs = batch.column(BYTES).to_pylist()
@@ -86,7 +92,8 @@ def decode_and_preprocess(
         except Exception as e:  # a model's preprocessing refusing an image is a row error
             logger.exception("preprocess failed")
             errors[i] = f"preprocess failed: {type(e).__name__}: {e}"
-    batch = batch.drop_columns([BYTES])
+    if not keep_bytes:
+        batch = batch.drop_columns([BYTES])
     batch = set_column(batch, "width", pa.array(widths, pa.int32()))
     batch = set_column(batch, "height", pa.array(heights, pa.int32()))
     batch = set_column(batch, INPUT, pa.array(inputs, pa.large_binary()))

@@ -8,6 +8,7 @@ percent-encoded; no id can reach outside its folder.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import urllib.parse
@@ -19,6 +20,8 @@ import pyarrow as pa
 
 from models.base import Transforms
 from operators.columns import decode_array
+from operators.decode import decode_image
+from operators.images import BYTES
 from operators.inference import OUTPUT
 from operators.manifest import ERROR
 from operators.storage import Storage, join
@@ -60,14 +63,37 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"JPEG encoding failed for an array of shape {rgb.shape}")
+    return buf.tobytes()
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """Where and how products are written."""
 
     out_uri: str
     task: str
-    #: the model's output kind: "mask", "rgba", "embedding"
+    #: the model's output kind: "mask", "rgba"
     output: str
+    #: rgba only: composite the cut-out over this colour (#RRGGBB, r,g,b) or image URI (JPEG out)
+    background: str | None = None
+
+
+def is_color(value: str) -> bool:
+    """``#RRGGBB``, ``RRGGBB`` or ``r,g,b``; anything else is taken as an image URI."""
+    text = value.strip().lstrip("#")
+    if "," in text:
+        return all(p.strip().isdigit() for p in text.split(","))
+    return len(text) == 6 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+@functools.lru_cache(maxsize=4)
+def _background_image(uri: str, storage: Storage) -> np.ndarray:
+    return decode_image(storage.read_bytes(uri))
 
 
 def _write_mask(product: np.ndarray, image_id: str, opts: OutputOptions, storage: Storage) -> dict:
@@ -80,7 +106,30 @@ def _write_mask(product: np.ndarray, image_id: str, opts: OutputOptions, storage
     return {"mask_uri": uri}
 
 
-WRITERS = {"mask": _write_mask}
+def _write_rgba(product: np.ndarray, image_id: str, opts: OutputOptions, storage: Storage) -> dict:
+    from models.matting.transforms import alpha_of, composite
+
+    alpha = alpha_of(product)
+    name = safe_name(image_id)
+    row = {
+        "matte_uri": join(opts.out_uri, "mattes", name + ".png"),
+        "cutout_uri": join(opts.out_uri, "cutouts", name + ".png"),
+        "foreground_ratio": float(alpha.mean(dtype=np.float64) / 255.0),
+    }
+    storage.write_bytes(row["matte_uri"], encode_png(alpha))
+    storage.write_bytes(row["cutout_uri"], encode_png(product))
+    if opts.background:
+        bg = (
+            opts.background
+            if is_color(opts.background)
+            else _background_image(opts.background, storage)
+        )
+        row["composite_uri"] = join(opts.out_uri, "composites", name + ".jpg")
+        storage.write_bytes(row["composite_uri"], encode_jpeg(composite(product, bg)))
+    return row
+
+
+WRITERS = {"mask": _write_mask, "rgba": _write_rgba}
 
 
 def write_products(
@@ -99,6 +148,7 @@ def write_products(
     ids = batch.column("image_id").to_pylist()
     widths = batch.column("width").to_pylist()
     heights = batch.column("height").to_pylist()
+    blobs = batch.column(BYTES).to_pylist() if BYTES in batch.column_names else [None] * n
     extra_names = [f.name for f in image_results_schema(options.output)][
         len(COMMON_RESULT_FIELDS) :
     ]
@@ -110,7 +160,13 @@ def write_products(
             errors[i] = "internal error: no model output for this row"
             continue
         try:
-            product = transforms.postprocess(decode_array(raw[i]), (heights[i], widths[i]))
+            output, size = decode_array(raw[i]), (heights[i], widths[i])
+            if blobs[i] is not None and output.shape[:2] != size:
+                # the network ran on a downscaled copy: products keep the original's pixels
+                original = decode_image(blobs[i], max_pixels=size[0] * size[1])
+                product = transforms.postprocess(output, size, image=original)  # type: ignore[call-arg]
+            else:
+                product = transforms.postprocess(output, size)
             for key, value in writer(product, ids[i], options, storage).items():
                 extra[key][i] = value
         except Exception as e:
