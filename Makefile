@@ -13,6 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(UV) pip install --python $(VENV)/bin/python -e '.[dev]'
 	touch $@
 
+# The tests also convert TensorFlow graphs (the `convert` extra); workers never need TensorFlow.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(UV) pip install --python $(VENV)/bin/python -e '.[dev,convert]'
+	touch $@
+
 $(ORACLE_VENV)/.installed: tests/oracle/requirements.txt tests/oracle/requirements-nodeps.txt $(VENV)/.installed
 	$(UV) venv -q --python $(PYTHON) $(ORACLE_VENV)
 	$(UV) pip install --python $(ORACLE_VENV)/bin/python -r tests/oracle/requirements.txt
@@ -24,7 +29,7 @@ oracle: $(ORACLE_VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/vbatch demo
 
-test: $(VENV)/.installed $(ORACLE_VENV)/.installed
+test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
 	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed

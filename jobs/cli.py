@@ -102,8 +102,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"refuse images with more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,}, Pillow's limit)",
     )
+    g = seg.add_argument_group("model options")
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="shop-seg on GPU: autocast precision (default fp32; bf16 halves activation memory)",
+    )
+    g.add_argument(
+        "--max-side",
+        type=int,
+        default=2000,
+        metavar="PX",
+        help="matting: longer images run downscaled to this long side, mattes come back at full size (default 2000)",
+    )
+    g.add_argument(
+        "--background",
+        metavar="COLOR|URI",
+        help="matting: also write <out>/composites/<id>.jpg over this colour (#RRGGBB or r,g,b) or image",
+    )
     _pool(seg)
     _common(seg)
+
+    mat = sub.add_parser("matting", help="matting model tools (convert the TensorFlow graph to ONNX)")
+    mat_sub = mat.add_subparsers(dest="matting_command", metavar="COMMAND", required=True)
+    conv = mat_sub.add_parser(
+        "convert",
+        help="convert tf_graph.pb to model.onnx once, checked against TensorFlow",
+        description=(
+            "Convert ModelScope's damo/cv_unet_image-matting TensorFlow graph (tf_graph.pb) to ONNX for the "
+            "workers, run both on sample images and report the largest difference. Needs the convert extra: "
+            "pip install 'vbatch[convert]' (TensorFlow is never needed on workers)."
+        ),
+    )
+    conv.add_argument("--model-dir", required=True, metavar="URI", help="folder holding tf_graph.pb")
+    conv.add_argument("--out", metavar="URI", help="ONNX file to write (default: <model-dir>/model.onnx)")
+    conv.add_argument(
+        "--check-image", action="append", metavar="URI", help="image to compare TF and ONNX on (repeatable)"
+    )
+    conv.add_argument("--tolerance", type=int, metavar="N", help="largest accepted alpha difference (grey levels)")
+    conv.add_argument("--force", action="store_true", help="convert again even if up to date")
+    _common(conv)
 
     demo = sub.add_parser(
         "demo",
@@ -160,9 +199,19 @@ def main(argv: list[str] | None = None) -> int:
                     max_pixels=args.max_pixels,
                     s3_endpoint=args.s3_endpoint,
                     address=args.address,
+                    max_side=args.max_side,
+                    background=args.background,
+                    precision=args.precision,
                 )
             )
             print(summary.report())
+            return 0
+        if args.command == "matting":
+            from jobs.matting import run_convert
+            from operators.storage import Storage, StorageOptions
+
+            storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
+            print(run_convert(args.model_dir, storage, args.out, args.check_image, args.tolerance, args.force))
             return 0
         if args.command == "demo":
             from jobs.demo import run_demo
