@@ -77,10 +77,12 @@ class OutputOptions:
 
     out_uri: str
     task: str
-    #: the model's output kind: "mask", "rgba"
+    #: the model's output kind: "mask", "rgba", "embedding"
     output: str
     #: rgba only: composite the cut-out over this colour (#RRGGBB, r,g,b) or image URI (JPEG out)
     background: str | None = None
+    #: "embedding" only: the vector length
+    embedding_dim: int | None = None
 
 
 def is_color(value: str) -> bool:
@@ -129,7 +131,16 @@ def _write_rgba(product: np.ndarray, image_id: str, opts: OutputOptions, storage
     return row
 
 
-WRITERS = {"mask": _write_mask, "rgba": _write_rgba}
+def _write_embedding(product: np.ndarray, image_id: str, opts: OutputOptions, storage: Storage) -> dict:
+    vec = np.asarray(product, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vec))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"embedding has norm {norm}; cannot normalise it")
+    # normalised here so that inner product = cosine similarity in the index
+    return {"embedding": vec / norm}
+
+
+WRITERS = {"mask": _write_mask, "rgba": _write_rgba, "embedding": _write_embedding}
 
 
 def write_products(
@@ -149,9 +160,8 @@ def write_products(
     widths = batch.column("width").to_pylist()
     heights = batch.column("height").to_pylist()
     blobs = batch.column(BYTES).to_pylist() if BYTES in batch.column_names else [None] * n
-    extra_names = [f.name for f in image_results_schema(options.output)][
-        len(COMMON_RESULT_FIELDS) :
-    ]
+    schema = image_results_schema(options.output, embedding_dim=options.embedding_dim)
+    extra_names = schema.names[len(COMMON_RESULT_FIELDS) :]
     extra: dict[str, list] = {name: [None] * n for name in extra_names}
     for i in range(n):
         if errors[i] is not None:
@@ -185,7 +195,6 @@ def write_products(
         "model_version": batch.column("model_version"),
         "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
     }
-    schema = image_results_schema(options.output)
     arrays = [
         columns[f.name] if f.name in columns else pa.array(extra[f.name], f.type) for f in schema
     ]

@@ -58,16 +58,32 @@ class ManifestError(ValueError):
     """The manifest as a whole cannot be used (missing file, missing/mistyped column)."""
 
 
-def image_results_schema(output: str, passthrough: pa.Schema | None = None) -> pa.Schema:
-    """The results schema for a model output kind (``"mask"``, ``"rgba"``), plus passthrough columns."""
+def embedding_field(dim: int) -> pa.Field:
+    """L2-normalised float32 vectors; null on error rows."""
+    return pa.field("embedding", pa.list_(pa.float32(), dim))
+
+
+def image_results_schema(
+    output: str, passthrough: pa.Schema | None = None, embedding_dim: int | None = None
+) -> pa.Schema:
+    """The results schema for a model output kind, plus passthrough columns.
+
+    Args:
+        output: ``"mask"``, ``"rgba"`` or ``"embedding"`` (which needs ``embedding_dim``).
+    """
     fields = COMMON_RESULT_FIELDS + OUTPUT_FIELDS.get(output, [])
+    if output == "embedding":
+        if embedding_dim is None:
+            raise ValueError("the embedding results schema needs embedding_dim")
+        fields = [*fields, embedding_field(embedding_dim)]
     if passthrough is not None:
         fields = fields + [f for f in passthrough if f.name not in {g.name for g in fields}]
     return pa.schema(fields)
 
 
 def reserved_names(output: str) -> set[str]:
-    return {f.name for f in COMMON_RESULT_FIELDS + OUTPUT_FIELDS.get(output, [])}
+    extra = {"embedding"} if output == "embedding" else set()
+    return {f.name for f in COMMON_RESULT_FIELDS + OUTPUT_FIELDS.get(output, [])} | extra
 
 
 def check_image_manifest_schema(schema: pa.Schema, source: str, output: str) -> pa.Schema:
@@ -133,12 +149,12 @@ def image_row_errors(
     return errors
 
 
-def validate_image_results(table: pa.Table, output: str) -> None:
+def validate_image_results(table: pa.Table, output: str, embedding_dim: int | None = None) -> None:
     """Check a results table: the columns and types of :func:`image_results_schema`, statuses, errors.
 
     Raises ``ValueError`` naming the column or the row.
     """
-    expected = image_results_schema(output)
+    expected = image_results_schema(output, embedding_dim=embedding_dim)
     for field in expected:
         if field.name not in table.column_names:
             raise ValueError(f"results: missing column {field.name!r}")
