@@ -1,0 +1,315 @@
+"""shop-seg: DenseCLIP (CLIP ViT-B/16 at 1024²) product segmentation, 2 classes (others / foreground).
+
+DenseCLIP (Rao et al., CVPR 2022, "DenseCLIP: Language-Guided Dense Prediction with Context-Aware
+Prompting"; github.com/raoyongming/DenseCLIP) with a Semantic-FPN decoder. Reference implementation:
+ModelScope 1.40.2 ``models/cv/shop_segmentation/`` (``SHOPSEG`` in ``shop_seg_base.py``) for the model
+``damo/cv_vitb16_segmentation_shop-seg``.
+
+Differences from the reference, none of which changes a result:
+
+* The text features of the two prompts do not depend on the image: they are computed once
+  (:meth:`ShopSegNet.set_prompts`) instead of on every call. The reference encodes 2·B prompts for a
+  batch of B and lets the context decoder's self-attention run over all 2·B of them; since the
+  prompts repeat in identical pairs, attending to one pair gives the same values. We run the
+  context decoder on each image's own pair, so an image's result does not depend on its batch and a
+  batch costs B × one image (the reference's costs grow as B²).
+* Normalisation and zero padding happen on the device from a uint8 RGB + validity-mask input
+  (:meth:`ShopSegNet.normalize`), so 4 bytes per pixel cross to the GPU instead of 12.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.shop_seg.clip import PromptTextEncoder, ViTPyramid
+from models.shop_seg.decoder import ContextDecoder, FPNHead, FPNNeck
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShopSegConfig:
+    """Architecture of the network (the released model is :data:`FULL`)."""
+
+    image_size: int = 1024
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_depth: int = 12
+    vision_heads: int = 12
+    #: blocks whose tokens feed the 4 pyramid levels
+    out_indices: tuple[int, int, int, int] = (3, 5, 7, 11)
+    #: CLIP embedding size (image ``proj`` and text projection outputs)
+    embed_dim: int = 512
+    vocab_size: int = 49408
+    #: text transformer length = prompt tokens + learned context tokens
+    text_context_length: int = 30
+    #: tokenised prompt length (CLIP tokens incl. SOT/EOT, zero padded)
+    prompt_length: int = 22
+    text_width: int = 512
+    text_depth: int = 12
+    text_heads: int = 8
+    decoder_width: int = 256
+    decoder_depth: int = 3
+    decoder_heads: int = 4
+    fpn_channels: int = 256
+    #: the class names; the second is the released model's spelling ("foregeound", sic)
+    prompts: tuple[str, ...] = ("others", "foregeound")
+    #: pyramid level (stride 16) that the text-image score maps are concatenated to
+    score_level: int = 2
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_context(self) -> int:
+        return self.text_context_length - self.prompt_length
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> ShopSegConfig:
+        """Parse :meth:`to_json` output (data only); unknown fields are an error."""
+        data = json.loads(text)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"{source}: unknown shop-seg config fields {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+FULL = ShopSegConfig()
+#: same code, small everything: a 128² input (8×8 patch grid), 4 vision / 2 text blocks
+TINY = ShopSegConfig(
+    image_size=128,
+    vision_width=64,
+    vision_depth=4,
+    vision_heads=2,
+    out_indices=(0, 1, 2, 3),
+    embed_dim=32,
+    text_width=32,
+    text_depth=2,
+    text_heads=2,
+    decoder_width=16,
+    decoder_depth=1,
+    decoder_heads=2,
+    fpn_channels=16,
+)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Provenance of the released weights (kept apart from the architecture, like timm's PretrainedCfg)."""
+
+    modelscope_id: str = "damo/cv_vitb16_segmentation_shop-seg"
+    checkpoint: str = "pytorch_model.bin"
+    vocab: str = "bpe_simple_vocab_16e6.txt.gz"
+    #: vbatch's side file for non-released configs (TINY); the released directory has none
+    config_file: str = "vbatch_shop_seg.json"
+    # CLIP's normalisation, on [0, 1] RGB
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+WEIGHTS = WeightsInfo()
+
+
+def read_config(model_dir: Path) -> ShopSegConfig:
+    """The model directory's config: :data:`FULL` unless vbatch's side file says otherwise."""
+    side = Path(model_dir) / WEIGHTS.config_file
+    if side.is_file():
+        return ShopSegConfig.from_json(side.read_text(), source=str(side))
+    return FULL
+
+
+class ShopSegNet(nn.Module):
+    """DenseCLIP segmentor: ViT pyramid + prompt text encoder + context decoder + FPN neck and head."""
+
+    def __init__(self, config: ShopSegConfig = FULL) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.visual = ViTPyramid(
+            c.image_size,
+            c.patch_size,
+            c.vision_width,
+            c.vision_depth,
+            c.vision_heads,
+            c.embed_dim,
+            c.out_indices,
+        )
+        self.text = PromptTextEncoder(
+            c.vocab_size,
+            c.text_context_length,
+            c.text_width,
+            c.text_depth,
+            c.text_heads,
+            c.embed_dim,
+        )
+        #: learned prompt context (CoOp), inserted after the start token of every prompt
+        self.prompt_context = nn.Parameter(torch.zeros(1, c.num_context, c.text_width))
+        #: scale of the context decoder's update of the text embeddings
+        self.text_gamma = nn.Parameter(torch.zeros(c.embed_dim))
+        self.context_decoder = ContextDecoder(
+            c.embed_dim, c.decoder_width, c.decoder_heads, c.decoder_depth
+        )
+        in_channels = [c.vision_width] * 4
+        in_channels[c.score_level] += c.num_classes
+        self.neck = FPNNeck(tuple(in_channels), c.fpn_channels)
+        self.head = FPNHead(c.fpn_channels, c.num_classes)
+        self.register_buffer("mean", torch.tensor(WEIGHTS.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(WEIGHTS.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("prompt_features", torch.zeros(0, c.embed_dim), persistent=False)
+
+    @torch.no_grad()
+    def set_prompts(self, tokens: torch.Tensor) -> None:
+        """Encode the class prompts once, in fp32, and keep them for :meth:`forward`.
+
+        Args:
+            tokens: (K, prompt_length) int64 CLIP tokens of the K class names.
+        """
+        self.prompt_features = self.text(
+            tokens.to(self.prompt_context.device), self.prompt_context
+        ).float()
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP normalisation, then zeros where the input is padding (as the reference pads after normalising).
+
+        Args:
+            images: (B, S, S, 4) uint8: RGB and a validity channel (non-zero where the image is).
+
+        Returns:
+            (B, 3, S, S) float32.
+        """
+        x = images.permute(0, 3, 1, 2)
+        valid = x[:, 3:4] != 0
+        # x/255 first, then (x - mean) / std, in float32 like the reference's numpy code
+        rgb = x[:, :3].float() / 255.0
+        rgb = (rgb - self.mean) / self.std
+        return torch.where(valid, rgb, torch.zeros((), dtype=rgb.dtype, device=rgb.device))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pixels: (B, 3, S, S) normalised, zero-padded images.
+
+        Returns:
+            (B, K, S/4, S/4) class logits (K = 2: others, foreground).
+        """
+        if self.prompt_features.shape[0] != self.config.num_classes:
+            raise RuntimeError("ShopSegNet.set_prompts(tokens) must run before forward")
+        pyramid, global_embed, dense_embed = self.visual(pixels)
+        b = pixels.shape[0]
+        text = self.prompt_features.to(dense_embed.dtype).expand(b, -1, -1)  # (B, K, E)
+        visual_context = torch.cat(
+            [global_embed[:, None], dense_embed.flatten(2).transpose(1, 2)], dim=1
+        )
+        text = text + self.text_gamma * self.context_decoder(text, visual_context)
+        scores = torch.einsum(
+            "bchw,bkc->bkhw",
+            F.normalize(dense_embed, dim=1),
+            F.normalize(text, dim=2).to(dense_embed.dtype),
+        )
+        pyramid[self.config.score_level] = torch.cat(
+            [pyramid[self.config.score_level], scores], dim=1
+        )
+        return self.head(self.neck(pyramid))
+
+    def segment(self, logits: torch.Tensor) -> torch.Tensor:
+        """The reference's decision: bilinear to S×S, softmax, argmax (ties → class 0, background).
+
+        Args:
+            logits: (B, K, h, w).
+
+        Returns:
+            (B, S, S) uint8 class map.
+        """
+        s = self.config.image_size
+        up = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+        return up.softmax(dim=1).argmax(dim=1).to(torch.uint8)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every parameter and buffer with random values of trained-like magnitude (tests, demos).
+
+    Weights get std 1/sqrt(fan_in) so activations neither vanish nor explode through 12 blocks; norm
+    scales are near 1; BatchNorm statistics are random but valid (positive variance).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g)
+
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+    for mod in model.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if isinstance(mod, norm_types):
+                p.copy_(1 + 0.1 * randn(p) if name == "weight" else 0.05 * randn(p))
+            elif name == "bias":
+                p.copy_(0.05 * randn(p))
+            elif isinstance(mod, nn.Embedding):
+                p.copy_(0.5 * randn(p))
+            elif name in ("proj",):  # (in, out) matrices used as x @ proj
+                p.copy_(randn(p) / math.sqrt(p.shape[0]))
+            elif p.dim() >= 2 and name == "weight":
+                p.copy_(randn(p) / math.sqrt(p[0].numel()))
+            else:  # class/positional embeddings, prompt context, gamma
+                p.copy_(0.5 * randn(p))
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(0.1 * randn(mod.running_mean))
+            mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
+            mod.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (1,), generator=g)))
+    return model
+
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "fp32") -> int:
+    """Peak inference activation memory for one image (weights excluded), in bytes.
+
+    The peak is the stride-4 end of the network: the 4 pyramid maps are alive together while the
+    finest one (C × S/4 × S/4) is made by two transposed convolutions, then the neck and head work at
+    stride 4 with ``fpn_channels`` channels and the logits are upsampled to S² (in fp32). The ViT
+    itself is small by comparison with fused attention (4097 tokens × C): no 4097² map is stored.
+
+    FULL at 1024²: ≈ 0.45 GB (fp32) / 0.25 GB (bf16, fp16) from this count; a CPU measurement (peak
+    RSS growth per extra image, ``bench/bench_shop_seg_model.py``) is in the report. Use it with a
+    safety factor (allocator fragmentation, cuDNN workspaces): e.g. batch = 0.5 · free / estimate.
+
+    Args:
+        config: architecture.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast halves most activations).
+
+    Returns:
+        Bytes for one image.
+    """
+    if precision not in _BYTES:
+        raise ValueError(f"precision must be one of {sorted(_BYTES)}, got {precision!r}")
+    el = _BYTES[precision]
+    s, c, f = config.image_size, config.vision_width, config.fpn_channels
+    g = s // config.patch_size
+    tokens = g * g + 1
+    vit = (
+        tokens * (4 * c + 4 * c) + 4 * tokens * c
+    )  # qkv + MLP hidden + residual/norm copies + taps
+    s4, s8, s16, s32 = (s // 4) ** 2, (s // 8) ** 2, (s // 16) ** 2, (s // 32) ** 2
+    # up4 output + its intermediate (ConvT at stride 8, BN, GELU) + the other 3 levels
+    pyramid = c * (s4 + 3 * s8 + s16 + s32)
+    # neck laterals + outputs + head (4 scale heads at stride 4 summed) at fpn_channels
+    decoder = f * (2 * (s4 + s8 + s16 + s32) + 3 * s4)
+    logits = (
+        2 * config.num_classes * s * s * 4 + s * s
+    )  # fp32 upsampled logits + softmax, uint8 map
+    return int(max(vit, pyramid + decoder // 2) * el + decoder // 2 * el + logits)
