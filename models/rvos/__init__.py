@@ -68,7 +68,8 @@ def load(
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     ckpt = model_dir / CHECKPOINT_FILE
-    model = load_checkpoint(MTTR(cfg), ckpt, from_modelscope)
+    model = MTTR(cfg)
+    load_checkpoint(model, ckpt, from_modelscope)
     tokenizer = load_tokenizer(model_dir / TEXT_DIR)
     return RVOSPredictor(model, tokenizer, resolve_device(device), file_version(ckpt), **options)
 

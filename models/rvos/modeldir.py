@@ -73,7 +73,25 @@ def read_config(model_dir: Path) -> RVOSConfig:
     swin = SwinConfig()
     if "backbone_config" in m:  # vbatch's extension for small test models; the reference ignores it
         b = m["backbone_config"]
-        swin = SwinConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in b.items()})
+        try:
+            swin = SwinConfig(
+                embed_dim=int(b["embed_dim"]),
+                depths=tuple(int(d) for d in b["depths"]),
+                num_heads=tuple(int(n) for n in b["num_heads"]),
+                window_size=(
+                    int(b["window_size"][0]),
+                    int(b["window_size"][1]),
+                    int(b["window_size"][2]),
+                ),
+                patch_size=(
+                    int(b["patch_size"][0]),
+                    int(b["patch_size"][1]),
+                    int(b["patch_size"][2]),
+                ),
+                mlp_ratio=float(b["mlp_ratio"]),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad model.backbone_config {b!r}: {e!r}") from e
     try:
         text = read_text_config(model_dir / TEXT_DIR)
     except ValueError as e:

@@ -99,7 +99,7 @@ class RVOSPredictor(Predictor):
         clip = preprocess_frames(frames)
         out = self.run_network(clip, queries)
         logits, _ = select_trajectory(out["pred_is_referred"], out["pred_masks"])
-        return frame_masks(logits, tuple(clip.shape[-2:]), (h, w)).cpu().numpy()
+        return frame_masks(logits, (clip.shape[-2], clip.shape[-1]), (h, w)).cpu().numpy()
 
     def predict_video(self, frames: np.ndarray, queries: Sequence[str]) -> np.ndarray:
         """The whole pipeline on a decoded video.

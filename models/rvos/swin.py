@@ -27,7 +27,7 @@ from models.rvos.config import SwinConfig
 logger = logging.getLogger(__name__)
 
 #: windows attended to per chunk; bounds the (windows, heads, N, N) attention memory, same result
-ATTENTION_CHUNK = 1024
+ATTENTION_CHUNK = 128
 
 
 def effective_window(
@@ -101,6 +101,8 @@ def shift_mask(
 class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside 3D windows, with a learned relative-position bias."""
 
+    relative_position_index: torch.Tensor
+
     def __init__(self, dim: int, num_heads: int, window: tuple[int, int, int]) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -160,7 +162,9 @@ class SwinBlock3D(nn.Module):
     ) -> None:
         super().__init__()
         self.window = window
-        self.shift = tuple(w // 2 for w in window) if shifted else (0, 0, 0)
+        self.shift: tuple[int, int, int] = (
+            (window[0] // 2, window[1] // 2, window[2] // 2) if shifted else (0, 0, 0)
+        )
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention3D(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim)

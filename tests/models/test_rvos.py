@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 
 import models
+from models.checkpoint import CheckpointError
 from models.rvos import TINY, owned_frames, plan_windows, write_random_model_dir
 from models.rvos.config import SwinConfig
 from models.rvos.model import MTTR
@@ -171,3 +175,22 @@ def test_random_model_dir_layout(tiny_dir):
     # the architecture comes from the directory: a strict load of the same weights in MTTR(TINY)
     sd = MTTR(TINY).state_dict()
     assert set(sd) == set(models.load_model("rvos", tiny_dir, device="cpu").model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("model", "text_encoder_type", "roberta-large", "text_encoder_type"),
+        ("model", "backbone_name", "resnet50", "backbone_name"),
+        ("model", "normalize_before", True, "normalize_before"),
+        ("pipeline", "dataset_name", "a2d_sentences", "dataset_name"),
+    ],
+)
+def test_unsupported_configuration(tmp_path, tiny_dir, section, key, value, message):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "configuration.json").read_text())
+    cfg[section][key] = value
+    (d / "configuration.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        read_config(d)
