@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     _pool(seg)
     _common(seg)
 
-    mat = sub.add_parser("matting", help="matting model tools (convert the TensorFlow graph to ONNX)")
+    mat = sub.add_parser(
+        "matting", help="matting model tools (convert the TensorFlow graph to ONNX)"
+    )
     mat_sub = mat.add_subparsers(dest="matting_command", metavar="COMMAND", required=True)
     conv = mat_sub.add_parser(
         "convert",
@@ -135,14 +137,102 @@ def build_parser() -> argparse.ArgumentParser:
             "pip install 'vbatch[convert]' (TensorFlow is never needed on workers)."
         ),
     )
-    conv.add_argument("--model-dir", required=True, metavar="URI", help="folder holding tf_graph.pb")
-    conv.add_argument("--out", metavar="URI", help="ONNX file to write (default: <model-dir>/model.onnx)")
     conv.add_argument(
-        "--check-image", action="append", metavar="URI", help="image to compare TF and ONNX on (repeatable)"
+        "--model-dir", required=True, metavar="URI", help="folder holding tf_graph.pb"
     )
-    conv.add_argument("--tolerance", type=int, metavar="N", help="largest accepted alpha difference (grey levels)")
+    conv.add_argument(
+        "--out", metavar="URI", help="ONNX file to write (default: <model-dir>/model.onnx)"
+    )
+    conv.add_argument(
+        "--check-image",
+        action="append",
+        metavar="URI",
+        help="image to compare TF and ONNX on (repeatable)",
+    )
+    conv.add_argument(
+        "--tolerance", type=int, metavar="N", help="largest accepted alpha difference (grey levels)"
+    )
     conv.add_argument("--force", action="store_true", help="convert again even if up to date")
     _common(conv)
+
+    reid = sub.add_parser(
+        "reid",
+        help="person re-ID: embed, index, add, search, eval",
+        description="Person re-ID with PASS ViT-B/16 (damo/cv_passvitb_image-reid-person_market) and a FAISS gallery.",
+    )
+    rsub = reid.add_subparsers(dest="reid_command", metavar="COMMAND", required=True)
+    emb = rsub.add_parser(
+        "embed",
+        help="L2-normalised 1536-d embeddings for every row of an image manifest",
+        description=(
+            "Writes <out>/results/*.parquet: image_id, status, error, embedding (1536 float32, L2-normalised), "
+            "model_version and your columns (e.g. person_id, camera_id), one row per manifest row."
+        ),
+    )
+    emb.add_argument("--manifest", required=True, metavar="URI")
+    emb.add_argument("--model-dir", required=True, metavar="URI", help="ModelScope model directory")
+    emb.add_argument("--out", required=True, metavar="URI")
+    emb.add_argument("--limit", type=int, metavar="N")
+    _pool(emb)
+    _common(emb)
+    idx = rsub.add_parser(
+        "index",
+        help="build a FAISS gallery index from embeddings",
+        description=(
+            "Builds an inner-product FAISS index of the ok rows of an embeddings table, an id map "
+            "(FAISS row -> image_id) and index.json. Without --factory, the index is chosen from the gallery "
+            "size and --memory-budget as the FAISS guidelines recommend (flat for small galleries, IVF with a "
+            "trained coarse quantizer, PQ when flat vectors do not fit the budget)."
+        ),
+    )
+    idx.add_argument(
+        "--embeddings", required=True, metavar="URI", help="output of `reid embed` (folder or file)"
+    )
+    idx.add_argument("--out", required=True, metavar="URI", help="index folder")
+    idx.add_argument(
+        "--factory", metavar="STR", help="explicit FAISS index factory string, e.g. IVF4096,PQ96"
+    )
+    idx.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="e.g. 2GB: the index must fit (default: flat if it fits 4 GB)",
+    )
+    _common(idx)
+    add = rsub.add_parser(
+        "add", help="add a new day's embeddings to an existing index (no retraining)"
+    )
+    add.add_argument("--index", required=True, metavar="URI")
+    add.add_argument("--embeddings", required=True, metavar="URI")
+    _common(add)
+    srch = rsub.add_parser(
+        "search",
+        help="top-k gallery images for query images",
+        description="Embeds the queries with the same model and searches the index.",
+    )
+    srch.add_argument("--index", required=True, metavar="URI")
+    q = srch.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", action="append", metavar="URI", help="query image (repeatable)")
+    q.add_argument("--manifest", metavar="URI", help="manifest of query images (embedded on Ray)")
+    q.add_argument(
+        "--embeddings", metavar="URI", help="already embedded queries (`reid embed` output)"
+    )
+    srch.add_argument(
+        "--model-dir", metavar="URI", help="reid model directory (for --image / --manifest)"
+    )
+    srch.add_argument("--k", type=int, default=10, help="hits per query (default 10)")
+    srch.add_argument("--out", metavar="URI", help="also write the hits as Parquet")
+    _common(srch)
+    ev = rsub.add_parser(
+        "eval",
+        help="mAP and CMC (Market-1501 protocol)",
+        description=(
+            "mAP and CMC rank-1/5/10 of query embeddings against gallery embeddings; both tables need person_id "
+            "and camera_id. Same-identity same-camera gallery images are excluded per query; identity -1 is junk."
+        ),
+    )
+    ev.add_argument("--query", required=True, metavar="URI")
+    ev.add_argument("--gallery", required=True, metavar="URI")
+    _common(ev)
 
     demo = sub.add_parser(
         "demo",
@@ -165,6 +255,102 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(demo)
     return parser
+
+
+def _reid(args: argparse.Namespace) -> int:
+    from jobs import reid
+    from operators.storage import Storage, StorageOptions
+
+    storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
+    if args.reid_command == "embed":
+        from jobs.segment import SegmentConfig
+
+        summary = reid.run_embed(
+            SegmentConfig(
+                task="reid",
+                manifest=args.manifest,
+                model_dir=args.model_dir,
+                out=args.out,
+                batch_size=args.batch_size,
+                actors=args.actors,
+                gpus_per_actor=args.gpus_per_actor,
+                threads_per_actor=args.threads_per_actor,
+                limit=args.limit,
+                s3_endpoint=args.s3_endpoint,
+                address=args.address,
+            )
+        )
+        print(summary.report())
+        return 0
+    if args.reid_command in ("index", "add"):
+        from operators.faiss_index import add_to_index, build_index
+
+        if args.reid_command == "index":
+            info = build_index(
+                args.embeddings,
+                args.out,
+                storage,
+                factory=args.factory,
+                memory_budget=args.memory_budget,
+            )
+        else:
+            info = add_to_index(args.index, args.embeddings, storage)
+        print(info.to_json())
+        return 0
+    if args.reid_command == "search":
+        from operators.faiss_index import GalleryIndex
+
+        index = GalleryIndex.open(args.index, storage)
+        if args.embeddings:
+            ids, vectors = reid.query_embeddings_from_table(
+                reid.read_table(args.embeddings, storage)
+            )
+        else:
+            if not args.model_dir:
+                raise ValueError("--model-dir is needed to embed query images")
+            if args.manifest:
+                import tempfile
+
+                from jobs.segment import SegmentConfig
+
+                tmp = tempfile.mkdtemp(prefix="vbatch-queries-")
+                reid.run_embed(
+                    SegmentConfig(
+                        "reid",
+                        args.manifest,
+                        args.model_dir,
+                        tmp,
+                        s3_endpoint=args.s3_endpoint,
+                        address=args.address,
+                    )
+                )
+                ids, vectors = reid.query_embeddings_from_table(reid.read_table(tmp, storage))
+            else:
+                ids, vectors = (
+                    list(args.image),
+                    reid.embed_images(args.image, args.model_dir, storage),
+                )
+        hits = reid.search_table(index, ids, vectors, args.k)
+        print(hits.to_pandas().to_string(index=False))
+        if args.out:
+            print(f"written: {reid.write_parquet(hits, args.out, storage)}")
+        return 0
+    if args.reid_command == "eval":
+        from operators.reid_eval import evaluate
+
+        cols = ["status", "embedding", "person_id", "camera_id"]
+        result = evaluate(
+            reid.read_table(args.query, storage, cols), reid.read_table(args.gallery, storage, cols)
+        )
+        print(
+            f"queries: {result['num_valid_query']} evaluated of {result['num_query']}\n"
+            f"mAP     : {result['mAP']:.4f}\n"
+            + "\n".join(
+                f"{k:<8}: {result[k]:.4f}" for k in ("cmc@1", "cmc@5", "cmc@10") if k in result
+            )
+        )
+        return 0
+    return 2
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -211,8 +397,14 @@ def main(argv: list[str] | None = None) -> int:
             from operators.storage import Storage, StorageOptions
 
             storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
-            print(run_convert(args.model_dir, storage, args.out, args.check_image, args.tolerance, args.force))
+            print(
+                run_convert(
+                    args.model_dir, storage, args.out, args.check_image, args.tolerance, args.force
+                )
+            )
             return 0
+        if args.command == "reid":
+            return _reid(args)
         if args.command == "demo":
             from jobs.demo import run_demo
 

@@ -28,9 +28,16 @@ def run_convert(
     images = None
     if check_images:
         tmp = Path(tempfile.mkdtemp(prefix="vbatch-check-"))
-        images = [storage.get_file(uri, tmp / f"{i}-{Path(uri).name}") for i, uri in enumerate(check_images)]
+        images = [
+            storage.get_file(uri, tmp / f"{i}-{Path(uri).name}")
+            for i, uri in enumerate(check_images)
+        ]
     target = out or join(model_dir, "model.onnx")
-    local_out = Path(target) if not is_remote(target) else Path(tempfile.mkdtemp(prefix="vbatch-onnx-")) / "model.onnx"
+    local_out = (
+        Path(target)
+        if not is_remote(target)
+        else Path(tempfile.mkdtemp(prefix="vbatch-onnx-")) / "model.onnx"
+    )
     report = convert_graph(
         local_dir,
         local_out,

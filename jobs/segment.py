@@ -118,7 +118,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     columns, unreadable model directory), never on problems with single images."""
     started = time.perf_counter()
     entry = model_entry(cfg.task)
-    if entry.output not in ("mask", "rgba"):
+    if entry.output not in ("mask", "rgba", "embedding"):
         raise ValueError(
             f"--task {cfg.task} produces {entry.output}s; it has its own command (see vbatch --help)"
         )
@@ -185,7 +185,11 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         udf_modifying_row_count=False,
     )
     options = OutputOptions(
-        out_uri=out, task=cfg.task, output=entry.output, background=cfg.background
+        out_uri=out,
+        task=cfg.task,
+        output=entry.output,
+        background=cfg.background,
+        embedding_dim=getattr(transforms, "embed_dim", None),
     )
     ds = ds.map_batches(
         write_products,
