@@ -279,37 +279,28 @@ _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "fp32") -> int:
     """Peak inference activation memory for one image (weights excluded), in bytes.
 
-    The peak is the stride-4 end of the network: the 4 pyramid maps are alive together while the
-    finest one (C × S/4 × S/4) is made by two transposed convolutions, then the neck and head work at
-    stride 4 with ``fpn_channels`` channels and the logits are upsampled to S² (in fp32). The ViT
-    itself is small by comparison with fused attention (4097 tokens × C): no 4097² map is stored.
+    The peak is in the FPN head: the 4 pyramid maps (C channels at strides 4…32) are still alive,
+    with the neck's 4 outputs (F channels) and about 4 stride-4 F-channel maps of the head (running
+    sum, conv, BN, upsample). The ViT (4097 tokens × C, ~0.2 GB in fp32) is below that, with fused
+    attention that never stores the 4097² map; the S² logits, softmax and argmax add ~25 MB.
 
-    FULL at 1024²: ≈ 0.45 GB (fp32) / 0.25 GB (bf16, fp16) from this count; a CPU measurement (peak
-    RSS growth per extra image, ``bench/bench_shop_seg_model.py``) is in the report. Use it with a
-    safety factor (allocator fragmentation, cuDNN workspaces): e.g. batch = 0.5 · free / estimate.
+    FULL at 1024²: this count gives 624 MB (fp32) / 312 MB (bf16, fp16); measured on CPU as the peak
+    of live tensor bytes (``bench/bench_shop_seg_model.py``, batch 1 → 2): 604 MB / 308 MB per image.
+    Weights: 170.5 M parameters, 0.68 GB in fp32. On a GPU leave headroom for the caching allocator
+    and cuDNN workspaces, e.g. ``batch = int(0.6 * (free_bytes - weights) / estimate)``.
 
     Args:
         config: architecture.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast halves most activations).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast halves the activations).
 
     Returns:
         Bytes for one image.
     """
     if precision not in _BYTES:
         raise ValueError(f"precision must be one of {sorted(_BYTES)}, got {precision!r}")
-    el = _BYTES[precision]
-    s, c, f = config.image_size, config.vision_width, config.fpn_channels
-    g = s // config.patch_size
-    tokens = g * g + 1
-    vit = (
-        tokens * (4 * c + 4 * c) + 4 * tokens * c
-    )  # qkv + MLP hidden + residual/norm copies + taps
-    s4, s8, s16, s32 = (s // 4) ** 2, (s // 8) ** 2, (s // 16) ** 2, (s // 32) ** 2
-    # up4 output + its intermediate (ConvT at stride 8, BN, GELU) + the other 3 levels
-    pyramid = c * (s4 + 3 * s8 + s16 + s32)
-    # neck laterals + outputs + head (4 scale heads at stride 4 summed) at fpn_channels
-    decoder = f * (2 * (s4 + s8 + s16 + s32) + 3 * s4)
-    logits = (
-        2 * config.num_classes * s * s * 4 + s * s
-    )  # fp32 upsampled logits + softmax, uint8 map
-    return int(max(vit, pyramid + decoder // 2) * el + decoder // 2 * el + logits)
+    s = config.image_size
+    levels = [(s // stride) ** 2 for stride in (4, 8, 16, 32)]
+    pyramid = config.vision_width * sum(levels) + config.num_classes * levels[2]
+    neck = config.fpn_channels * sum(levels)
+    head = 4 * config.fpn_channels * levels[0]
+    return (pyramid + neck + head) * _BYTES[precision]
