@@ -18,7 +18,7 @@ from models.rvos.model import MTTR
 from models.rvos.modeldir import read_config
 from models.rvos.postprocess import frame_masks, select_trajectory
 from models.rvos.swin import VideoSwinBackbone
-from models.rvos.text import normalize_query, tokenize
+from models.rvos.text import load_tokenizer, normalize_query, tokenize
 from models.rvos.transforms import RVOSTransforms, preprocess_frames, resized_size
 
 
@@ -194,3 +194,17 @@ def test_unsupported_configuration(tmp_path, tiny_dir, section, key, value, mess
     (d / "configuration.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=message):
         read_config(d)
+
+
+def test_tokenizer_from_vocab_and_merges_only(tmp_path, tiny_dir):
+    """roberta-base's own files (vocab.json + merges.txt, no tokenizer.json) give the same ids."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    for f in ("vocab.json", "merges.txt", "config.json"):
+        shutil.copy(tiny_dir / "transformer_cfg_dir" / f, d / f)
+    queries = ["a person riding a bike on the road", "dog"]
+    full = tokenize(load_tokenizer(tiny_dir / "transformer_cfg_dir"), queries)
+    bare = tokenize(load_tokenizer(d), queries)
+    for a, b in zip(full, bare, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert full[0][0, 0].item() == 0 and full[1][1, -1].item() == 0  # <s> first; padding masked
