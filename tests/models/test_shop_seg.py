@@ -264,3 +264,28 @@ def test_activation_estimate() -> None:
     assert activation_bytes_per_image(TINY) < fp32 / 50
     with pytest.raises(ValueError):
         activation_bytes_per_image(FULL, "fp8")
+
+
+def test_missing_vocabulary_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "no_vocab"
+    d.mkdir()
+    for name in (WEIGHTS.checkpoint, WEIGHTS.config_file):
+        (d / name).symlink_to(tiny_dir / name)
+    with pytest.raises(FileNotFoundError, match=WEIGHTS.vocab):
+        load(d, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tiny_dir: Path, images: list[np.ndarray]) -> None:
+    cpu = load(tiny_dir, device="cpu")
+    inputs = [cpu.transforms.preprocess(im) for im in images]
+    ref_logits, ref_maps = cpu.logits(inputs), cpu.forward(inputs)
+    gpu = load(tiny_dir, device="cuda")
+    # fp32 on CUDA: cuDNN convolutions run in TF32 by default (as they do for the reference)
+    torch.testing.assert_close(gpu.logits(inputs).cpu(), ref_logits, atol=1e-2, rtol=1e-2)
+    for precision in ("bf16", "fp16"):
+        maps = load(tiny_dir, device="cuda", precision=precision).forward(inputs)
+        agree = np.mean(
+            np.concatenate([(a == b).ravel() for a, b in zip(maps, ref_maps, strict=True)])
+        )
+        assert agree > 0.95, (precision, agree)
