@@ -137,7 +137,10 @@ def _read_results(storage: Storage, out: str) -> pa.Table:
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
-def _check(storage: Storage, out: str, cases: list, model_dir: Path) -> None:
+WEIGHTS = {"salient": "pytorch_model.pt", "shop-seg": "pytorch_model.bin"}
+
+
+def _check(storage: Storage, out: str, cases: list, model_dir: Path, task: str = "salient") -> None:
     table = _read_results(storage, out)
     validate_image_results(table, "mask")
     assert table.num_rows == len(cases)  # every manifest row exactly once
@@ -145,12 +148,12 @@ def _check(storage: Storage, out: str, cases: list, model_dir: Path) -> None:
     assert [r["shelf"] for r in rows] == list(
         range(len(cases))
     )  # passthrough intact, none lost or doubled
-    predictor = load_model("salient", model_dir, device="cpu")
-    assert {r["model_version"] for r in rows} == {file_version(model_dir / "pytorch_model.pt")}
+    predictor = load_model(task, model_dir, device="cpu")
+    assert {r["model_version"] for r in rows} == {file_version(model_dir / WEIGHTS[task])}
     for row, (image_id, _name, data, status, fragment) in zip(rows, _cases(), strict=True):
         assert row["image_id"] == image_id
         assert row["tag"] == [f"t{row['shelf']}"]
-        assert row["task"] == "salient"
+        assert row["task"] == task
         assert row["status"] == status, (image_id, row["error"])
         if status == "error":
             assert fragment in row["error"], row["error"]
@@ -257,3 +260,35 @@ def test_manifest_missing_column_fails_fast(ray_session, tmp_path: Path, salient
                 "salient", str(tmp_path / "nope.parquet"), str(salient_dir), str(tmp_path / "o")
             )
         )
+
+
+def test_shop_seg_on_s3(ray_session, s3_server, tmp_path: Path) -> None:
+    from models.shop_seg import TINY, write_random_model_dir
+
+    model_dir = write_random_model_dir(tmp_path / "shop-seg", config=TINY)
+    storage = s3_server.storage()
+    bucket = s3_server.new_bucket()
+    manifest, cases = _write_inputs(storage, join(bucket, "in"))
+    model_uri = join(bucket, "models", "shop-seg")
+    for f in model_dir.iterdir():
+        storage.put_file(f, join(model_uri, f.name))
+    out = join(bucket, "out")
+    summary = run_segment(
+        SegmentConfig(
+            "shop-seg",
+            manifest,
+            model_uri,
+            out,
+            batch_size=3,
+            max_pixels=5_000_000,
+            s3_endpoint=s3_server.endpoint,
+        )
+    )
+    assert (summary.ok, summary.error) == (7, 8)
+    _check(storage, out, cases, model_dir, task="shop-seg")
+    for row in _read_results(storage, out).to_pylist():
+        if row["status"] == "ok":  # binary masks
+            mask = cv2.imdecode(
+                np.frombuffer(storage.read_bytes(row["mask_uri"]), np.uint8), cv2.IMREAD_UNCHANGED
+            )
+            assert set(np.unique(mask)) <= {0, 255}
