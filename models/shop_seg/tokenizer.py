@@ -66,7 +66,7 @@ def clean_text(text: str) -> str:
     """Normalise like CLIP (minus ftfy): NFC, HTML entities twice, collapsed whitespace, lower case."""
     text = unicodedata.normalize("NFC", text)
     text = html.unescape(html.unescape(text)).strip()
-    return " ".join(text.split()).lower()
+    return regex.sub(r"\s+", " ", text).strip().lower()  # `regex`'s \s, as CLIP (not str.split's)
 
 
 class ClipTokenizer:
