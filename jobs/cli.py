@@ -359,7 +359,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("botocore", "s3fs", "fsspec", "urllib3", "aiobotocore", "PIL"):
+    for noisy in ("botocore", "s3fs", "fsspec", "urllib3", "aiobotocore", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,17 +1,22 @@
-"""``vbatch demo``: the whole pipeline on generated data, locally, in about a minute.
+"""``vbatch demo``: every job on generated data, locally, in a few minutes.
 
 No model weights can be downloaded here, so the demo writes model directories in ModelScope's
-exact layout with RANDOM weights. The masks it produces show that decoding, the actor pools, the
-error accounting and the outputs work — not what a trained model would see.
+exact layout with RANDOM weights. The products show that decoding, the actor pools, the error
+accounting and the outputs work — not what a trained model would see.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
-from jobs.demo_data import write_demo_images
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.demo_data import encode, person_crop, write_demo_images
 from jobs.segment import SegmentConfig, run_segment
+from operators.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +27,45 @@ def _say(*lines: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _segment(
+    task: str, model_dir: Path, data: Path, out: Path, address: str | None, **kw: object
+) -> None:
+    summary = run_segment(
+        SegmentConfig(
+            task=task,
+            manifest=str(data / "manifest.parquet"),
+            model_dir=str(model_dir),
+            out=str(out / task),
+            address=address,
+            **kw,  # type: ignore[arg-type]
+        )
+    )
+    _say(summary.report(), "")
+
+
+def _people(folder: Path, n: int) -> Path:
+    """Person crops of n // 4 identities seen by 2 cameras; manifest with person_id and camera_id."""
+    (folder / "crops").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        pid, cam = i // 4 + 1, i % 2 + 1
+        name = f"p{pid:03d}_c{cam}_{i:04d}.jpg"
+        (folder / "crops" / name).write_bytes(encode(person_crop(i, pid), quality=92))
+        rows.append(
+            {"image_id": name[:-4], "uri": f"crops/{name}", "person_id": pid, "camera_id": cam}
+        )
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    return folder / "manifest.parquet"
+
+
 def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) -> int:
     """Generate the demo data and models under ``out`` and run every job on them."""
+    from models.matting import write_demo_model_dir as matting_dir
+    from models.reid import write_random_model_dir as reid_dir
+    from models.salient import write_random_model_dir as salient_dir
+    from models.shop_seg import TINY as SHOP_TINY
+    from models.shop_seg import write_random_model_dir as shop_dir
+
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
@@ -32,31 +74,60 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
         _BANNER,
         f"vbatch demo in {out}",
         f"  {len(manifest)} manifest rows: {num_images} generated images, plus 1 corrupt file and 1 missing",
-        "  file (to show error rows): " + str(data / "manifest.parquet"),
-        "  NOTE: the models below have RANDOM weights (nothing can be downloaded here); their",
+        f"  file (to show error rows): {data / 'manifest.parquet'}",
+        "  NOTE: the models below have RANDOM weights (nothing can be downloaded here): their",
         "  outputs prove the pipeline, not the model. Point --model-dir at a real ModelScope",
         "  model directory for real masks.",
         _BANNER,
     )
+    models = out / "models"
 
-    from models.salient import write_random_model_dir as salient_dir
+    m = salient_dir(models / "salient")
+    _say(f"[salient] SENet, full size, random weights: {m}")
+    _segment("salient", m, data, out, address)
 
-    model_dir = salient_dir(out / "models" / "salient")
-    _say(f"[salient] random-weight ModelScope model directory: {model_dir}")
-    summary = run_segment(
+    m = shop_dir(models / "shop-seg", config=SHOP_TINY)
+    _say(
+        f"[shop-seg] DenseCLIP, TINY configuration of the same code (the full one takes seconds per image on CPU): {m}"
+    )
+    _segment("shop-seg", m, data, out, address)
+
+    m = matting_dir(models / "matting")
+    _say(f"[matting] a small generated ONNX graph with the real one's inputs and outputs: {m}")
+    _segment("matting", m, data, out, address, background="#2a6fdb")
+
+    from jobs.reid import query_embeddings_from_table, read_table, run_embed, search_table
+    from operators.faiss_index import GalleryIndex, build_index
+
+    people = _people(out / "people", 16)
+    m = reid_dir(models / "reid")
+    _say(f"[reid] PASS ViT-B/16, full size, random weights: {m}")
+    summary = run_embed(
         SegmentConfig(
-            task="salient",
-            manifest=str(data / "manifest.parquet"),
-            model_dir=str(model_dir),
-            out=str(out / "salient"),
-            address=address,
+            "reid", str(people), str(m), str(out / "reid" / "embeddings"), address=address
         )
     )
-    _say(summary.report(), f"masks: {out / 'salient' / 'masks'}", "")
+    _say(summary.report())
+    storage = Storage()
+    info = build_index(str(out / "reid" / "embeddings"), str(out / "reid" / "index"), storage)
+    _say(f"index: {info.factory}, {info.count} vectors at {out / 'reid' / 'index'}")
+    ids, vectors = query_embeddings_from_table(
+        read_table(str(out / "reid" / "embeddings"), storage)
+    )
+    hits = search_table(
+        GalleryIndex.open(str(out / "reid" / "index"), storage), ids[:2], vectors[:2], k=3
+    )
+    buf = io.StringIO()
+    buf.write(hits.to_pandas().to_string(index=False))
+    _say("search (first two crops as queries, top 3):", buf.getvalue(), "")
 
     _say(
         _BANNER,
-        "Look at the results, e.g.:",
+        "Outputs:",
+        f"  masks       {out / 'salient' / 'masks'}   {out / 'shop-seg' / 'masks'}",
+        f"  mattes      {out / 'matting' / 'mattes'}  cut-outs {out / 'matting' / 'cutouts'}  composites {out / 'matting' / 'composites'}",
+        f"  embeddings  {out / 'reid' / 'embeddings' / 'results'}   index {out / 'reid' / 'index'}",
+        "Look at a results table, e.g.:",
         f"  python -c \"import pandas as pd; print(pd.read_parquet('{out / 'salient' / 'results'}'))\"",
         f"  duckdb -c \"select status, count(*) from '{out / 'salient' / 'results'}/*.parquet' group by 1\"",
         _BANNER,

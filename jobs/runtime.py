@@ -63,6 +63,11 @@ DEFAULT_BATCH = {
 }
 
 
+#: Host memory reserved per model replica (weights + a batch of activations + framework overhead,
+#: measured on CPU with the default batch). Ray packs no more replicas onto a node than fit.
+ACTOR_MEMORY_GB = {"salient": 2.0, "shop-seg": 4.0, "reid": 2.0, "matting": 2.0, "rvos": 6.0}
+
+
 @dataclass(frozen=True)
 class Resources:
     """What the model stage's actor pool gets."""
@@ -73,6 +78,8 @@ class Resources:
     #: torch intra-op threads per actor (CPU inference)
     threads: int
     device: str
+    #: bytes of host memory reserved per actor
+    memory: int
 
     def describe(self) -> str:
         where = (
@@ -110,4 +117,7 @@ def decide_resources(
         batch_size = DEFAULT_BATCH.get((task, "gpu" if on_gpu else "cpu"), 8)
     if batch_size < 1 or actors < 1:
         raise ValueError("--batch-size and --actors must be at least 1")
-    return Resources(batch_size, actors, gpus_per_actor, threads, "cuda" if on_gpu else "cpu")
+    memory = int(ACTOR_MEMORY_GB.get(task, 4.0) * 2**30)
+    return Resources(
+        batch_size, actors, gpus_per_actor, threads, "cuda" if on_gpu else "cpu", memory
+    )

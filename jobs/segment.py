@@ -177,11 +177,10 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         num_gpus=res.gpus_per_actor or None,
         # one logical CPU: the actor's torch threads use the cores; CPU stages still get scheduled
         num_cpus=1,
-        # a replica that dies (node lost, OOM-killed) is restarted and its batch retried. Because
-        # these remote args differ from the CPU stages', Ray also never fuses decoding into the
-        # actor (it would, on a CPU-only cluster), so decoding overlaps with inference.
-        max_restarts=3,
-        max_task_retries=3,
+        # the replica's host memory. Because it differs from the CPU stages' resources, Ray also
+        # never fuses decoding into the actor (it would on a CPU-only cluster): decoding overlaps
+        # with inference instead of waiting for it.
+        memory=res.memory,
         udf_modifying_row_count=False,
     )
     options = OutputOptions(

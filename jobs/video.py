@@ -1,0 +1,287 @@
+"""``vbatch video``: referring video object segmentation (MTTR) over a video manifest, streamed.
+
+Stages (Ray Data, streaming; see :mod:`operators.video` for why each is where it is)::
+
+    read manifest (driver, one row per video) → plan (CPU task per video: probe, one row per
+    window) → decode one window (CPU task per window) → model (actor pool, one forward per window
+    for all queries) → write the frames each window owns (CPU task per window) → results Parquet
+
+Memory is bounded by a window (24 frames) in every stage, whatever the video's length. Outputs:
+``<out>/frames/<video_id>/<query_index>/<frame_index>.png`` (0/255 masks at the original size),
+``<out>/results/*.parquet`` (one row per video, query and frame; published from a staging folder
+like ``vbatch segment``), ``<out>/renders/<video_id>.mp4`` with ``--render``, and ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+
+from jobs.runtime import Resources, decide_resources, ensure_ray
+from jobs.segment import _publish
+from operators.storage import Storage, StorageOptions, join, normalize
+from operators.video import (
+    WindowModelStage,
+    decode_windows,
+    plan_video_windows,
+    read_video_manifest,
+    render_video,
+    write_window_masks,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Windows per model call. One window is already a batch of 24 frames (the GPU's work unit for
+#: MTTR); more per call only keeps more frames alive in the actor.
+DEFAULT_WINDOWS_PER_CALL = 1
+
+
+@dataclass
+class VideoConfig:
+    manifest: str
+    model_dir: str
+    out: str
+    #: windows per model call (default 1, see DEFAULT_WINDOWS_PER_CALL)
+    batch_size: int | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    threads_per_actor: int | None = None
+    limit: int | None = None
+    render: bool = False
+    s3_endpoint: str | None = None
+    address: str | None = None
+    #: on GPU: "fp32" (the reference's), "bf16" or "fp16" autocast
+    precision: str = "fp32"
+
+
+@dataclass
+class VideoSummary:
+    videos: int
+    videos_ok: int
+    videos_error: int
+    #: frames with a mask for every valid query
+    frames: int
+    #: result rows: ok (one mask each) and error
+    rows_ok: int
+    rows_error: int
+    seconds: float
+    results_uri: str
+    out: str
+    model_version: str | None
+    resources: str
+    renders: int
+    #: a few (video_id, error) pairs to show
+    sample_errors: list[tuple[str | None, str]]
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    def report(self) -> str:
+        lines = [
+            f"rvos: {self.videos} videos — {self.videos_ok} ok, {self.videos_error} with errors — "
+            f"{self.frames} frames, {self.rows_ok} masks — {self.seconds:.1f} s, "
+            f"{self.frames_per_second:.2f} frames/s ({self.resources})",
+            f"results: {self.results_uri}",
+        ]
+        if self.renders:
+            lines.append(f"renders: {self.renders} under {join(self.out, 'renders')}")
+        if self.model_version:
+            lines.append(f"model_version: {self.model_version}")
+        for video_id, err in self.sample_errors:
+            lines.append(f"  error {video_id!r}: {err}")
+        if self.rows_error > len(self.sample_errors):
+            lines.append(
+                f"  … {self.rows_error - len(self.sample_errors)} more error rows (see the results table)"
+            )
+        return "\n".join(lines)
+
+
+def run_video(cfg: VideoConfig) -> VideoSummary:
+    """Run the job; returns the summary. Raises on problems with the job as a whole (bad manifest
+    columns, unreadable model directory), never on problems with single videos, queries or frames."""
+    started = time.perf_counter()
+    storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
+    out = normalize(cfg.out)
+    ensure_ray(cfg.address)
+    res: Resources = decide_resources(
+        "rvos",
+        cfg.batch_size or DEFAULT_WINDOWS_PER_CALL,
+        cfg.actors,
+        cfg.gpus_per_actor,
+        cfg.threads_per_actor,
+    )
+    # checked on the driver before any worker starts: a wrong model directory fails in seconds
+    local_model_dir = storage.localize_dir(cfg.model_dir)
+    ds, info = read_video_manifest(cfg.manifest, storage, cfg.limit)
+    logger.info(
+        "manifest %s: %d videos (%d bad), %d queries, %s",
+        info.uri,
+        info.num_rows,
+        info.num_bad_rows,
+        info.num_queries,
+        res.describe(),
+    )
+    cpu_stage: dict[str, Any] = {"batch_format": "pyarrow", "udf_modifying_row_count": False}
+    ds = ds.map_batches(
+        plan_video_windows,
+        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
+        batch_format="pyarrow",
+        batch_size=None,
+        udf_modifying_row_count=True,
+    )
+    # one window per block: a long video's windows spread over every worker, and each decode task
+    # holds one window's frames
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(decode_windows, fn_kwargs={"storage": storage}, batch_size=1, **cpu_stage)
+    ds = ds.map_batches(
+        WindowModelStage,
+        fn_constructor_kwargs={
+            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
+            "storage_options": storage.options,
+            "device": res.device,
+            "threads": res.threads,
+            "model_options": {"precision": cfg.precision},
+        },
+        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        num_gpus=res.gpus_per_actor or None,
+        num_cpus=1,  # as in vbatch segment: the torch threads use the cores
+        max_restarts=3,
+        max_task_retries=3,
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        write_window_masks,
+        fn_kwargs={"out_uri": out, "storage": storage},
+        batch_format="pyarrow",
+        batch_size=None,
+        udf_modifying_row_count=True,
+    )
+
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    staging = join(out, ".staging", run_id)
+    results = join(out, "results")
+    fs, staging_path = storage.arrow_fs(staging)
+    storage.makedirs(staging)
+    ds.write_parquet(staging_path, filesystem=fs)
+    _publish(storage, staging, results)
+
+    table = read_results(storage, results)
+    renders = render_all(table, out, storage) if cfg.render else 0
+    summary = summarize(table, info.num_rows, results, time.perf_counter() - started, res, renders)
+    storage.write_bytes(
+        join(out, "run.json"),
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "summary": asdict(summary),
+                "run_id": run_id,
+                "manifest_files": info.files,
+            },
+            indent=2,
+            default=str,
+        ).encode(),
+    )
+    return summary
+
+
+def read_results(storage: Storage, results: str) -> pa.Table:
+    fs, path = storage.arrow_fs(results)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def summarize(
+    table: pa.Table,
+    manifest_rows: int,
+    results: str,
+    seconds: float,
+    res: Resources,
+    renders: int = 0,
+) -> VideoSummary:
+    """Check the accounting and count: every manifest row has rows, no (video, query, frame) twice."""
+    rows = table.select(
+        [
+            "video_id",
+            "manifest_row",
+            "query_index",
+            "frame_index",
+            "status",
+            "error",
+            "model_version",
+        ]
+    ).to_pylist()
+    seen_rows = {r["manifest_row"] for r in rows}
+    if seen_rows != set(range(manifest_rows)):
+        missing = sorted(set(range(manifest_rows)) - seen_rows)[:10]
+        raise RuntimeError(
+            f"accounting error: manifest rows {missing} have no result rows in {results}"
+        )
+    keys = [
+        (r["manifest_row"], r["query_index"], r["frame_index"])
+        for r in rows
+        if r["frame_index"] is not None
+    ]
+    if len(keys) != len(set(keys)):
+        raise RuntimeError(f"accounting error: a (video, query, frame) appears twice in {results}")
+    bad_videos = {r["manifest_row"] for r in rows if r["status"] != "ok"}
+    frames_ok: dict[tuple[int, int], bool] = defaultdict(lambda: True)
+    for r in rows:
+        if r["frame_index"] is not None:
+            key = (r["manifest_row"], r["frame_index"])
+            frames_ok[key] = frames_ok[key] and r["status"] == "ok"
+    errors = [(r["video_id"], r["error"]) for r in rows if r["status"] != "ok"]
+    versions = {r["model_version"] for r in rows if r["model_version"]}
+    return VideoSummary(
+        videos=manifest_rows,
+        videos_ok=manifest_rows - len(bad_videos),
+        videos_error=len(bad_videos),
+        frames=sum(frames_ok.values()),
+        rows_ok=len(rows) - len(errors),
+        rows_error=len(errors),
+        seconds=seconds,
+        results_uri=results,
+        out=results.rsplit("/", 1)[0],
+        model_version=", ".join(sorted(versions)) or None,
+        resources=res.describe(),
+        renders=renders,
+        sample_errors=errors[:5],
+    )
+
+
+@ray.remote(num_cpus=1)
+def _render(*args: Any) -> str:
+    return render_video(*args)
+
+
+def render_all(table: pa.Table, out: str, storage: Storage) -> int:
+    """One MP4 per video that has at least one ok mask (one Ray task per video)."""
+    ok = table.filter(pc.equal(table.column("status"), "ok")).to_pylist()
+    by_video: dict[str, dict] = {}
+    for r in ok:
+        v = by_video.setdefault(r["video_id"], {"uri": r["uri"], "queries": {}, "frames": set()})
+        v["queries"][r["query_index"]] = r["query"]
+        v["frames"].add(r["frame_index"])
+    refs = []
+    for vid, v in by_video.items():
+        queries = sorted(v["queries"].items())
+        refs.append(_render.remote(v["uri"], vid, queries, sorted(v["frames"]), out, storage))
+    done = 0
+    for ref in refs:
+        try:
+            ray.get(ref)
+            done += 1
+        except Exception as e:  # a render is a by-product: log it, the results stand
+            logger.warning("render failed: %s", e)
+    return done
