@@ -149,11 +149,14 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         "batch_size": None,
         "udf_modifying_row_count": False,
     }
+    # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
     ds = ds.map_batches(
-        fetch_bytes, fn_kwargs={"storage": storage, "base_uri": info.base_uri}, **cpu_stage
+        fetch_bytes,  # type: ignore[arg-type]
+        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
+        **cpu_stage,
     )
     ds = ds.map_batches(
-        decode_and_preprocess,
+        decode_and_preprocess,  # type: ignore[arg-type]
         fn_kwargs={
             "transforms": transforms,
             "max_pixels": cfg.max_pixels,
@@ -191,7 +194,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         embedding_dim=getattr(transforms, "embed_dim", None),
     )
     ds = ds.map_batches(
-        write_products,
+        write_products,  # type: ignore[arg-type]
         fn_kwargs={"transforms": transforms, "options": options, "storage": storage},
         **cpu_stage,
     )

@@ -65,7 +65,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                     f"image too large: {width}x{height} = {width * height:,} pixels exceeds the cap of "
                     f"{max_pixels:,} (--max-pixels)"
                 )
-            img = ImageOps.exif_transpose(img)  # also decodes
+            oriented = ImageOps.exif_transpose(img)  # also decodes
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -76,7 +76,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise DecodeError(f"corrupt or truncated image: {e}") from None
 
     try:
-        return _to_rgb(img)
+        return _to_rgb(oriented)
     except (OSError, ValueError) as e:
         raise DecodeError(f"corrupt or truncated image: {e}") from None
 

@@ -144,4 +144,4 @@ def read_image_manifest(
     )
     if not refs:
         raise ManifestError(f"manifest {uri}: no rows")
-    return ray.data.from_arrow_refs(refs), info
+    return ray.data.from_arrow_refs(refs), info  # type: ignore[arg-type]  # Ray's two ObjectRef stubs

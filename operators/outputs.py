@@ -13,6 +13,7 @@ import hashlib
 import logging
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -113,7 +114,7 @@ def _write_rgba(product: np.ndarray, image_id: str, opts: OutputOptions, storage
 
     alpha = alpha_of(product)
     name = safe_name(image_id)
-    row = {
+    row: dict[str, Any] = {
         "matte_uri": join(opts.out_uri, "mattes", name + ".png"),
         "cutout_uri": join(opts.out_uri, "cutouts", name + ".png"),
         "foreground_ratio": float(alpha.mean(dtype=np.float64) / 255.0),
@@ -131,7 +132,9 @@ def _write_rgba(product: np.ndarray, image_id: str, opts: OutputOptions, storage
     return row
 
 
-def _write_embedding(product: np.ndarray, image_id: str, opts: OutputOptions, storage: Storage) -> dict:
+def _write_embedding(
+    product: np.ndarray, image_id: str, opts: OutputOptions, storage: Storage
+) -> dict:
     vec = np.asarray(product, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(vec))
     if not np.isfinite(norm) or norm == 0.0:
@@ -171,9 +174,10 @@ def write_products(
             continue
         try:
             output, size = decode_array(raw[i]), (heights[i], widths[i])
-            if blobs[i] is not None and output.shape[:2] != size:
+            blob = blobs[i]
+            if blob is not None and output.shape[:2] != size:
                 # the network ran on a downscaled copy: products keep the original's pixels
-                original = decode_image(blobs[i], max_pixels=size[0] * size[1])
+                original = decode_image(blob, max_pixels=size[0] * size[1])
                 product = transforms.postprocess(output, size, image=original)  # type: ignore[call-arg]
             else:
                 product = transforms.postprocess(output, size)

@@ -254,7 +254,7 @@ class Storage:
             repr(sorted((k, v.get("size"), v.get("ETag")) for k, v in entries.items())).encode()
         ).hexdigest()[:16]
         cache = Path(
-            cache_root or os.environ.get("VBATCH_CACHE", Path.home() / ".cache" / "vbatch")
+            cache_root or os.environ.get("VBATCH_CACHE") or Path.home() / ".cache" / "vbatch"
         )
         target = cache / "model-dirs" / stamp
         if target.is_dir():
