@@ -104,7 +104,7 @@ class ShopSegPredictor(Predictor):
 
     def forward(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Args: inputs: B arrays (S, S, 4) uint8. Returns: B arrays (S, S) uint8, 1 = foreground."""
-        if not inputs:
+        if len(inputs) == 0:  # also accepts one (B, S, S, 4) array
             return []
         logits = self.logits(inputs)
         with torch.inference_mode():

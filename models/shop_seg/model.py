@@ -223,7 +223,10 @@ class ShopSegNet(nn.Module):
         pyramid[self.config.score_level] = torch.cat(
             [pyramid[self.config.score_level], scores], dim=1
         )
-        return self.head(self.neck(pyramid))
+        feats = self.neck(pyramid)
+        # the backbone's maps are dead: free them before the head (its peak is at stride 4)
+        del pyramid, dense_embed, visual_context
+        return self.head(feats)
 
     def segment(self, logits: torch.Tensor) -> torch.Tensor:
         """The reference's decision: bilinear to S×S, softmax, argmax (ties → class 0, background).
@@ -279,13 +282,14 @@ _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "fp32") -> int:
     """Peak inference activation memory for one image (weights excluded), in bytes.
 
-    The peak is in the FPN head: the 4 pyramid maps (C channels at strides 4…32) are still alive,
-    with the neck's 4 outputs (F channels) and about 4 stride-4 F-channel maps of the head (running
-    sum, conv, BN, upsample). The ViT (4097 tokens × C, ~0.2 GB in fp32) is below that, with fused
-    attention that never stores the 4097² map; the S² logits, softmax and argmax add ~25 MB.
+    The peak is in the FPN neck's top-down pass: the 4 pyramid maps (C channels at strides 4…32)
+    are alive with the neck's laterals (F channels) and ~2.5 stride-4 F-channel maps in flight
+    (upsampled map, sum, output conv), plus the normalised input. The ViT (4097 tokens × C, ~0.2 GB
+    in fp32) stays below that, with fused attention that never stores the 4097² map; the head runs
+    after the pyramid is freed; the S² logits, softmax and argmax add ~25 MB.
 
-    FULL at 1024²: this count gives 624 MB (fp32) / 312 MB (bf16, fp16); measured on CPU as the peak
-    of live tensor bytes (``bench/bench_shop_seg_model.py``, batch 1 → 2): 604 MB / 308 MB per image.
+    FULL at 1024²: this count gives 541 MB (fp32) / 272 MB (bf16, fp16); measured on CPU as the peak
+    of live tensor bytes (``bench/bench_shop_seg_model.py``, batch 1 → 2): 520 MB / 266 MB per image.
     Weights: 170.5 M parameters, 0.68 GB in fp32. On a GPU leave headroom for the caching allocator
     and cuDNN workspaces, e.g. ``batch = int(0.6 * (free_bytes - weights) / estimate)``.
 
@@ -301,6 +305,6 @@ def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "f
     s = config.image_size
     levels = [(s // stride) ** 2 for stride in (4, 8, 16, 32)]
     pyramid = config.vision_width * sum(levels) + config.num_classes * levels[2]
-    neck = config.fpn_channels * sum(levels)
-    head = 4 * config.fpn_channels * levels[0]
-    return (pyramid + neck + head) * _BYTES[precision]
+    neck = config.fpn_channels * (sum(levels) + 2.5 * levels[0])
+    pixels = 3 * s * s
+    return int((pyramid + neck + pixels) * _BYTES[precision]) + 4 * s * s  # + the uint8 RGBA input

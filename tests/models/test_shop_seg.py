@@ -174,6 +174,9 @@ def test_tiny_forward_shapes(tiny_dir: Path, images: list[np.ndarray]) -> None:
     logits = pred.logits(inputs)
     assert logits.shape == (len(images), 2, 32, 32) and torch.isfinite(logits).all()
     maps = pred.forward(inputs)
+    for a, b in zip(maps, pred.forward(np.stack(inputs)), strict=True):  # a Ray batch column
+        np.testing.assert_array_equal(a, b)
+    assert pred.forward([]) == []
     assert all(
         m.shape == (128, 128) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1} for m in maps
     )
