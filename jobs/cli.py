@@ -257,29 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.SegmentConfig
+    """The image job's configuration from `segment` / `reid embed` arguments (options one lacks keep defaults)."""
+    from jobs.segment import SegmentConfig
+
+    extra = {
+        k: getattr(args, k)
+        for k in ("max_pixels", "max_side", "background", "precision")
+        if hasattr(args, k)
+    }
+    return SegmentConfig(
+        task=task,
+        manifest=args.manifest,
+        model_dir=args.model_dir,
+        out=args.out,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        threads_per_actor=args.threads_per_actor,
+        limit=args.limit,
+        s3_endpoint=args.s3_endpoint,
+        address=args.address,
+        **extra,
+    )
+
+
 def _reid(args: argparse.Namespace) -> int:
     from jobs import reid
     from operators.storage import Storage, StorageOptions
 
     storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
     if args.reid_command == "embed":
-        from jobs.segment import SegmentConfig
-
-        summary = reid.run_embed(
-            SegmentConfig(
-                task="reid",
-                manifest=args.manifest,
-                model_dir=args.model_dir,
-                out=args.out,
-                batch_size=args.batch_size,
-                actors=args.actors,
-                gpus_per_actor=args.gpus_per_actor,
-                threads_per_actor=args.threads_per_actor,
-                limit=args.limit,
-                s3_endpoint=args.s3_endpoint,
-                address=args.address,
-            )
-        )
+        summary = reid.run_embed(_image_job_config(args, "reid"))
         print(summary.report())
         return 0
     if args.reid_command in ("index", "add"):
@@ -369,27 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         if args.command == "segment":
-            from jobs.segment import SegmentConfig, run_segment
+            from jobs.segment import run_segment
 
-            summary = run_segment(
-                SegmentConfig(
-                    task=args.task,
-                    manifest=args.manifest,
-                    model_dir=args.model_dir,
-                    out=args.out,
-                    batch_size=args.batch_size,
-                    actors=args.actors,
-                    gpus_per_actor=args.gpus_per_actor,
-                    threads_per_actor=args.threads_per_actor,
-                    limit=args.limit,
-                    max_pixels=args.max_pixels,
-                    s3_endpoint=args.s3_endpoint,
-                    address=args.address,
-                    max_side=args.max_side,
-                    background=args.background,
-                    precision=args.precision,
-                )
-            )
+            summary = run_segment(_image_job_config(args, args.task))
             print(summary.report())
             return 0
         if args.command == "matting":
