@@ -1,0 +1,285 @@
+"""The `video` job (MTTR, tiny config) end to end on the shared Ray instance, locally and on S3.
+
+One manifest holds short synthetic videos next to every kind of bad row; the tests check one row per
+(video, query, frame), the written masks against ``predict_video`` on the same decoded frames, the
+error rows, and that a long video is decoded window by window.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import decord
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.video import VideoConfig, read_results, run_video
+from models import load_model
+from models.rvos import owned_frames, plan_windows
+from operators.manifest import ERROR, ROW
+from operators.outputs import safe_name
+from operators.storage import Storage, join
+from operators.video import (
+    FRAMES,
+    OWN_START,
+    OWN_STOP,
+    START,
+    STOP,
+    WINDOW,
+    decode_windows,
+    plan_video_windows,
+    read_window,
+    resize_frames,
+)
+from schemas.videos import ManifestError, validate_video_results
+
+SIZE = (40, 32)  # (width, height), not square; the network sees every frame at 450x360 anyway
+FPS = 24
+
+
+def synthetic_video(path: Path, num_frames: int, seed: int, size: tuple[int, int] = SIZE) -> Path:
+    """A short mp4v clip: two coloured shapes moving over a noisy background."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (w, h))
+    assert writer.isOpened()
+    bg = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        frame = bg.copy()
+        cv2.circle(frame, ((5 + t) % w, h // 2), h // 5, (0, 0, 230), -1)
+        cv2.rectangle(frame, (w - 20, (2 * t) % h), (w - 5, (2 * t) % h + 12), (20, 220, 20), -1)
+        writer.write(frame)
+    writer.release()
+    assert len(decord.VideoReader(str(path))) == num_frames  # decord reads what cv2 wrote
+    return path
+
+
+def decode_all(path: str) -> np.ndarray:
+    vr = decord.VideoReader(path)
+    return vr.get_batch(list(range(len(vr)))).asnumpy()
+
+
+# video_id, file, queries, start_s, end_s, expected: {query_index: "ok" | error fragment} or a
+# fragment for a single row without a query
+CASES = [
+    ("walk", "walk.mp4", ["a red ball", "the green box"], None, None, {0: "ok", 1: "ok"}),
+    ("ride", "ride.mp4", ["A person   riding a bike", "  "], None, None, {0: "ok", 1: "query is empty"}),
+    ("ride/clip", "ride.mp4", ["the ball"], 0.5, 1.25, {0: "ok"}),  # frames 12-29
+    ("missing", "not-there.mp4", ["a dog"], None, None, {0: "object not found"}),
+    ("corrupt", "corrupt.mp4", ["a", "b"], None, None, {0: "cannot read video", 1: "cannot read video"}),
+    ("no-queries", "walk.mp4", [], None, None, "queries is empty"),
+    ("walk", "ride.mp4", ["dup"], None, None, {0: "duplicate video_id 'walk'"}),
+    ("bad-range", "walk.mp4", ["x"], 2.0, 1.0, {0: "start_s (2.0) must be before end_s (1.0)"}),
+]  # fmt: skip
+# 25 and 43 frames: 2 and 3 windows, the last ones short (the tiny model costs ~1 s/window)
+FRAMES_OF = {"walk.mp4": 25, "ride.mp4": 43}
+
+
+@pytest.fixture(scope="module")
+def rvos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from models.rvos import TINY, write_random_model_dir
+
+    return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("videos")
+    files = {
+        name: synthetic_video(root / name, n, seed=i).read_bytes()
+        for i, (name, n) in enumerate(FRAMES_OF.items())
+    }
+    good = files["walk.mp4"]
+    files["corrupt.mp4"] = good[:64] + bytes(range(256)) * 8  # a valid header, then garbage
+    return files
+
+
+@pytest.fixture(scope="module")
+def expected_masks(rvos_dir: Path, videos: dict[str, bytes], tmp_path_factory) -> dict:
+    """predict_video on the frames decord decodes, per ok (video_id, query_index): (frames, H, W)."""
+    root = tmp_path_factory.mktemp("decoded")
+    predictor = load_model("rvos", rvos_dir, device="cpu")
+    out = {}
+    for vid, name, queries, start, end, expect in CASES:
+        if not isinstance(expect, dict) or "ok" not in expect.values() or vid in out:
+            continue
+        (root / name).write_bytes(videos[name])
+        frames = decode_all(str(root / name))
+        lo = 0 if start is None else round(start * FPS)
+        hi = len(frames) if end is None else round(end * FPS)
+        ok = [qi for qi, e in expect.items() if e == "ok"]
+        masks = predictor.predict_video(frames[lo:hi], [queries[qi] for qi in ok])
+        for j, qi in enumerate(ok):
+            out[vid, qi] = (lo, masks[j])
+    return out
+
+
+def write_inputs(storage: Storage, root: str, videos: dict[str, bytes]) -> str:
+    for name, data in videos.items():
+        storage.write_bytes(join(root, "videos", name), data)
+    table = pa.table(
+        {
+            "video_id": [c[0] for c in CASES],
+            "uri": [f"videos/{c[1]}" for c in CASES],
+            "queries": pa.array([c[2] for c in CASES], pa.list_(pa.string())),
+            "start_s": pa.array([c[3] for c in CASES], pa.float32()),
+            "end_s": [c[4] for c in CASES],
+            "camera": list(range(len(CASES))),  # other columns are ignored
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(join(root, "manifest.parquet"), buf.getvalue())
+    return join(root, "manifest.parquet")
+
+
+def check_results(storage: Storage, out: str, expected_masks: dict) -> None:
+    table = read_results(storage, out if out.endswith("results") else join(out, "results"))
+    validate_video_results(table)
+    rows = table.to_pylist()
+    by_row: dict[int, list[dict]] = {}
+    for r in rows:
+        by_row.setdefault(r["manifest_row"], []).append(r)
+    assert sorted(by_row) == list(range(len(CASES)))  # every manifest row accounted for
+    for m, (vid, _name, queries, _start, _end, expect) in enumerate(CASES):
+        got = by_row[m]
+        assert {r["video_id"] for r in got} == {vid}
+        if isinstance(expect, str):  # no queries: exactly one row, without a query
+            assert len(got) == 1 and got[0]["query_index"] is None and got[0]["status"] == "error"
+            assert expect in got[0]["error"], got[0]["error"]
+            continue
+        assert {r["query_index"] for r in got} == set(expect)
+        for qi, status in expect.items():
+            q_rows = [r for r in got if r["query_index"] == qi]
+            assert all(r["query"] == queries[qi] for r in q_rows)
+            if status != "ok":
+                assert len(q_rows) == 1, q_rows
+                r = q_rows[0]
+                assert r["status"] == "error" and r["frame_index"] is None and r["mask_uri"] is None
+                assert status in r["error"], r["error"]
+                continue
+            lo, masks = expected_masks[vid, qi]
+            frames = sorted(r["frame_index"] for r in q_rows)
+            assert frames == list(range(lo, lo + len(masks)))  # one row per frame, none twice
+            for r in q_rows:
+                assert r["status"] == "ok" and r["error"] is None
+                assert r["timestamp_s"] == pytest.approx(r["frame_index"] / FPS, abs=1e-3)
+                assert r["mask_uri"] == join(
+                    out, "frames", safe_name(vid), str(qi), f"{r['frame_index']}.png"
+                )
+                png = cv2.imdecode(
+                    np.frombuffer(storage.read_bytes(r["mask_uri"]), np.uint8),
+                    cv2.IMREAD_UNCHANGED,
+                )
+                want = masks[r["frame_index"] - lo]
+                assert png.dtype == np.uint8 and png.shape == (SIZE[1], SIZE[0])
+                assert set(np.unique(png)) <= {0, 255}
+                # the pipeline's frames are predict_video's frames, decided by the same windows
+                assert np.array_equal(png, want), (vid, qi, r["frame_index"])
+    assert {r["model_version"] for r in rows if r["status"] == "ok"} != {None}
+
+
+def test_video_local_paths(ray_session, tmp_path: Path, rvos_dir, videos, expected_masks) -> None:
+    storage = Storage()
+    manifest = write_inputs(storage, str(tmp_path / "in"), videos)
+    out = str(tmp_path / "out")
+    summary = run_video(VideoConfig(manifest, str(rvos_dir), out, render=True))
+    check_results(storage, out, expected_masks)
+    assert (summary.videos, summary.videos_ok, summary.videos_error) == (len(CASES), 2, 6)
+    assert summary.frames == 25 + 43 + 18 and summary.rows_ok == 2 * 25 + 43 + 18
+    assert "ride/clip" not in os.listdir(tmp_path / "out" / "frames")  # ids are safe names
+    assert summary.renders == 3
+    render = decord.VideoReader(str(tmp_path / "out" / "renders" / "walk.mp4"))
+    assert len(render) == 25 and render[0].shape[1] == SIZE[0]
+
+
+def test_video_on_s3_and_rerun(ray_session, s3_server, rvos_dir, videos, expected_masks) -> None:
+    storage = s3_server.storage()
+    bucket = s3_server.new_bucket()
+    manifest = write_inputs(storage, join(bucket, "in"), videos)
+    model_uri = join(bucket, "models", "rvos")
+    for f in rvos_dir.rglob("*"):
+        if f.is_file():
+            storage.put_file(f, join(model_uri, str(f.relative_to(rvos_dir))))
+    out = join(bucket, "out")
+    cfg = VideoConfig(manifest, model_uri, out, s3_endpoint=s3_server.endpoint, batch_size=2)
+    summary = run_video(cfg)
+    check_results(storage, out, expected_masks)
+    first = storage.list_files(join(out, "results"))
+    assert len(storage.list_files(join(out, "frames"))) == summary.rows_ok
+    # a repeated run (here on the first video only, to keep the test short) replaces the results
+    again = run_video(replace(cfg, limit=1))
+    assert (again.videos, again.videos_ok, again.rows_ok) == (1, 1, 2 * 25)
+    table = read_results(storage, join(out, "results"))
+    assert set(table.column("video_id").to_pylist()) == {"walk"} and table.num_rows == 2 * 25
+    assert not set(first) & set(storage.list_files(join(out, "results")))
+    assert len(storage.list_files(join(out, "frames"))) == summary.rows_ok  # overwritten in place
+
+
+def test_manifest_missing_column_fails_fast(ray_session, tmp_path: Path, rvos_dir) -> None:
+    pq.write_table(pa.table({"video_id": ["a"], "uri": ["a.mp4"]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match=r"m\.parquet: missing required column 'queries'"):
+        run_video(VideoConfig(str(tmp_path / "m.parquet"), str(rvos_dir), str(tmp_path / "o")))
+
+
+def test_long_video_is_decoded_window_by_window(tmp_path: Path) -> None:
+    """The CPU stages of a 130-frame video: the plan decodes no window, each decode call one window."""
+    path = synthetic_video(tmp_path / "long.mp4", 130, seed=3)
+    manifest = pa.table(
+        {
+            "video_id": ["long"],
+            "uri": ["long.mp4"],
+            "queries": pa.array([["q"]], pa.list_(pa.string())),
+            "start_s": pa.array([None], pa.float64()),
+            "end_s": pa.array([None], pa.float64()),
+            ROW: pa.array([0], pa.int64()),
+            ERROR: pa.array([None], pa.string()),
+        }
+    )
+    plan = plan_video_windows(manifest, storage=Storage(), base_uri=str(tmp_path))
+    windows = plan_windows(130)
+    assert len(windows) == 8
+    assert plan.column(WINDOW).to_pylist() == list(range(8))
+    assert (
+        list(zip(plan.column(START).to_pylist(), plan.column(STOP).to_pylist(), strict=True))
+        == windows
+    )
+    owned = list(
+        zip(plan.column(OWN_START).to_pylist(), plan.column(OWN_STOP).to_pylist(), strict=True)
+    )
+    assert owned == owned_frames(windows)
+
+    calls: list[int] = []
+
+    def spy(p: str, start: int, stop: int) -> np.ndarray:
+        frames = read_window(p, start, stop)
+        calls.append(frames.shape[0])
+        return frames
+
+    whole = decode_all(str(path))
+    for k in range(plan.num_rows):  # the job runs this stage with one window per batch
+        out = decode_windows(plan.slice(k, 1), storage=Storage(), reader=spy)
+        assert out.column(ERROR).to_pylist() == [None]
+        got = np.load(io.BytesIO(out.column(FRAMES)[0].as_py()))
+        s, e = windows[k]
+        assert np.array_equal(got, resize_frames(whole[s:e]))  # seeking decodes the same frames
+    assert calls == [e - s for s, e in windows] and max(calls) == 24
+
+
+@pytest.mark.parametrize("n", [1, 5, 18, 24, 25, 42, 43, 100, 1000])
+def test_each_frame_owned_by_the_last_window_containing_it(n: int) -> None:
+    windows = plan_windows(n)
+    owned = owned_frames(windows)
+    frames = [f for a, b in owned for f in range(a, b)]
+    assert frames == list(range(n))  # every frame written exactly once
+    for f in range(n):
+        last = max(k for k, (s, e) in enumerate(windows) if s <= f < e)
+        a, b = owned[last]
+        assert a <= f < b
