@@ -124,6 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     _pool(seg)
     _common(seg)
 
+    vid = sub.add_parser(
+        "video",
+        help="referring video object segmentation (MTTR): masks per video, query and frame",
+        description=(
+            "Segment the objects that text queries refer to in every frame of the videos of a Parquet "
+            "manifest (video_id, uri, queries: list<string>, optional start_s/end_s), streamed window by "
+            "window. Writes <out>/frames/<video_id>/<query_index>/<frame_index>.png and "
+            "<out>/results/*.parquet with one row per (video, query, frame) and error rows."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vid.add_argument("--manifest", required=True, metavar="URI", help="Parquet file or folder")
+    vid.add_argument("--model-dir", required=True, metavar="URI", help="ModelScope model directory")
+    vid.add_argument("--out", required=True, metavar="URI", help="output folder")
+    vid.add_argument("--limit", type=int, metavar="N", help="only the first N manifest rows")
+    vid.add_argument(
+        "--render", action="store_true", help="also write <out>/renders/<video_id>.mp4 overlays"
+    )
+    vid.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="GPU autocast"
+    )
+    _pool(vid)  # --batch-size here counts windows of 24 frames per model call (default 1)
+    _common(vid)
+
     mat = sub.add_parser(
         "matting", help="matting model tools (convert the TensorFlow graph to ONNX)"
     )
@@ -382,6 +407,28 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = run_segment(_image_job_config(args, args.task))
             print(summary.report())
+            return 0
+        if args.command == "video":
+            from jobs.video import VideoConfig, run_video
+
+            print(
+                run_video(
+                    VideoConfig(
+                        args.manifest,
+                        args.model_dir,
+                        args.out,
+                        batch_size=args.batch_size,
+                        actors=args.actors,
+                        gpus_per_actor=args.gpus_per_actor,
+                        threads_per_actor=args.threads_per_actor,
+                        limit=args.limit,
+                        render=args.render,
+                        s3_endpoint=args.s3_endpoint,
+                        address=args.address,
+                        precision=args.precision,
+                    )
+                ).report()
+            )
             return 0
         if args.command == "matting":
             from jobs.matting import run_convert
