@@ -48,8 +48,9 @@ def cluster_cpus() -> int:
 DEFAULT_BATCH = {
     # SENet at 320²: ~0.3 GB of activations per image in fp32; 32 fits a 16 GB GPU with room to spare.
     ("salient", "gpu"): 32,
-    # DenseCLIP ViT-B/16 at 1024² (4096 tokens): ~1.6 GB activations per image in fp32, ~0.8 in
-    # bf16: 8 fits a 24 GB GPU with the 0.6 GB of weights and the allocator's slack.
+    # DenseCLIP ViT-B/16 at 1024²: when the GPU can be probed, shop_seg_gpu_batch() sizes the batch
+    # from its free memory; this is the fallback (0.52 GB of fp32 activations per image measured,
+    # 0.68 GB of weights: 8 leaves half of a 16 GB GPU free).
     ("shop-seg", "gpu"): 8,
     # ViT-B/16 at 256×128: tiny activations; large batches keep the GPU busy.
     ("reid", "gpu"): 128,
@@ -90,12 +91,43 @@ class Resources:
         return f"{self.actors} actor(s), {where}, batch {self.batch_size}"
 
 
+def probe_gpu_memory() -> tuple[int, int] | None:
+    """(free, total) bytes of one GPU of the cluster, measured by a one-GPU task; None without GPUs."""
+    if not cluster_gpus():
+        return None
+
+    @ray.remote(num_gpus=1)
+    def _probe() -> tuple[int, int]:
+        import torch
+
+        return torch.cuda.mem_get_info()
+
+    try:
+        return ray.get(_probe.remote(), timeout=120)
+    except Exception as e:  # no GPU free right now, driver mismatch, …: fall back to the table
+        logger.warning("could not probe GPU memory (%s); using the default batch size", e)
+        return None
+
+
+def shop_seg_gpu_batch(free_bytes: int, precision: str, cap: int = 64) -> int:
+    """The largest batch whose activations fit 60 % of the GPU memory left after the weights.
+
+    60 %: headroom for the caching allocator's fragmentation and cuDNN workspaces.
+    """
+    from models.shop_seg import FULL, activation_bytes_per_image
+
+    weights = 0.68 * 2**30  # 170.5 M fp32 parameters
+    per_image = activation_bytes_per_image(FULL, precision)
+    return int(max(1, min(cap, 0.6 * (free_bytes - weights) // per_image)))
+
+
 def decide_resources(
     task: str,
     batch_size: int | None = None,
     actors: int | None = None,
     gpus_per_actor: float | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> Resources:
     """Fill in the model stage's resources from the cluster (after :func:`ensure_ray`).
 
@@ -113,6 +145,18 @@ def decide_resources(
         actors = max(1, int(gpus // gpus_per_actor)) if on_gpu else 1
     if threads is None:
         threads = 4 if on_gpu else max(1, (os.cpu_count() or 1) // actors)
+    if not on_gpu and precision == "fp16":
+        raise ValueError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
+    if batch_size is None and on_gpu and task == "shop-seg":
+        memory = probe_gpu_memory()
+        if memory is not None:
+            batch_size = shop_seg_gpu_batch(memory[0], precision)
+            logger.info(
+                "shop-seg batch %d from %.1f GiB free GPU memory (%s)",
+                batch_size,
+                memory[0] / 2**30,
+                precision,
+            )
     if batch_size is None:
         batch_size = DEFAULT_BATCH.get((task, "gpu" if on_gpu else "cpu"), 8)
     if batch_size < 1 or actors < 1:

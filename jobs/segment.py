@@ -127,7 +127,12 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
 
     ensure_ray(cfg.address)
     res: Resources = decide_resources(
-        cfg.task, cfg.batch_size, cfg.actors, cfg.gpus_per_actor, cfg.threads_per_actor
+        cfg.task,
+        cfg.batch_size,
+        cfg.actors,
+        cfg.gpus_per_actor,
+        cfg.threads_per_actor,
+        cfg.precision,
     )
     model_options, transform_options = task_options(cfg, res)
     # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
