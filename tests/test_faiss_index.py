@@ -132,16 +132,13 @@ def test_large_gallery_tiers_follow_budget():
     assert fi.choose_factory(n, d, flat * 2, 100_000).factory == "IVF2048,Flat"
     assert fi.choose_factory(n, d, flat // 2, 100_000).factory == "IVF2048,SQ8"
     assert fi.choose_factory(n, d, n * 1000, 100_000).factory == "IVF2048,SQ4"
-    # 8x smaller than flat: 768 B/vector - 8 B id - 63 B centroids - PCA/centroid overhead
-    # leaves 4-bit codes for 1168 principal components when PCA keeps the variance...
-    eight = fi.choose_factory(n, d, flat // 8, 100_000, pca_energy=lambda p: 0.97)
-    assert eight.factory == "PCAR1168,IVF2048,SQ4"
+    # 8x smaller than flat: 768 B/vector - 8 B id - 63 B centroids - 8 B codebooks leaves
+    # 8-bit PQ with 512 sub-quantizers (3 dims each, no rotation needed)
+    eight = fi.choose_factory(n, d, flat // 8, 100_000)
+    assert eight.factory == "IVF2048,PQ512"
     assert eight.bytes_per_vector <= flat / n / 8
-    # ...and 8-bit PQ (3 dims per sub-quantizer, no rotation needed) when it does not
-    pq8 = fi.choose_factory(n, d, flat // 8, 100_000, pca_energy=lambda p: p / d)
-    assert pq8.factory == "IVF2048,PQ512" and pq8.bytes_per_vector <= flat / n / 8
     # very tight: fewer sub-quantizers than dim/4 -> OPQ rotation first
-    tight = fi.choose_factory(n, d, n * 200, 100_000, pca_energy=lambda p: 0.5)
+    tight = fi.choose_factory(n, d, n * 200, 100_000)
     assert tight.factory == "OPQ96,IVF2048,PQ96"
     with pytest.raises(ValueError, match="too small"):
         fi.choose_factory(n, d, n * 10, 100_000)
