@@ -158,8 +158,9 @@ def run_video(cfg: VideoConfig) -> VideoSummary:
         batch_format="pyarrow",
         num_gpus=res.gpus_per_actor or None,
         num_cpus=1,  # as in vbatch segment: the torch threads use the cores
-        max_restarts=3,
-        max_task_retries=3,
+        # the replica's host memory (jobs.runtime.ACTOR_MEMORY_GB); differing from the CPU stages'
+        # resources, it also keeps Ray from fusing decoding into the actor
+        memory=res.memory,
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
