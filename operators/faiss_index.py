@@ -4,9 +4,9 @@ The index answers "which gallery images look most like this person" with inner p
 L2-normalised embeddings (= cosine similarity, ``METRIC_INNER_PRODUCT``). The index type follows
 the FAISS "Guidelines to choose an index" (faiss wiki): exact ``Flat`` for small galleries, an
 inverted file ``IVF{nlist}`` with ``4·sqrt(N) <= nlist <= 16·sqrt(N)`` trained on at least
-``39·nlist`` sampled vectors above that, and product quantization (Jégou, Douze, Schmid, "Product
-quantization for nearest neighbor search", TPAMI 2011; OPQ: Ge et al., CVPR 2013) when the flat
-vectors do not fit the memory budget. Reference implementation: faiss (Johnson, Douze, Jégou,
+``39·nlist`` sampled vectors above that, and scalar (SQ8, SQ4) or product quantization (Jégou,
+Douze, Schmid, "Product quantization for nearest neighbor search", TPAMI 2011; OPQ: Ge et al.,
+CVPR 2013) when the flat vectors do not fit the memory budget. Reference implementation: faiss (Johnson, Douze, Jégou,
 "Billion-scale similarity search with GPUs", 2017; Douze et al., "The Faiss library", 2024),
 ``faiss/contrib/ondisk.py`` and ``faiss/contrib/big_batch_search.py`` for the persistence habits.
 
@@ -163,6 +163,8 @@ def choose_factory(
     * no PCA tier (the wiki's "PCARx,…,SQ8"): on 1536-d re-ID-like embeddings whose PCA kept
       97 % of the variance in 1168 dims, exact search in that subspace still found only 93 % of
       the true top-10; near-ties among neighbours are decided by the low-variance directions.
+    * measured on 200k such vectors (bench/bench_index.py): ``IVF2048,SQ4`` 7.3x smaller than
+      flat, recall@10 0.955; ``IVF2048,PQ512`` 10.4x, 0.938.
     * a small gallery that does not fit flat gets ``SQ8``/``SQ4``/``PQ{M}`` without IVF.
 
     Args:
