@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--compression", type=float, default=8.0, help="memory budget = flat / this")
     ap.add_argument("--factory", default=None, help="explicit factory instead of the auto choice")
+    ap.add_argument("--metric", default="inner_product", choices=["inner_product", "l2"])
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -173,6 +174,7 @@ def main() -> None:
             storage,
             factory=args.factory,
             memory_budget=budget,
+            metric=args.metric,
         )
         gallery = GalleryIndex.open(os.path.join(tmp, "index"), storage)
         ids_bytes = sum(os.path.getsize(os.path.join(tmp, "index", p)) for p in info.id_parts)

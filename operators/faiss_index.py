@@ -76,6 +76,7 @@ MIN_TRAIN_PER_LIST = 39
 IVF_ID_BYTES = 8
 DEFAULT_TARGET_RECALL = 0.95
 PQ_TRAIN_POINTS_PER_CENTROID = 40
+_METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 NPROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -160,9 +161,10 @@ def choose_factory(
       allows: ``Flat`` (no compression), ``SQ8`` (4x), ``SQ4`` (8x), ``PQ{M}`` with at most 4
       dims per 8-bit sub-quantizer (8x..16x), then ``OPQ{M},…,PQ{M}`` (the wiki's choice when
       memory is very important).
-    * no PCA tier (the wiki's "PCARx,…,SQ8"): on 1536-d re-ID-like embeddings whose PCA kept
-      97 % of the variance in 1168 dims, exact search in that subspace still found only 93 % of
-      the true top-10; near-ties among neighbours are decided by the low-variance directions.
+    * no PCA tier (the wiki's "PCARx,…,SQ8"): faiss' PCA centres the data, which changes inner
+      products by a per-vector term (<y, mean>): with METRIC_INNER_PRODUCT, exact search after a
+      full-rank PCA found only 95 % of the true top-10 of re-ID-like embeddings. An explicit
+      ``PCAR…`` factory must be built with ``metric="l2"`` (same order for unit vectors).
     * measured on 200k such vectors (bench/bench_index.py): ``IVF2048,SQ4`` 7.3x smaller than
       flat, recall@10 0.955; ``IVF2048,PQ512`` 10.4x, 0.938.
     * a small gallery that does not fit flat gets ``SQ8``/``SQ4``/``PQ{M}`` without IVF.
@@ -576,7 +578,9 @@ def _train(index: faiss.Index, sample: np.ndarray, gpu: bool) -> None:
     if gpu and ivf is not None:
         # k-means dominates training; the faiss idiom is to run its assignment on the GPU
         # (IP flat index: the IVF's k-means is spherical for METRIC_INNER_PRODUCT).
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(index.d))
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(
+            faiss.IndexFlat(index.d, index.metric_type)
+        )
     index.train(sample)
     if ivf is not None:
         ivf.clustering_index = None  # never serialized, but do not keep GPU memory alive
@@ -597,11 +601,11 @@ def _back_to_cpu(index: faiss.Index, adder: faiss.Index) -> faiss.Index:
     return index if adder is index else faiss.index_gpu_to_cpu(adder)
 
 
-def _make_index(dim: int, factory: str) -> faiss.Index:
+def _make_index(dim: int, factory: str, metric: str = "inner_product") -> faiss.Index:
     """``index_factory`` for inner product, without polysemous PQ training: index_factory turns
     it on for "PQ{M}", it only serves Hamming-filtered search (unused here) and it dominates PQ
     training time (minutes for PQ16 on 6k vectors on 2 cores, vs seconds for the k-means)."""
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, factory, _METRICS[metric])
     inner = faiss.downcast_index(index)
     while True:
         if hasattr(inner, "do_polysemous_training"):
@@ -763,6 +767,7 @@ def build_index(
     target_recall: float = DEFAULT_TARGET_RECALL,
     tune_queries: int = 500,
     seed: int = 0,
+    metric: str = "inner_product",
 ) -> IndexInfo:
     """Build the gallery index of an embeddings table and write it under ``out_uri``.
 
@@ -784,6 +789,9 @@ def build_index(
         target_recall: recall@10 vs exact search that the default ``nprobe`` must reach.
         tune_queries: held-out gallery vectors used to tune ``nprobe``.
         seed: sampling seed (the build is deterministic for a given table and seed).
+        metric: ``"inner_product"`` or ``"l2"``; both rank unit vectors identically, but only
+            L2 survives a ``PCA`` pre-transform (faiss' PCA centres the data, which changes
+            inner products by a per-vector term); search always returns cosine similarities.
 
     Returns:
         The committed :class:`IndexInfo` (``added`` = vectors indexed, ``skipped_existing`` =
@@ -808,7 +816,9 @@ def build_index(
         plan.factory,
         plan.reason,
     )
-    index = _make_index(stats.dim, plan.factory)
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
+    index = _make_index(stats.dim, plan.factory, metric)
     gpu = _want_gpu(use_gpu)
 
     t0 = time.perf_counter()
@@ -859,6 +869,7 @@ def build_index(
         info = IndexInfo(
             uri=out_uri,
             factory=plan.factory,
+            metric=metric,
             dim=stats.dim,
             count=int(index.ntotal),
             model_version=stats.model_version,
@@ -1053,6 +1064,8 @@ class GalleryIndex:
             # per-call parameters instead of mutating the index: concurrent callers stay correct
             params = faiss.SearchParametersIVF(nprobe=nprobe or self.info.nprobe or 1)
         scores, rows = self.index.search(x, k, params=params)
+        if self.info.metric == "l2":  # squared distance of unit vectors: |x - y|^2 = 2 - 2 cos
+            scores = np.where(rows >= 0, 1.0 - scores / 2.0, -np.inf).astype(np.float32)
         names = self.image_ids.take(pa.array(np.where(rows < 0, 0, rows).ravel())).to_pylist()
         flat_rows = rows.ravel()
         ids = [

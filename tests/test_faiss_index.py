@@ -295,3 +295,23 @@ def test_add_refuses_other_model_version_or_dim(tmp_path, storage):
     with pytest.raises(ValueError, match="dim 24 does not match"):
         fi.add_to_index(out, str(tmp_path / "wide"), storage)
     assert fi.GalleryIndex.open(out, storage).ntotal == 200  # untouched
+
+
+def test_l2_metric_with_pca_returns_cosine_and_exact_order(tmp_path, storage):
+    # PCA centres the data, which breaks inner-product order; L2 (same order for unit vectors)
+    # survives it. Scores come back as cosine similarities either way.
+    x, _ = clustered(200, 10, 32, seed=6)
+    ids = write_embeddings(tmp_path / "emb", x)
+    out = str(tmp_path / "index")
+    info = fi.build_index(
+        str(tmp_path / "emb"), out, storage, factory="PCAR32,IVF16,Flat", metric="l2"
+    )
+    assert info.metric == "l2"
+    gallery = fi.GalleryIndex.open(out, storage)
+    scores, names = gallery.search(x[:50], k=10, nprobe=16)
+    exact = x[:50] @ x.T
+    order = np.argsort(-exact, axis=1)[:, :10]
+    assert [row[0] for row in names] == ids[:50]
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, order, 1), atol=1e-4)
+    with pytest.raises(ValueError, match="metric must be"):
+        fi.build_index(str(tmp_path / "emb"), out, storage, metric="cosine")
