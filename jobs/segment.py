@@ -13,16 +13,15 @@ comes out exactly once, ``ok`` or ``error``; the job checks that before it repor
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.dataset as pads
 import ray
 
+from jobs.publish import new_run_id, write_and_publish, write_run_record
 from jobs.runtime import Resources, decide_resources, ensure_ray
 from models import load_transforms, model_entry
 from operators.decode import DEFAULT_MAX_PIXELS
@@ -30,7 +29,7 @@ from operators.images import decode_and_preprocess, fetch_bytes
 from operators.inference import ModelStage
 from operators.manifest import read_image_manifest
 from operators.outputs import OutputOptions, write_products
-from operators.storage import Storage, StorageOptions, join, normalize, parent
+from operators.storage import Storage, StorageOptions, normalize, parent
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +104,6 @@ class JobSummary:
                 f"  … {self.error - len(self.sample_errors)} more error rows (see the results table)"
             )
         return "\n".join(lines)
-
-
-def _publish(storage: Storage, staging: str, results: str) -> None:
-    """Replace ``results`` with ``staging`` (a rename locally; copy + delete on S3)."""
-    storage.delete(results, recursive=True)
-    storage.move(staging, results)
 
 
 def run_segment(cfg: SegmentConfig) -> JobSummary:
@@ -204,30 +197,13 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         **cpu_stage,
     )
 
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    staging = join(out, ".staging", run_id)
-    results = join(out, "results")
-    fs, staging_path = storage.arrow_fs(staging)
-    storage.makedirs(staging)
-    ds.write_parquet(staging_path, filesystem=fs)
-    _publish(storage, staging, results)
+    run_id = new_run_id()
+    results = write_and_publish(ds, out, storage, run_id)
 
     summary = summarize(
         storage, results, cfg.task, info.num_rows, time.perf_counter() - started, res
     )
-    storage.write_bytes(
-        join(out, "run.json"),
-        json.dumps(
-            {
-                "config": asdict(cfg),
-                "summary": asdict(summary),
-                "run_id": run_id,
-                "manifest_files": info.files,
-            },
-            indent=2,
-            default=str,
-        ).encode(),
-    )
+    write_run_record(out, storage, run_id, cfg, summary, info.files)
     return summary
 
 

@@ -14,12 +14,10 @@ like ``vbatch segment``), ``<out>/renders/<video_id>.mp4`` with ``--render``, an
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import uuid
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -27,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
+from jobs.publish import new_run_id, write_and_publish, write_run_record
 from jobs.runtime import Resources, decide_resources, ensure_ray
-from jobs.segment import _publish
 from operators.storage import Storage, StorageOptions, join, normalize
 from operators.video import (
     WindowModelStage,
@@ -171,30 +169,13 @@ def run_video(cfg: VideoConfig) -> VideoSummary:
         udf_modifying_row_count=True,
     )
 
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    staging = join(out, ".staging", run_id)
-    results = join(out, "results")
-    fs, staging_path = storage.arrow_fs(staging)
-    storage.makedirs(staging)
-    ds.write_parquet(staging_path, filesystem=fs)
-    _publish(storage, staging, results)
+    run_id = new_run_id()
+    results = write_and_publish(ds, out, storage, run_id)
 
     table = read_results(storage, results)
     renders = render_all(table, out, storage) if cfg.render else 0
     summary = summarize(table, info.num_rows, results, time.perf_counter() - started, res, renders)
-    storage.write_bytes(
-        join(out, "run.json"),
-        json.dumps(
-            {
-                "config": asdict(cfg),
-                "summary": asdict(summary),
-                "run_id": run_id,
-                "manifest_files": info.files,
-            },
-            indent=2,
-            default=str,
-        ).encode(),
-    )
+    write_run_record(out, storage, run_id, cfg, summary, info.files)
     return summary
 
 

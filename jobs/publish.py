@@ -1,0 +1,47 @@
+"""How every job lands its results table: staged, then published, then recorded.
+
+Ray writes the results under ``<out>/.staging/<run id>/``; only a complete write replaces
+``<out>/results/`` (a rename locally; copy + delete on S3), so readers never see a half-written
+table and a repeated run never duplicates rows. ``<out>/run.json`` records the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from operators.storage import Storage, join
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def write_and_publish(ds: ray.data.Dataset, out: str, storage: Storage, run_id: str) -> str:
+    """Execute ``ds`` into ``<out>/.staging/<run_id>`` and publish it as ``<out>/results``; returns the latter."""
+    staging = join(out, ".staging", run_id)
+    results = join(out, "results")
+    fs, staging_path = storage.arrow_fs(staging)
+    storage.makedirs(staging)
+    ds.write_parquet(staging_path, filesystem=fs)
+    storage.delete(results, recursive=True)
+    storage.move(staging, results)
+    return results
+
+
+def write_run_record(
+    out: str, storage: Storage, run_id: str, config: Any, summary: Any, files: Any
+) -> None:
+    """``<out>/run.json``: the configuration, the summary and the manifest files of the run."""
+    record = {
+        "config": asdict(config),
+        "summary": asdict(summary),
+        "run_id": run_id,
+        "manifest_files": files,
+    }
+    storage.write_bytes(join(out, "run.json"), json.dumps(record, indent=2, default=str).encode())
