@@ -148,13 +148,13 @@ def decide_resources(
     if not on_gpu and precision == "fp16":
         raise ValueError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
     if batch_size is None and on_gpu and task == "shop-seg":
-        memory = probe_gpu_memory()
-        if memory is not None:
-            batch_size = shop_seg_gpu_batch(memory[0], precision)
+        probed = probe_gpu_memory()
+        if probed is not None:
+            batch_size = shop_seg_gpu_batch(probed[0], precision)
             logger.info(
                 "shop-seg batch %d from %.1f GiB free GPU memory (%s)",
                 batch_size,
-                memory[0] / 2**30,
+                probed[0] / 2**30,
                 precision,
             )
     if batch_size is None:

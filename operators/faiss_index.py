@@ -655,7 +655,9 @@ class _RecallProbe:
 
     def recall(self, index: faiss.Index, nprobe: int, truth: np.ndarray) -> float:
         _, found = index.search(
-            self.queries, self.k + 1, params=faiss.SearchParametersIVF(nprobe=nprobe)
+            self.queries,
+            self.k + 1,
+            params=faiss.SearchParametersIVF(nprobe=nprobe),  # type: ignore[call-arg]  # SWIG stub
         )
         found = _drop_self(found, self.self_ids, self.k)
         hits = sum(len(set(a[a >= 0]) & set(b[b >= 0])) for a, b in zip(found, truth, strict=True))
@@ -1062,7 +1064,7 @@ class GalleryIndex:
         params = None
         if _ivf_or_none(self.index) is not None:
             # per-call parameters instead of mutating the index: concurrent callers stay correct
-            params = faiss.SearchParametersIVF(nprobe=nprobe or self.info.nprobe or 1)
+            params = faiss.SearchParametersIVF(nprobe=nprobe or self.info.nprobe or 1)  # type: ignore[call-arg]
         scores, rows = self.index.search(x, k, params=params)
         if self.info.metric == "l2":  # squared distance of unit vectors: |x - y|^2 = 2 - 2 cos
             scores = np.where(rows >= 0, 1.0 - scores / 2.0, -np.inf).astype(np.float32)

@@ -300,7 +300,7 @@ def plan_video_windows(batch: pa.Table, *, storage: Storage, base_uri: str) -> p
             )
             continue
         windows = plan_windows(hi - lo)
-        for k, ((s, e), (a, b)) in enumerate(zip(windows, owned_frames(windows), strict=True)):
+        for k, ((s, stop), (a, b)) in enumerate(zip(windows, owned_frames(windows), strict=True)):
             emit(
                 r,
                 uri,
@@ -308,7 +308,7 @@ def plan_video_windows(batch: pa.Table, *, storage: Storage, base_uri: str) -> p
                 **{
                     WINDOW: k,
                     START: lo + s,
-                    STOP: lo + e,
+                    STOP: lo + stop,
                     OWN_START: lo + a,
                     OWN_STOP: lo + b,
                     HEIGHT: probe.height,
@@ -414,7 +414,7 @@ class WindowModelStage:
         Returns: (B, T, h/4, w/4) float32 mask logits of the chosen query slots.
         """
         clip = preprocess_frames(frames)  # resize is the identity here: frames are already sized
-        out = self.predictor.run_network(clip, queries)
+        out = self.predictor.run_network(clip, queries)  # type: ignore[attr-defined]  # RvosPredictor
         logits, _ = select_trajectory(out["pred_is_referred"], out["pred_masks"])
         return logits.float().cpu()
 
@@ -584,7 +584,8 @@ def render_video(
     target = join(out_uri, "renders", safe_name(video_id) + ".mp4")
     with tempfile.TemporaryDirectory(prefix="vbatch-render-") as tmp:
         local = os.path.join(tmp, "render.mp4")
-        writer = cv2.VideoWriter(local, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h + band))
+        fourcc = cv2.VideoWriter_fourcc(*"mp4v")  # type: ignore[attr-defined]  # missing from cv2's stub
+        writer = cv2.VideoWriter(local, fourcc, fps, (w, h + band))
         if not writer.isOpened():
             raise RuntimeError("cv2.VideoWriter (mp4v) could not be opened")
         try:
@@ -596,7 +597,10 @@ def render_video(
                     img = frame.astype(np.float32)
                     for n, (qi, _) in enumerate(queries):
                         data = storage.read_bytes(mask_uri(out_uri, video_id, qi, f))
-                        m = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) > 0
+                        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+                        if decoded is None:
+                            raise ValueError(f"unreadable mask PNG for frame {f}")
+                        m = decoded > 0
                         img[m] = 0.5 * img[m] + 0.5 * np.asarray(
                             _PALETTE[n % len(_PALETTE)], np.float32
                         )

@@ -12,7 +12,9 @@ def test_shop_seg_gpu_batch_follows_free_memory_and_precision() -> None:
     gib = 2**30
     small, large = shop_seg_gpu_batch(10 * gib, "fp32"), shop_seg_gpu_batch(22 * gib, "fp32")
     assert 1 <= small < large
-    assert shop_seg_gpu_batch(22 * gib, "bf16") > large  # half the activations, about twice the batch
+    assert (
+        shop_seg_gpu_batch(22 * gib, "bf16") > large
+    )  # half the activations, about twice the batch
     # what it picks fits in 60 % of what is left after the weights
     assert large * activation_bytes_per_image(FULL, "fp32") <= 0.6 * (22 * gib - 0.68 * gib)
     assert shop_seg_gpu_batch(1 * gib, "fp32") == 1  # never zero

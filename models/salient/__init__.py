@@ -226,6 +226,8 @@ def randomize_(net: nn.Module, seed: int = 0, calib_size: tuple[int, int] = (64,
     net.eval()
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
+        assert m.running_mean is not None and m.running_var is not None
+        assert m.num_batches_tracked is not None
         std = m.running_var.clamp(min=1e-4).sqrt()
         m.running_mean.add_(0.05 * std * torch.randn(m.running_mean.shape, generator=gen))
         # 1.3-1.5× the measured std: a slight contraction at every BN keeps the activations of

@@ -16,6 +16,8 @@ their weights by name).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.models.res2net import Bottle2neck
@@ -264,8 +266,8 @@ class SENet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = ResNet(
-            block=Bottle2neck,
-            layers=list(cfg.layers),
+            block=Bottle2neck,  # type: ignore[arg-type]  # timm annotates only its own blocks
+            layers=tuple(cfg.layers),
             base_width=cfg.base_width,
             block_args={"scale": cfg.scale},
             stem_type="deep",
@@ -292,7 +294,7 @@ class SENet(nn.Module):
 
         Returns: (B, 1, H, W) saliency probabilities (sigmoid of the 1/4-scale logits, upsampled).
         """
-        bb = self.backbone
+        bb: Any = self.backbone  # timm's ResNet attributes are untyped to mypy
         x0 = bb.maxpool(bb.act1(bb.bn1(bb.conv1(x))))
         l1 = bb.layer1(x0)
         l2 = bb.layer2(l1)

@@ -25,6 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class ShopSegConfig:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ValueError(f"{source}: unknown shop-seg config fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # type: ignore[arg-type]
 
 
 FULL = ShopSegConfig()
@@ -195,7 +196,8 @@ class ShopSegNet(nn.Module):
         valid = x[:, 3:4] != 0
         # x/255 first, then (x - mean) / std, in float32 like the reference's numpy code
         rgb = x[:, :3].float() / 255.0
-        rgb = (rgb - self.mean) / self.std
+        mean, std = cast(torch.Tensor, self.mean), cast(torch.Tensor, self.std)
+        rgb = (rgb - mean) / std
         return torch.where(valid, rgb, torch.zeros((), dtype=rgb.dtype, device=rgb.device))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -270,6 +272,8 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             else:  # class/positional embeddings, prompt context, gamma
                 p.copy_(0.5 * randn(p))
         if isinstance(mod, nn.BatchNorm2d):
+            assert mod.running_mean is not None and mod.running_var is not None
+            assert mod.num_batches_tracked is not None
             mod.running_mean.copy_(0.1 * randn(mod.running_mean))
             mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
             mod.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (1,), generator=g)))

@@ -83,7 +83,7 @@ class ClipTokenizer:
         base = list(byte_alphabet().values())
         vocab = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + [SOT, EOT]
         self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
-        self.ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
+        self.ranks: dict[tuple[str, ...], int] = {m: i for i, m in enumerate(merges)}
         self.sot_id = self.encoder[SOT]
         self.eot_id = self.encoder[EOT]
         self._cache: dict[str, list[str]] = {}

@@ -47,7 +47,7 @@ class ShopSegTransforms(Transforms):
             )
         s = self.image_size
         ch, cw = crop_size(image.shape[0], image.shape[1], s)
-        resized = np.asarray(Image.fromarray(image).resize((cw, ch), Image.BILINEAR))
+        resized = np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR))
         out = np.zeros((s, s, 4), dtype=np.uint8)
         out[:ch, :cw, :3] = resized
         out[:ch, :cw, 3] = 255
@@ -65,5 +65,5 @@ class ShopSegTransforms(Transforms):
         h, w = int(size[0]), int(size[1])
         ch, cw = crop_size(h, w, self.image_size)
         crop = np.where(output[:ch, :cw] != 0, 255, 0).astype(np.uint8)
-        mask = np.asarray(Image.fromarray(crop).resize((w, h), Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(crop).resize((w, h), Image.Resampling.BILINEAR))
         return np.where(mask >= 128, 255, 0).astype(np.uint8)

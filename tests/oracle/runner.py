@@ -38,7 +38,9 @@ def run_oracle(script: str, *args: str | os.PathLike[str], timeout: float = 1200
     env.pop("PYTHONPATH", None)
     env.setdefault("USE_TF", "0")
     cmd = [oracle_python(), str(ORACLE_DIR / script), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if proc.returncode != 0:
         raise AssertionError(
             f"oracle script {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}",
