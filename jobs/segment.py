@@ -131,6 +131,10 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
     local_model_dir = storage.localize_dir(cfg.model_dir)
     transforms = load_transforms(cfg.task, local_model_dir, **transform_options)
+    if cfg.task == "matting":  # a graph not yet converted: say so here, not from every actor
+        from models.matting.model import resolve_onnx
+
+        resolve_onnx(local_model_dir)
     ds, info = read_image_manifest(
         cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
     )
