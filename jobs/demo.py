@@ -121,12 +121,42 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     buf.write(hits.to_pandas().to_string(index=False))
     _say("search (first two crops as queries, top 3):", buf.getvalue(), "")
 
+    from jobs.demo_data import write_demo_clip
+    from jobs.video import VideoConfig, run_video
+    from models.rvos import TINY as RVOS_TINY
+    from models.rvos import write_random_model_dir as rvos_dir
+
+    clip = write_demo_clip(out / "video" / "clip.mp4")
+    pq.write_table(
+        pa.table(
+            {
+                "video_id": ["clip"],
+                "uri": ["clip.mp4"],
+                "queries": [["a red ball rolling", "the green box"]],
+            }
+        ),
+        out / "video" / "manifest.parquet",
+    )
+    m = rvos_dir(models / "rvos", config=RVOS_TINY)
+    _say(f"[rvos] MTTR, TINY configuration of the same code, on a generated 3 s clip {clip}: {m}")
+    video = run_video(
+        VideoConfig(
+            str(out / "video" / "manifest.parquet"),
+            str(m),
+            str(out / "rvos"),
+            render=True,
+            address=address,
+        )
+    )
+    _say(video.report(), "")
+
     _say(
         _BANNER,
         "Outputs:",
         f"  masks       {out / 'salient' / 'masks'}   {out / 'shop-seg' / 'masks'}",
         f"  mattes      {out / 'matting' / 'mattes'}  cut-outs {out / 'matting' / 'cutouts'}  composites {out / 'matting' / 'composites'}",
         f"  embeddings  {out / 'reid' / 'embeddings' / 'results'}   index {out / 'reid' / 'index'}",
+        f"  video masks {out / 'rvos' / 'frames'}   overlay {out / 'rvos' / 'renders'}",
         "Look at a results table, e.g.:",
         f"  python -c \"import pandas as pd; print(pd.read_parquet('{out / 'salient' / 'results'}'))\"",
         f"  duckdb -c \"select status, count(*) from '{out / 'salient' / 'results'}/*.parquet' group by 1\"",

@@ -103,3 +103,30 @@ def write_demo_images(folder: str | Path, n: int, bad: bool = True) -> pa.Table:
     table = pa.table({"image_id": ids, "uri": uris, "sku": skus})
     pq.write_table(table, folder / "manifest.parquet")
     return table
+
+
+def write_demo_clip(
+    path: str | Path, seconds: float = 3.0, fps: int = 24, size: tuple[int, int] = (160, 120)
+) -> Path:
+    """An mp4v clip of a red ball rolling left to right and a green box sliding down, on grass."""
+    import cv2
+
+    w, h = size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))  # type: ignore[attr-defined]
+    if not writer.isOpened():
+        raise RuntimeError("cv2.VideoWriter (mp4v) could not be opened")
+    rng = np.random.default_rng(0)
+    bg = np.clip(np.array([40, 120, 50]) + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(
+        np.uint8
+    )  # BGR grass
+    frames = int(seconds * fps)
+    for t in range(frames):
+        frame = bg.copy()
+        cv2.circle(frame, (int(10 + (w - 20) * t / frames), h // 2), h // 6, (30, 30, 220), -1)
+        y = int((h - 30) * t / frames)
+        cv2.rectangle(frame, (w // 4, y), (w // 4 + 25, y + 25), (40, 200, 40), -1)
+        writer.write(frame)
+    writer.release()
+    return path
