@@ -15,7 +15,7 @@ import os
 import pyarrow as pa
 import torch
 
-from models import load_model
+from models import Predictor, load_model
 from operators.columns import decode_array, encode_array, set_column
 from operators.images import INPUT
 from operators.manifest import ERROR
@@ -25,6 +25,25 @@ from schemas.images import INTERNAL_PREFIX
 logger = logging.getLogger(__name__)
 
 OUTPUT = f"{INTERNAL_PREFIX}output"  # large_binary: one raw network output, .npy encoded
+
+
+def load_actor_model(
+    task: str,
+    model_dir: str,
+    storage_options: StorageOptions,
+    device: str | None = None,
+    threads: int | None = None,
+    model_options: dict | None = None,
+) -> Predictor:
+    """What every model actor does once in ``__init__``: threads, local model dir, strict load."""
+    if threads:
+        torch.set_num_threads(threads)
+    local = Storage(storage_options).localize_dir(model_dir)
+    predictor = load_model(task, local, device=device, **(model_options or {}))
+    logger.info(
+        "actor pid %d: %s %s on %s", os.getpid(), task, predictor.model_version, predictor.device
+    )
+    return predictor
 
 
 class ModelStage:
@@ -39,16 +58,8 @@ class ModelStage:
         threads: int | None = None,
         model_options: dict | None = None,
     ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        local = Storage(storage_options).localize_dir(model_dir)
-        self.predictor = load_model(task, local, device=device, **(model_options or {}))
-        logger.info(
-            "actor pid %d: %s %s on %s",
-            os.getpid(),
-            task,
-            self.predictor.model_version,
-            self.predictor.device,
+        self.predictor = load_actor_model(
+            task, model_dir, storage_options, device, threads, model_options
         )
 
     def _forward(self, arrays: list) -> list:

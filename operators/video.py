@@ -45,12 +45,12 @@ import ray
 import torch
 import torchvision.transforms.functional as TF
 
-from models import load_model
 from models.rvos import owned_frames, plan_windows
 from models.rvos.config import MAX_SIDE, SHORT_SIDE
 from models.rvos.postprocess import frame_masks, select_trajectory
 from models.rvos.transforms import preprocess_frames
 from operators.columns import decode_array, encode_array, set_column
+from operators.inference import load_actor_model
 from operators.manifest import ERROR, ROW, manifest_files
 from operators.outputs import encode_png, safe_name
 from operators.storage import Storage, StorageOptions, is_remote, join, normalize, parent, resolve
@@ -393,15 +393,8 @@ class WindowModelStage:
         threads: int | None = None,
         model_options: dict | None = None,
     ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        local = Storage(storage_options).localize_dir(model_dir)
-        self.predictor = load_model("rvos", local, device=device, **(model_options or {}))
-        logger.info(
-            "actor pid %d: rvos %s on %s",
-            os.getpid(),
-            self.predictor.model_version,
-            self.predictor.device,
+        self.predictor = load_actor_model(
+            "rvos", model_dir, storage_options, device, threads, model_options
         )
 
     def window_logits(self, frames: np.ndarray, queries: Sequence[str]) -> torch.Tensor:
