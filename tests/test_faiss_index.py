@@ -118,6 +118,24 @@ def test_small_gallery_is_exact():
     assert fi.choose_factory(5_000, 1536, memory_budget="100MB").factory == "Flat"
     # 5k x 1536 x 4 B = 30.7 MB flat: a 10 MB budget needs 2000 B/vector -> SQ8 (1536 B)
     assert fi.choose_factory(5_000, 1536, memory_budget=10_000_000).factory == "SQ8"
+    # 900 B/vector: RaBitQ with 4 bits per dimension (768 B + 20 B of correction factors)
+    small = fi.choose_factory(5_000, 1536, memory_budget=4_500_000)
+    assert small.factory == "RaBitQ4" and small.bytes_per_vector == 788
+
+
+def test_rabitq_code_bytes_match_faiss_index_files(tmp_path):
+    # the planner's per-vector sizes are what faiss actually writes (minus a fixed header)
+    x, _ = clustered(100, 10, 64, seed=7)
+    for bits in (2, 3, 7):
+        index = faiss.index_factory(64, f"RaBitQ{bits}", faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        sizes = []
+        for n in (500, 1000):
+            index.reset()
+            index.add(x[:n])
+            faiss.write_index(index, str(tmp_path / "i.faiss"))
+            sizes.append(os.path.getsize(tmp_path / "i.faiss"))
+        assert (sizes[1] - sizes[0]) / 500 == fi.rabitq_code_bytes(64, bits) == 64 * bits / 8 + 20
 
 
 def test_large_gallery_tiers_follow_budget():
@@ -131,12 +149,15 @@ def test_large_gallery_tiers_follow_budget():
     flat = n * d * 4
     assert fi.choose_factory(n, d, flat * 2, 100_000).factory == "IVF2048,Flat"
     assert fi.choose_factory(n, d, flat // 2, 100_000).factory == "IVF2048,SQ8"
-    assert fi.choose_factory(n, d, n * 1000, 100_000).factory == "IVF2048,SQ4"
-    # 8x smaller than flat: 768 B/vector - 8 B id - 63 B centroids - 8 B codebooks leaves
-    # 8-bit PQ with 512 sub-quantizers (3 dims each, no rotation needed)
+    # 1000 B/vector - 8 B id - 63 B centroids leaves 929 B: RaBitQ4 (788 B)
+    assert fi.choose_factory(n, d, n * 1000, 100_000).factory == "IVF2048,RaBitQ4"
+    # 8x smaller than flat: 768 - 8 - 63 = 697 B: RaBitQ3 (596 B); 7 bits under SQ8's size
     eight = fi.choose_factory(n, d, flat // 8, 100_000)
-    assert eight.factory == "IVF2048,PQ512"
-    assert eight.bytes_per_vector <= flat / n / 8
+    assert eight.factory == "IVF2048,RaBitQ3"
+    assert eight.bytes_per_vector + 2048 * d * 4 / n <= flat / n / 8
+    assert fi.choose_factory(n, d, n * 1480, 100_000).factory == "IVF2048,RaBitQ7"
+    # under 2 bits per dimension (404 B): 8-bit PQ with 256 sub-quantizers (6 dims each) rotated
+    assert fi.choose_factory(n, d, n * 400, 100_000).factory == "OPQ256,IVF2048,PQ256"
     # very tight: fewer sub-quantizers than dim/4 -> OPQ rotation first
     tight = fi.choose_factory(n, d, n * 200, 100_000)
     assert tight.factory == "OPQ96,IVF2048,PQ96"
@@ -145,18 +166,27 @@ def test_large_gallery_tiers_follow_budget():
 
 
 # -- build and search -----------------------------------------------------------------------------
-def test_auto_ivfpq_under_budget_recalls_exact_neighbours(tmp_path, storage):
+@pytest.mark.parametrize(
+    ("bytes_per_vector", "code"),
+    [
+        (28, ",PQ"),  # flat is 256 B/vector: 9x smaller, under 2 bits per dimension
+        (70, ",RaBitQ"),  # 3.7x smaller: RaBitQ5 (60 B) after the id and the centroids
+    ],
+)
+def test_auto_index_under_budget_recalls_exact_neighbours(
+    tmp_path, storage, bytes_per_vector, code
+):
     dim = 64
     # 25k vectors (above the exact-search size) of 2500 identities x 10 images in general
-    # position: PCA cannot shrink them, so a tight budget must go to product quantization
+    # position: PCA cannot shrink them, so a tight budget must go to a compressed code
     x, _ = clustered(2_500, 10, dim, seed=1)
     table = tmp_path / "emb"
     write_embeddings(table, x, n_files=3, error_every=997)
-    budget = len(x) * 28  # flat is 256 B/vector: 9x smaller
+    budget = len(x) * bytes_per_vector
     info = fi.build_index(
         str(table), str(tmp_path / "index"), storage, memory_budget=budget, sample_size=6_000
     )
-    assert info.factory.startswith("IVF") and ",PQ" in info.factory
+    assert info.factory.startswith("IVF") and code in info.factory
     assert info.count == len(x)  # error rows were not indexed
     assert info.bytes_per_vector * info.count <= budget
     # tuned on gallery vectors left out of their own results: their exact top-10 are 9 siblings
