@@ -36,14 +36,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def _pool(p: argparse.ArgumentParser) -> None:
+def _pool(
+    p: argparse.ArgumentParser,
+    batch_help: str = "images per model call (default: per model and device)",
+) -> None:
     g = p.add_argument_group("actor pool (defaults depend on the hardware; see README)")
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        help="images per model call (default: per model and device)",
-    )
+    g.add_argument("--batch-size", type=int, metavar="N", help=batch_help)
     g.add_argument(
         "--actors", type=int, metavar="N", help="model replicas (default: one per GPU, else 1)"
     )
@@ -146,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="GPU autocast"
     )
-    _pool(vid)  # --batch-size here counts windows of 24 frames per model call (default 1)
+    _pool(vid, batch_help="windows (of the model's window_size frames) per model call (default 1)")
     _common(vid)
 
     mat = sub.add_parser(

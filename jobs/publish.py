@@ -18,6 +18,25 @@ import ray
 from operators.storage import Storage, join
 
 
+def report_details(
+    results_uri: str,
+    model_version: str | None,
+    sample_errors: list[tuple[str | None, str]],
+    error_rows: int,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """The lines a job summary prints under its headline: where the results are, ``extra``, the
+    model version and a few of the error rows (with a count of those not shown)."""
+    lines = [f"results: {results_uri}", *extra]
+    if model_version:
+        lines.append(f"model_version: {model_version}")
+    lines += [f"  error {key!r}: {err}" for key, err in sample_errors]
+    if error_rows > len(sample_errors):
+        more = error_rows - len(sample_errors)
+        lines.append(f"  … {more} more error rows (see the results table)")
+    return lines
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.dataset as pads
 import ray
 
-from jobs.publish import new_run_id, write_and_publish, write_run_record
+from jobs.publish import new_run_id, report_details, write_and_publish, write_run_record
 from jobs.runtime import Resources, decide_resources, ensure_ray
 from models import load_transforms, model_entry
 from operators.decode import DEFAULT_MAX_PIXELS
@@ -90,20 +90,14 @@ class JobSummary:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
     def report(self) -> str:
-        lines = [
+        headline = (
             f"{self.task}: {self.rows} rows — {self.ok} ok, {self.error} error — "
-            f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s ({self.resources})",
-            f"results: {self.results_uri}",
-        ]
-        if self.model_version:
-            lines.append(f"model_version: {self.model_version}")
-        for image_id, err in self.sample_errors:
-            lines.append(f"  error {image_id!r}: {err}")
-        if self.error > len(self.sample_errors):
-            lines.append(
-                f"  … {self.error - len(self.sample_errors)} more error rows (see the results table)"
-            )
-        return "\n".join(lines)
+            f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s ({self.resources})"
+        )
+        details = report_details(
+            self.results_uri, self.model_version, self.sample_errors, self.error
+        )
+        return "\n".join([headline, *details])
 
 
 def run_segment(cfg: SegmentConfig) -> JobSummary:

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from jobs.publish import new_run_id, write_and_publish, write_run_record
+from jobs.publish import new_run_id, report_details, write_and_publish, write_run_record
 from jobs.runtime import Resources, decide_resources, ensure_ray
 from operators.storage import Storage, StorageOptions, join, normalize
 from operators.video import (
@@ -86,23 +86,20 @@ class VideoSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
     def report(self) -> str:
-        lines = [
+        headline = (
             f"rvos: {self.videos} videos — {self.videos_ok} ok, {self.videos_error} with errors — "
             f"{self.frames} frames, {self.rows_ok} masks — {self.seconds:.1f} s, "
-            f"{self.frames_per_second:.2f} frames/s ({self.resources})",
-            f"results: {self.results_uri}",
-        ]
-        if self.renders:
-            lines.append(f"renders: {self.renders} under {join(self.out, 'renders')}")
-        if self.model_version:
-            lines.append(f"model_version: {self.model_version}")
-        for video_id, err in self.sample_errors:
-            lines.append(f"  error {video_id!r}: {err}")
-        if self.rows_error > len(self.sample_errors):
-            lines.append(
-                f"  … {self.rows_error - len(self.sample_errors)} more error rows (see the results table)"
-            )
-        return "\n".join(lines)
+            f"{self.frames_per_second:.2f} frames/s ({self.resources})"
+        )
+        renders = (f"renders: {self.renders} under {join(self.out, 'renders')}",)
+        details = report_details(
+            self.results_uri,
+            self.model_version,
+            self.sample_errors,
+            self.rows_error,
+            extra=renders if self.renders else (),
+        )
+        return "\n".join([headline, *details])
 
 
 def run_video(cfg: VideoConfig) -> VideoSummary:

@@ -184,6 +184,13 @@ def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path) -> 
         )
     )
     assert (summary.rows, summary.ok, summary.error) == (len(cases), 7, 8)
+    report = summary.report().splitlines()
+    assert report[0].startswith(f"salient: {len(cases)} rows — 7 ok, 8 error")
+    assert report[1] == f"results: {summary.results_uri}"
+    shown = [line for line in report if line.startswith("  error ")]
+    assert len(shown) == len(summary.sample_errors) and report[-1].endswith(
+        f"{8 - len(shown)} more error rows (see the results table)"
+    )
     _check(storage, out, cases, salient_dir)
     # the escaping id stayed inside masks/
     assert not (tmp_path / "escape").exists()

@@ -196,6 +196,9 @@ def test_video_local_paths(ray_session, tmp_path: Path, rvos_dir, videos, expect
     assert summary.frames == 25 + 43 + 18 and summary.rows_ok == 2 * 25 + 43 + 18
     assert "ride/clip" not in os.listdir(tmp_path / "out" / "frames")  # ids are safe names
     assert summary.renders == 3
+    report = summary.report()
+    assert report.startswith(f"rvos: {len(CASES)} videos — 2 ok, 6 with errors — 86 frames")
+    assert f"renders: 3 under {out}/renders" in report.splitlines()
     render = decord.VideoReader(str(tmp_path / "out" / "renders" / "walk.mp4"))
     assert len(render) == 25 and render[0].shape[1] == SIZE[0]
 
