@@ -397,10 +397,17 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+#: seconds between Ray Data's progress snapshots when stdout is not a terminal
+NON_TTY_PROGRESS_SECONDS = 60
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Off a terminal (cron, CI) Ray Data logs an 11-line progress snapshot instead of drawing bars;
+    # its default of one every 10 s floods the logs of a nightly job. Read at the first execution.
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(NON_TTY_PROGRESS_SECONDS))
     try:
         if args.command == "segment":
             from jobs.segment import run_segment
