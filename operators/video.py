@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -173,11 +174,64 @@ def _cache_root() -> Path:
     return Path(os.environ.get("VBATCH_CACHE", Path.home() / ".cache" / "vbatch")) / "videos"
 
 
+#: default bound of the per-node video cache (``VBATCH_VIDEO_CACHE_GB`` overrides it)
+VIDEO_CACHE_GB = 20.0
+#: a cached video used this recently is never evicted: a task may be between finding it and
+#: opening it (an open file stays readable after an unlink, a path that was just returned does not)
+EVICTION_GRACE_S = 600.0
+
+
+def _cache_limit() -> int:
+    value = os.environ.get("VBATCH_VIDEO_CACHE_GB")
+    try:
+        gb = VIDEO_CACHE_GB if value is None else float(value)
+    except ValueError:
+        raise ValueError(f"VBATCH_VIDEO_CACHE_GB={value!r} is not a number of GB") from None
+    return int(gb * 1e9)
+
+
+def evict_videos(root: Path, max_bytes: int, grace_s: float | None = None) -> list[Path]:
+    """Delete the least recently used cached videos until ``root`` holds at most ``max_bytes``.
+
+    Use time is the file's mtime (:func:`localize_video` touches it on every hit). Files used
+    within ``grace_s`` seconds (default :data:`EVICTION_GRACE_S`) and unfinished downloads (dot files) are kept even when that leaves
+    the cache over its bound for a while. Safe with concurrent tasks: a file another task deleted
+    first is skipped. Returns the files deleted.
+    """
+    entries = []
+    for path in root.iterdir() if root.is_dir() else ():
+        if path.name.startswith("."):
+            continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    deleted: list[Path] = []
+    now = time.time()
+    grace_s = EVICTION_GRACE_S if grace_s is None else grace_s
+    for mtime, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes or now - mtime < grace_s:
+            break
+        try:
+            path.unlink()
+            deleted.append(path)
+        except FileNotFoundError:
+            pass
+        total -= size
+    if deleted:
+        logger.info("video cache %s: evicted %d least recently used file(s)", root, len(deleted))
+    return deleted
+
+
 def localize_video(storage: Storage, uri: str) -> str:
     """A local file with the video at ``uri``: the file itself when local, else a cached download.
 
     The cache key is the URI, size and ETag, so every window of a video on one node reuses one
     download and a changed object is fetched again. Downloads stream to disk (no copy in memory).
+    The cache is bounded (``VBATCH_VIDEO_CACHE_GB``, default 20): after each download the least
+    recently used videos are evicted (:func:`evict_videos`).
     """
     if not is_remote(uri):
         path = normalize(uri)
@@ -193,8 +247,11 @@ def localize_video(storage: Storage, uri: str) -> str:
     stamp = hashlib.sha256(repr((uri, info.get("size"), info.get("ETag"))).encode()).hexdigest()
     root = _cache_root()
     target = root / (stamp[:24] + Path(path).suffix[:8])
-    if target.is_file():
+    try:
+        os.utime(target)  # a hit: mark it recently used
         return str(target)
+    except FileNotFoundError:
+        pass
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{target.name}.{uuid.uuid4().hex[:8]}"
     try:
@@ -202,6 +259,7 @@ def localize_video(storage: Storage, uri: str) -> str:
         os.replace(tmp, target)  # another task may have finished first: same content
     finally:
         tmp.unlink(missing_ok=True)
+    evict_videos(root, _cache_limit())
     return str(target)
 
 
