@@ -226,15 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     add = rsub.add_parser(
         "add", help="add a new day's embeddings to an existing index (no retraining)"
     )
-    add.add_argument("--index", required=True, metavar="URI")
-    add.add_argument("--embeddings", required=True, metavar="URI")
+    add.add_argument(
+        "--index", required=True, metavar="URI", help="index folder written by `reid index`"
+    )
+    add.add_argument(
+        "--embeddings",
+        required=True,
+        metavar="URI",
+        help="the new embeddings (`reid embed` output); image_ids already indexed are skipped",
+    )
     _common(add)
     srch = rsub.add_parser(
         "search",
         help="top-k gallery images for query images",
         description="Embeds the queries with the same model and searches the index.",
     )
-    srch.add_argument("--index", required=True, metavar="URI")
+    srch.add_argument(
+        "--index", required=True, metavar="URI", help="index folder written by `reid index`"
+    )
     q = srch.add_mutually_exclusive_group(required=True)
     q.add_argument("--image", action="append", metavar="URI", help="query image (repeatable)")
     q.add_argument("--manifest", metavar="URI", help="manifest of query images (embedded on Ray)")
