@@ -142,7 +142,9 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
 
     cpu_stage: dict[str, Any] = {
         "batch_format": "pyarrow",
-        "batch_size": None,
+        # a block of a large manifest holds more rows (see operators.manifest): work through it
+        # this many images at a time
+        "batch_size": cfg.rows_per_block,
         "udf_modifying_row_count": False,
     }
     # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
@@ -192,7 +194,8 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     ds = ds.map_batches(
         write_products,  # type: ignore[arg-type]
         fn_kwargs={"transforms": transforms, "options": options, "storage": storage},
-        **cpu_stage,
+        # its blocks are the model's batches already
+        **{**cpu_stage, "batch_size": None},
     )
 
     run_id = new_run_id()

@@ -1,17 +1,26 @@
 """Read a Parquet manifest with Ray Data and tag every row with its manifest order and problems.
 
 The manifest is read by Ray Data through the job's filesystem (S3 or local). Duplicate ids need a
-global view, so the driver gathers only the two key columns (``image_id``, ``uri``), computes the
-per-row errors (``schemas.images.image_row_errors``) and hands them back to small tasks that attach
-them to the blocks, which stay in the object store. The blocks are re-cut into slices of
-``rows_per_block`` so that a manifest written as one big file still spreads over every worker.
+global view, but the ids never travel: a task per block returns a problem code and a 64-bit hash
+per row (9 bytes), the driver finds the hashes that repeat and fetches the exact ids of those rows
+only, then one task per block attaches the row numbers and errors and re-cuts the block into
+slices of ``rows_per_block`` rows, so that a manifest written as one big file still spreads over
+every worker. A large manifest gets larger slices (about ``MAX_BLOCKS`` of them): every slice is
+a Ray object and a task downstream, and their overhead dominated on the driver. A million rows at
+the segment job's 32 rows per block (``bench/bench_manifest.py``, 2 cores): 31,250 slices, 60 s
+and +755 MB of driver memory when the driver gathered the ids and cut every slice in its own task;
+2045 slices of 489 rows, 15 s (most of it Ray Data starting the read) and +32 MB now. The CPU
+stages work through a slice ``rows_per_block`` rows at a time (``map_batches(batch_size=…)``), so
+memory per task stays bounded.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -19,15 +28,22 @@ import ray
 from operators.storage import Storage, normalize, parent
 from schemas.images import (
     INTERNAL_PREFIX,
+    KEY_OK,
     ManifestError,
     check_image_manifest_schema,
-    image_row_errors,
+    duplicate_candidates,
+    first_occurrences,
+    id_hashes,
+    key_error,
+    key_problems,
 )
 
 logger = logging.getLogger(__name__)
 
 ROW = f"{INTERNAL_PREFIX}row"  # int64: position in manifest order
 ERROR = f"{INTERNAL_PREFIX}error"  # string: the row's first problem, null while it is fine
+#: most dataset blocks a manifest is cut into (their size grows beyond ``rows_per_block`` instead)
+MAX_BLOCKS = 2048
 
 
 @dataclass(frozen=True)
@@ -53,19 +69,41 @@ def manifest_files(uri: str, storage: Storage) -> list[str]:
 
 
 @ray.remote
-def _key_columns(block: pa.Table) -> pa.Table:
-    return block.select(["image_id", "uri"])
+def _block_keys(block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(problem code, id hash) per row of a block."""
+    ids = block.column("image_id").combine_chunks()
+    return key_problems(ids, block.column("uri").combine_chunks()), id_hashes(ids)
+
+
+@ray.remote
+def _ids_at(block: pa.Table, rows: np.ndarray) -> list[str]:
+    return block.column("image_id").take(pa.array(rows, pa.int64())).to_pylist()
+
+
+def _slice_starts(rows: int, rows_per_block: int) -> range:
+    return range(0, rows, rows_per_block)
 
 
 @ray.remote
 def _annotate(
-    block: pa.Table, start: int, stop: int, first_row: int, errors: list[str | None]
-) -> pa.Table:
-    part = block.slice(start, stop - start)
-    part = part.append_column(
-        ROW, pa.array(range(first_row, first_row + part.num_rows), pa.int64())
-    )
-    return part.append_column(ERROR, pa.array(errors, pa.string()))
+    block: pa.Table, rows: int, first_row: int, rows_per_block: int, later: dict[int, int]
+) -> pa.Table | tuple[pa.Table, ...]:
+    """The first ``rows`` rows of a block with their manifest row and error, in slices of
+    ``rows_per_block`` (one return value each). ``later``: block row -> first manifest row of its
+    id, for the duplicates."""
+    block = block.slice(0, rows)
+    ids = block.column("image_id").combine_chunks()
+    codes = key_problems(ids, block.column("uri").combine_chunks())
+    errors = [
+        None
+        if code == KEY_OK and i not in later
+        else key_error(first_row + i, int(code), ids[i].as_py(), later.get(i))
+        for i, code in enumerate(codes)
+    ]
+    block = block.append_column(ROW, pa.array(range(first_row, first_row + rows), pa.int64()))
+    block = block.append_column(ERROR, pa.array(errors, pa.string()))
+    parts = tuple(block.slice(s, rows_per_block) for s in _slice_starts(rows, rows_per_block))
+    return parts[0] if len(parts) == 1 else parts
 
 
 def read_image_manifest(
@@ -82,7 +120,8 @@ def read_image_manifest(
         storage: the job's storage.
         output: the model's output kind (its result column names may not appear in the manifest).
         limit: keep only the first ``limit`` rows in manifest order.
-        rows_per_block: rows per dataset block; the unit of parallelism of the CPU stages.
+        rows_per_block: rows per dataset block, the unit of parallelism of the CPU stages (more for
+            a manifest of over ``MAX_BLOCKS * rows_per_block`` rows: see the module docstring).
 
     Returns:
         A dataset with the manifest's columns plus ``_vb_row`` and ``_vb_error``, and facts about it.
@@ -111,27 +150,43 @@ def read_image_manifest(
     finally:
         ctx.execution_options.preserve_order = saved
 
-    keys = ray.get([_key_columns.remote(b) for b in blocks])
-    sizes = [k.num_rows for k in keys]
-    all_keys = pa.concat_tables(keys) if keys else pa.table({"image_id": [], "uri": []})
-    total = all_keys.num_rows if limit is None else min(limit, all_keys.num_rows)
-    errors = image_row_errors(
-        all_keys.column("image_id").to_pylist()[:total], all_keys.column("uri").to_pylist()[:total]
+    keys = ray.get([_block_keys.remote(b) for b in blocks])
+    sizes = [len(codes) for codes, _ in keys]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    total = int(starts[-1]) if limit is None else min(limit, int(starts[-1]))
+    codes = np.concatenate([c for c, _ in keys] or [np.empty(0, np.uint8)])[:total]
+    hashes = np.concatenate([h for _, h in keys] or [np.empty(0, np.uint64)])[:total]
+    del keys
+    # exact ids of the rows whose hashes repeat, fetched from their blocks
+    candidates = duplicate_candidates(hashes, codes)
+    owner = np.searchsorted(starts, candidates, side="right") - 1  # ascending, as candidates
+    owners, first_of = np.unique(owner, return_index=True)
+    fetch = dict(zip(owners.tolist(), np.split(candidates, first_of[1:]), strict=True))
+    fetched = ray.get([_ids_at.remote(blocks[b], rows - starts[b]) for b, rows in fetch.items()])
+    later = first_occurrences(
+        np.concatenate(list(fetch.values()) or [np.empty(0, np.int64)]),
+        [image_id for ids in fetched for image_id in ids],
     )
 
-    refs = []
-    offset = 0
-    for block, size in zip(blocks, sizes, strict=True):
-        for start in range(0, size, rows_per_block):
-            stop = min(size, start + rows_per_block)
-            first = offset + start
-            if first >= total:
-                break
-            stop = min(stop, start + total - first)
-            refs.append(
-                _annotate.remote(block, start, stop, first, errors[first : first + stop - start])
-            )
-        offset += size
+    per_block: dict[int, dict[int, int]] = {}
+    for (row, first_row), b in zip(
+        later.items(), np.searchsorted(starts, list(later), side="right") - 1, strict=True
+    ):
+        per_block.setdefault(int(b), {})[row - int(starts[b])] = first_row
+
+    rows_per_block = max(rows_per_block, -(-total // MAX_BLOCKS))
+    refs: list[Any] = []
+    for b, block in enumerate(blocks):
+        first, rows = int(starts[b]), min(sizes[b], total - int(starts[b]))
+        if first >= total:
+            break
+        if rows == 0:  # an empty file or row group
+            continue
+        n_parts = len(_slice_starts(rows, rows_per_block))
+        out: Any = _annotate.options(num_returns=n_parts).remote(
+            block, rows, first, rows_per_block, per_block.get(b, {})
+        )
+        refs.extend(out if n_parts > 1 else [out])
     info = ManifestInfo(
         uri=normalize(uri) if len(files) > 1 or files[0] != normalize(uri) else files[0],
         files=tuple(files),
@@ -139,7 +194,7 @@ def read_image_manifest(
         if len(files) == 1 and files[0] == normalize(uri)
         else normalize(uri),
         num_rows=total,
-        num_bad_rows=sum(e is not None for e in errors),
+        num_bad_rows=int(np.count_nonzero(codes)) + sum(codes[r] == KEY_OK for r in later),
         passthrough=passthrough if passthrough is not None else pa.schema([]),
     )
     if not refs:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 IMAGE_MANIFEST = pa.schema(
     [
@@ -116,37 +119,100 @@ def check_image_manifest_schema(schema: pa.Schema, source: str, output: str) -> 
     return pa.schema([f for f in schema if f.name not in {"image_id", "uri"}])
 
 
+# -- row problems -----------------------------------------------------------------------------------
+# Found in two halves so that a manifest of millions of rows never gathers its ids on one machine:
+# the problems of a row on its own (key_problems, per block, on the workers) and duplicate ids (a
+# 64-bit hash per row gathered, then the exact ids of the few rows whose hashes repeat).
+KEY_OK, ID_NULL, ID_EMPTY, URI_EMPTY = 0, 1, 2, 3
+
+
+def key_problems(image_ids: pa.Array, uris: pa.Array) -> np.ndarray:
+    """A ``uint8`` code per row: ``ID_NULL``, ``ID_EMPTY`` (only whitespace), ``URI_EMPTY`` (null or
+    only whitespace) or ``KEY_OK``."""
+    ids = pa.array(image_ids, pa.string())
+    us = pa.array(uris, pa.string())
+
+    def blank(a: pa.Array) -> np.ndarray:
+        trimmed = pc.utf8_trim_whitespace(a.fill_null(""))
+        return pc.equal(pc.utf8_length(trimmed), 0).to_numpy(zero_copy_only=False)
+
+    codes = np.full(len(ids), KEY_OK, np.uint8)
+    codes[blank(us)] = URI_EMPTY
+    codes[blank(ids)] = ID_EMPTY
+    codes[ids.is_null().to_numpy(zero_copy_only=False)] = ID_NULL
+    return codes
+
+
+def id_hashes(image_ids: pa.Array) -> np.ndarray:
+    """A ``uint64`` hash per id (pandas' SipHash with its fixed key: the same on every worker)."""
+    values = pa.array(image_ids, pa.string()).fill_null("").to_numpy(zero_copy_only=False)
+    return pd.util.hash_array(values, categorize=False)
+
+
+def duplicate_candidates(hashes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Rows (ascending) with a usable id whose hash another such row shares: every duplicate id is
+    among them, plus any hash collisions, which :func:`first_occurrences` tells apart."""
+    usable = np.flatnonzero((codes != ID_NULL) & (codes != ID_EMPTY))
+    h = hashes[usable]
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    repeated = np.zeros(len(hs), dtype=bool)
+    same = hs[1:] == hs[:-1]
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    return np.sort(usable[order[repeated]])
+
+
+def first_occurrences(rows: np.ndarray, image_ids: Sequence[str]) -> dict[int, int]:
+    """``{row: first row with the same id}`` for every later occurrence among ``rows``
+    (ascending, with their ids)."""
+    first: dict[str, int] = {}
+    later: dict[int, int] = {}
+    for row, image_id in zip(rows.tolist(), image_ids, strict=True):
+        if image_id in first:
+            later[row] = first[image_id]
+        else:
+            first[image_id] = row
+    return later
+
+
+def key_error(row: int, code: int, image_id: str | None, first: int | None) -> str | None:
+    """The message of manifest row ``row`` (``first``: the earlier row with its id, if any)."""
+    if code == ID_NULL:
+        return f"manifest row {row}: image_id is null"
+    if code == ID_EMPTY:
+        return f"manifest row {row}: image_id is empty"
+    if first is not None:
+        return (
+            f"manifest row {row}: duplicate image_id {image_id!r} (first at row {first}, "
+            "which is processed)"
+        )
+    if code == URI_EMPTY:
+        return f"manifest row {row}: uri is empty"
+    return None
+
+
 def image_row_errors(
     image_ids: Sequence[str | None], uris: Sequence[str | None]
 ) -> list[str | None]:
-    """Per-row problems of a manifest, in manifest order; ``None`` for a good row.
+    """Per-row problems of a manifest held in one place, in manifest order; ``None`` for a good row.
 
     Args:
         image_ids, uris: the two required columns of the whole manifest, in manifest order.
 
     Returns:
         One message or ``None`` per row. For a duplicate id the first occurrence is good and every
-        later one is an error naming the first row.
+        later one is an error naming the first row (a duplicate with an empty uri is reported as
+        a duplicate).
     """
-    first: dict[str, int] = {}
-    errors: list[str | None] = []
-    for row, (image_id, uri) in enumerate(zip(image_ids, uris, strict=True)):
-        if image_id is None:
-            errors.append(f"manifest row {row}: image_id is null")
-        elif not image_id.strip():
-            errors.append(f"manifest row {row}: image_id is empty")
-        elif image_id in first:
-            errors.append(
-                f"manifest row {row}: duplicate image_id {image_id!r} (first at row {first[image_id]}, "
-                "which is processed)"
-            )
-        elif uri is None or not uri.strip():
-            first[image_id] = row
-            errors.append(f"manifest row {row}: uri is empty")
-        else:
-            first[image_id] = row
-            errors.append(None)
-    return errors
+    ids = pa.array(image_ids, pa.string())
+    codes = key_problems(ids, pa.array(uris, pa.string()))
+    candidates = duplicate_candidates(id_hashes(ids), codes)
+    later = first_occurrences(candidates, ids.take(pa.array(candidates, pa.int64())).to_pylist())
+    values = ids.to_pylist()
+    return [
+        key_error(row, int(code), values[row], later.get(row)) for row, code in enumerate(codes)
+    ]
 
 
 def validate_image_results(table: pa.Table, output: str, embedding_dim: int | None = None) -> None:

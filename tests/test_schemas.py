@@ -90,3 +90,42 @@ def test_safe_name_is_injective_on_tricky_ids() -> None:
     ids = ["a/b", "a%2Fb", "a_b", "A/b", ".a", "%2Ea"]
     assert len({safe_name(i) for i in ids}) == len(ids)
     assert safe_name("img_001.v2") == "img_001.v2"
+
+
+def _row_errors_spec(ids, uris):
+    """The rules in their plainest form, row by row with a dict of the ids seen."""
+    first: dict = {}
+    out = []
+    for row, (image_id, uri) in enumerate(zip(ids, uris, strict=True)):
+        if image_id is None:
+            out.append(f"manifest row {row}: image_id is null")
+        elif not image_id.strip():
+            out.append(f"manifest row {row}: image_id is empty")
+        elif image_id in first:
+            out.append(
+                f"manifest row {row}: duplicate image_id {image_id!r} (first at row "
+                f"{first[image_id]}, which is processed)"
+            )
+        else:
+            first[image_id] = row
+            out.append(None if uri and uri.strip() else f"manifest row {row}: uri is empty")
+    return out
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_row_errors_match_the_rules_even_when_hashes_collide(monkeypatch, collide) -> None:
+    import numpy as np
+
+    import schemas.images as images
+
+    rng = np.random.default_rng(0)
+    pool = [f"id{i}" for i in range(40)] + [None, "", " ", "\t"]
+    ids = [pool[i] for i in rng.integers(0, len(pool), 500)]
+    uris = [["u", "", None, " x "][i] for i in rng.integers(0, 4, 500)]
+    if collide:  # every id of the same length hashes alike: the exact check must tell them apart
+        monkeypatch.setattr(
+            images,
+            "id_hashes",
+            lambda a: np.array([len(v or "") for v in a.to_pylist()], dtype=np.uint64),
+        )
+    assert image_row_errors(ids, uris) == _row_errors_spec(ids, uris)

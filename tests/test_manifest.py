@@ -1,0 +1,70 @@
+"""Reading an image manifest on Ray: every row once, in manifest order, with the same errors as the
+single-table rules (``schemas.images.image_row_errors``), however the manifest is cut into blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators import manifest as manifest_mod
+from operators.manifest import ERROR, ROW, read_image_manifest
+from operators.storage import Storage
+from schemas.images import image_row_errors
+
+
+def _write_manifest(folder: Path, n: int, seed: int = 0) -> tuple[list, list]:
+    """``n`` rows over three files and an empty one: good rows, duplicates within and across files, null and blank
+    ids, empty uris, a duplicate with an empty uri. Returns (ids, uris) in manifest order."""
+    rng = np.random.default_rng(seed)
+    ids: list[str | None] = [f"img-{i:05d}" for i in range(n)]
+    uris: list[str | None] = [f"imgs/{i}.jpg" for i in range(n)]
+    for i in rng.choice(n, n // 10, replace=False):
+        ids[i] = ids[int(rng.integers(0, n))]  # a duplicate of any row, earlier or later
+    ids[3], ids[7], ids[11] = None, "  ", ""
+    uris[5], uris[9] = "", None
+    ids[n - 1], uris[n - 1] = ids[0], " "  # a later duplicate that also has an empty uri
+    folder.mkdir(parents=True)
+    for f, part in enumerate(np.array_split(np.arange(n), 3)):
+        table = pa.table(
+            {
+                "image_id": pa.array([ids[i] for i in part], pa.string()),
+                "uri": pa.array([uris[i] for i in part], pa.string()),
+                "shelf": pa.array(part, pa.int64()),
+            }
+        )
+        pq.write_table(table, folder / f"part-{f}.parquet", row_group_size=50)
+    pq.write_table(table.slice(0, 0), folder / "part-0-empty.parquet")  # read between 0 and 1
+    return ids, uris
+
+
+@pytest.mark.parametrize(("max_blocks", "rows_per_block"), [(2048, 16), (5, 4)])
+def test_every_row_once_with_the_single_table_errors(
+    ray_session, tmp_path, monkeypatch, max_blocks, rows_per_block
+) -> None:
+    ids, uris = _write_manifest(tmp_path / "m", 400)
+    monkeypatch.setattr(manifest_mod, "MAX_BLOCKS", max_blocks)
+    ds, info = read_image_manifest(str(tmp_path / "m"), Storage(), "mask", None, rows_per_block)
+    expected = image_row_errors(ids, uris)
+    assert ds.num_blocks() <= max_blocks + 3  # + one remainder per source file at most
+    if max_blocks == 5:  # 400 rows in at most 5 blocks: larger than rows_per_block
+        assert ds.num_blocks() >= 3
+    table = pa.concat_tables(ray_session.get(ds.to_arrow_refs())).sort_by(ROW)
+    assert table.column(ROW).to_pylist() == list(range(400))
+    assert table.column("image_id").to_pylist() == ids
+    assert table.column("shelf").to_pylist() == list(range(400))
+    assert table.column(ERROR).to_pylist() == expected
+    assert info.num_rows == 400 and info.num_bad_rows == sum(e is not None for e in expected)
+    assert "duplicate image_id 'img-00000' (first at row 0" in expected[399]
+
+
+def test_limit_counts_duplicates_within_the_first_rows_only(ray_session, tmp_path) -> None:
+    ids, uris = _write_manifest(tmp_path / "m", 300, seed=1)
+    ds, info = read_image_manifest(str(tmp_path / "m"), Storage(), "mask", limit=120)
+    table = pa.concat_tables(ray_session.get(ds.to_arrow_refs())).sort_by(ROW)
+    assert table.column(ROW).to_pylist() == list(range(120))
+    assert table.column(ERROR).to_pylist() == image_row_errors(ids[:120], uris[:120])
+    assert info.num_rows == 120
