@@ -161,7 +161,8 @@ def read_image_manifest(
     candidates = duplicate_candidates(hashes, codes)
     owner = np.searchsorted(starts, candidates, side="right") - 1  # ascending, as candidates
     owners, first_of = np.unique(owner, return_index=True)
-    fetch = dict(zip(owners.tolist(), np.split(candidates, first_of[1:]), strict=True))
+    groups = np.split(candidates, first_of[1:]) if len(candidates) else []
+    fetch = dict(zip(owners.tolist(), groups, strict=True))
     fetched = ray.get([_ids_at.remote(blocks[b], rows - starts[b]) for b, rows in fetch.items()])
     later = first_occurrences(
         np.concatenate(list(fetch.values()) or [np.empty(0, np.int64)]),

@@ -61,6 +61,15 @@ def test_every_row_once_with_the_single_table_errors(
     assert "duplicate image_id 'img-00000' (first at row 0" in expected[399]
 
 
+def test_manifest_without_any_problem(ray_session, tmp_path) -> None:
+    ids = [f"img-{i}" for i in range(50)]
+    pq.write_table(pa.table({"image_id": ids, "uri": ["a.jpg"] * 50}), tmp_path / "m.parquet")
+    ds, info = read_image_manifest(str(tmp_path / "m.parquet"), Storage(), "mask")
+    table = pa.concat_tables(ray_session.get(ds.to_arrow_refs())).sort_by(ROW)
+    assert table.column("image_id").to_pylist() == ids
+    assert table.column(ERROR).null_count == 50 and info.num_bad_rows == 0
+
+
 def test_limit_counts_duplicates_within_the_first_rows_only(ray_session, tmp_path) -> None:
     ids, uris = _write_manifest(tmp_path / "m", 300, seed=1)
     ds, info = read_image_manifest(str(tmp_path / "m"), Storage(), "mask", limit=120)
