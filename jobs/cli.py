@@ -300,24 +300,19 @@ def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.S
         for k in ("max_pixels", "max_side", "background", "precision")
         if hasattr(args, k)
     }
-    return SegmentConfig(
-        task=task,
-        manifest=args.manifest,
-        model_dir=args.model_dir,
-        out=args.out,
-        batch_size=args.batch_size,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        threads_per_actor=args.threads_per_actor,
-        limit=args.limit,
-        s3_endpoint=args.s3_endpoint,
-        address=args.address,
-        **extra,
-    )
+    return SegmentConfig(task=task, **_job_arguments(args), **extra)
+
+
+def _job_arguments(args: argparse.Namespace) -> dict:
+    """The arguments every manifest → model → outputs job shares (segment, reid embed, video)."""
+    names = ("manifest", "model_dir", "out", "limit", "s3_endpoint", "address")
+    pool = ("batch_size", "actors", "gpus_per_actor", "threads_per_actor")
+    return {k: getattr(args, k) for k in names + pool}
 
 
 def _reid(args: argparse.Namespace) -> int:
     from jobs import reid
+    from jobs.publish import read_table
     from operators.storage import Storage, StorageOptions
 
     storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
@@ -345,9 +340,7 @@ def _reid(args: argparse.Namespace) -> int:
 
         index = GalleryIndex.open(args.index, storage)
         if args.embeddings:
-            ids, vectors = reid.query_embeddings_from_table(
-                reid.read_table(args.embeddings, storage)
-            )
+            ids, vectors = reid.query_embeddings_from_table(read_table(args.embeddings, storage))
         else:
             if not args.model_dir:
                 raise ValueError("--model-dir is needed to embed query images")
@@ -367,7 +360,7 @@ def _reid(args: argparse.Namespace) -> int:
                         address=args.address,
                     )
                 )
-                ids, vectors = reid.query_embeddings_from_table(reid.read_table(tmp, storage))
+                ids, vectors = reid.query_embeddings_from_table(read_table(tmp, storage))
             else:
                 ids, vectors = (
                     list(args.image),
@@ -383,7 +376,7 @@ def _reid(args: argparse.Namespace) -> int:
 
         cols = ["status", "embedding", "person_id", "camera_id"]
         result = evaluate(
-            reid.read_table(args.query, storage, cols), reid.read_table(args.gallery, storage, cols)
+            read_table(args.query, storage, cols), read_table(args.gallery, storage, cols)
         )
         print(
             f"queries: {result['num_valid_query']} evaluated of {result['num_query']}\n"
@@ -430,18 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 run_video(
                     VideoConfig(
-                        args.manifest,
-                        args.model_dir,
-                        args.out,
-                        batch_size=args.batch_size,
-                        actors=args.actors,
-                        gpus_per_actor=args.gpus_per_actor,
-                        threads_per_actor=args.threads_per_actor,
-                        limit=args.limit,
-                        render=args.render,
-                        s3_endpoint=args.s3_endpoint,
-                        address=args.address,
-                        precision=args.precision,
+                        render=args.render, precision=args.precision, **_job_arguments(args)
                     )
                 ).report()
             )

@@ -7,7 +7,6 @@ accounting and the outputs work — not what a trained model would see.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -96,7 +95,8 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     _say(f"[matting] a small generated ONNX graph with the real one's inputs and outputs: {m}")
     _segment("matting", m, data, out, address, background="#2a6fdb")
 
-    from jobs.reid import query_embeddings_from_table, read_table, run_embed, search_table
+    from jobs.publish import read_table
+    from jobs.reid import query_embeddings_from_table, run_embed, search_table
     from operators.faiss_index import GalleryIndex, build_index
 
     people = _people(out / "people", 16)
@@ -117,9 +117,8 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     hits = search_table(
         GalleryIndex.open(str(out / "reid" / "index"), storage), ids[:2], vectors[:2], k=3
     )
-    buf = io.StringIO()
-    buf.write(hits.to_pandas().to_string(index=False))
-    _say("search (first two crops as queries, top 3):", buf.getvalue(), "")
+    table = hits.to_pandas().to_string(index=False)
+    _say("search (first two crops as queries, top 3):", table, "")
 
     from jobs.demo_data import write_demo_clip
     from jobs.video import VideoConfig, run_video

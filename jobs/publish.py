@@ -13,9 +13,23 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.dataset as pads
 import ray
 
 from operators.storage import Storage, join
+
+
+def read_table(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """All Parquet files under ``uri`` (a job's ``--out``, its ``results/``, or one file), staged
+    writes left out."""
+    files = [f for f in storage.list_files(uri, suffix=".parquet") if "/.staging/" not in f]
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {uri}")
+    fs, _ = storage.arrow_fs(files[0])
+    return pads.dataset(
+        [storage.arrow_fs(f)[1] for f in files], filesystem=fs, format="parquet"
+    ).to_table(columns=columns)
 
 
 def report_details(

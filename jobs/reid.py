@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from jobs.segment import JobSummary, SegmentConfig, run_segment
 from models import load_model
@@ -30,17 +29,6 @@ def run_embed(cfg: SegmentConfig) -> JobSummary:
     """Embeddings for every row of an image manifest (``cfg.task`` is forced to ``reid``)."""
     cfg.task = "reid"
     return run_segment(cfg)
-
-
-def read_table(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
-    """All Parquet files under ``uri`` (a job's ``--out``, its ``results/``, or one file)."""
-    files = [f for f in storage.list_files(uri, suffix=".parquet") if "/.staging/" not in f]
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {uri}")
-    fs, _ = storage.arrow_fs(files[0])
-    return pads.dataset(
-        [storage.arrow_fs(f)[1] for f in files], filesystem=fs, format="parquet"
-    ).to_table(columns=columns)
 
 
 @dataclass

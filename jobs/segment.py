@@ -18,10 +18,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.dataset as pads
 import ray
 
-from jobs.publish import new_run_id, report_details, write_and_publish, write_run_record
+from jobs.publish import (
+    new_run_id,
+    read_table,
+    report_details,
+    write_and_publish,
+    write_run_record,
+)
 from jobs.runtime import Resources, decide_resources, ensure_ray
 from models import load_transforms, model_entry
 from operators.decode import DEFAULT_MAX_PIXELS
@@ -212,10 +217,7 @@ def summarize(
     storage: Storage, results: str, task: str, expected_rows: int, seconds: float, res: Resources
 ) -> JobSummary:
     """Read the written results back and check the accounting: one row per manifest row."""
-    fs, path = storage.arrow_fs(results)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
-        columns=["image_id", "status", "error", "model_version"]
-    )
+    table = read_table(results, storage, ["image_id", "status", "error", "model_version"])
     status = table.column("status").to_pylist()
     ok = sum(s == "ok" for s in status)
     if table.num_rows != expected_rows:

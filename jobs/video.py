@@ -22,10 +22,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray
 
-from jobs.publish import new_run_id, report_details, write_and_publish, write_run_record
+from jobs.publish import (
+    new_run_id,
+    read_table,
+    report_details,
+    write_and_publish,
+    write_run_record,
+)
 from jobs.runtime import Resources, decide_resources, ensure_ray
 from operators.storage import Storage, StorageOptions, join, normalize
 from operators.video import (
@@ -175,16 +180,11 @@ def run_video(cfg: VideoConfig) -> VideoSummary:
     run_id = new_run_id()
     results = write_and_publish(ds, out, storage, run_id)
 
-    table = read_results(storage, results)
+    table = read_table(results, storage)
     renders = render_all(table, out, storage) if cfg.render else 0
     summary = summarize(table, info.num_rows, results, time.perf_counter() - started, res, renders)
     write_run_record(out, storage, run_id, cfg, summary, info.files)
     return summary
-
-
-def read_results(storage: Storage, results: str) -> pa.Table:
-    fs, path = storage.arrow_fs(results)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
 def summarize(

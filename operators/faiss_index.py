@@ -1100,6 +1100,8 @@ class GalleryIndex:
         self.index = index
         self.image_ids = image_ids
         self.info = info
+        # built once: searches with the manifest's nprobe (the common case) reuse it
+        self._params = _search_params(index, info.nprobe)
 
     @classmethod
     def open(cls, uri: str, storage: Storage) -> GalleryIndex:
@@ -1136,7 +1138,7 @@ class GalleryIndex:
         if x.ndim != 2 or x.shape[1] != self.info.dim:
             raise ValueError(f"queries must be (Q, {self.info.dim}), got {np.shape(embeddings)}")
         faiss.normalize_L2(x)
-        params = _search_params(self.index, nprobe or self.info.nprobe)
+        params = self._params if nprobe is None else _search_params(self.index, nprobe)
         scores, rows = self.index.search(x, k, params=params)
         if self.info.metric == "l2":  # squared distance of unit vectors: |x - y|^2 = 2 - 2 cos
             scores = np.where(rows >= 0, 1.0 - scores / 2.0, -np.inf).astype(np.float32)

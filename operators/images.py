@@ -16,7 +16,7 @@ from models.base import Transforms
 from operators.columns import encode_array, set_column
 from operators.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from operators.manifest import ERROR
-from operators.storage import Storage, resolve
+from operators.storage import Storage, describe_read_error, resolve
 from schemas.images import INTERNAL_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -28,14 +28,8 @@ INPUT = f"{INTERNAL_PREFIX}input"  # large_binary: one preprocessed network inpu
 def _fetch_one(storage: Storage, uri: str) -> tuple[bytes | None, str | None]:
     try:
         return storage.read_bytes(uri), None
-    except FileNotFoundError:
-        return None, f"object not found: {uri}"
-    except IsADirectoryError:
-        return None, f"is a folder, not a file: {uri}"
-    except PermissionError as e:
-        return None, f"access denied reading {uri}: {e}"
-    except Exception as e:  # network errors, bad bucket names, …: the row fails, the job goes on
-        return None, f"cannot read {uri}: {type(e).__name__}: {e}"
+    except Exception as e:  # missing, network errors, bad bucket names…: the row fails, not the job
+        return None, describe_read_error(e, uri)
 
 
 def fetch_bytes(

@@ -68,6 +68,15 @@ def manifest_files(uri: str, storage: Storage) -> list[str]:
     return files
 
 
+def read_manifest_schema(file_uri: str, storage: Storage) -> pa.Schema:
+    """The Arrow schema of one manifest file (``ManifestError`` if it is not readable Parquet)."""
+    fs, path = storage.arrow_fs(file_uri)
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except Exception as e:
+        raise ManifestError(f"manifest {file_uri}: not a readable Parquet file: {e}") from e
+
+
 @ray.remote
 def _block_keys(block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(problem code, id hash) per row of a block."""
@@ -86,14 +95,18 @@ def _slice_starts(rows: int, rows_per_block: int) -> range:
 
 @ray.remote
 def _annotate(
-    block: pa.Table, rows: int, first_row: int, rows_per_block: int, later: dict[int, int]
+    block: pa.Table,
+    first_row: int,
+    rows_per_block: int,
+    codes: np.ndarray,
+    later: dict[int, int],
 ) -> pa.Table | tuple[pa.Table, ...]:
-    """The first ``rows`` rows of a block with their manifest row and error, in slices of
-    ``rows_per_block`` (one return value each). ``later``: block row -> first manifest row of its
-    id, for the duplicates."""
+    """The first ``len(codes)`` rows of a block with their manifest row and error, in slices of
+    ``rows_per_block`` (one return value each). ``codes``: the rows' problem codes; ``later``:
+    block row -> first manifest row of its id, for the duplicates."""
+    rows = len(codes)
     block = block.slice(0, rows)
-    ids = block.column("image_id").combine_chunks()
-    codes = key_problems(ids, block.column("uri").combine_chunks())
+    ids = block.column("image_id")
     errors = [
         None
         if code == KEY_OK and i not in later
@@ -133,12 +146,7 @@ def read_image_manifest(
     fs, _ = storage.arrow_fs(files[0])
     passthrough = None
     for f in files:  # every file must have the required columns; the message names the file
-        _, path = storage.arrow_fs(f)
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except Exception as e:
-            raise ManifestError(f"manifest {f}: not a readable Parquet file: {e}") from e
-        this = check_image_manifest_schema(schema, f, output)
+        this = check_image_manifest_schema(read_manifest_schema(f, storage), f, output)
         passthrough = passthrough or this
 
     paths = [storage.arrow_fs(f)[1] for f in files]
@@ -185,7 +193,7 @@ def read_image_manifest(
             continue
         n_parts = len(_slice_starts(rows, rows_per_block))
         out: Any = _annotate.options(num_returns=n_parts).remote(
-            block, rows, first, rows_per_block, per_block.get(b, {})
+            block, first, rows_per_block, codes[first : first + rows], per_block.get(b, {})
         )
         refs.extend(out if n_parts > 1 else [out])
     info = ManifestInfo(

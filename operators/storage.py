@@ -108,6 +108,19 @@ def resolve(uri: str, base: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
+def describe_read_error(e: BaseException, uri: str, what: str = "") -> str:
+    """The error message of a row whose object at ``uri`` could not be read (``what``: e.g.
+    ``"video "`` for "cannot read video …")."""
+    if isinstance(e, FileNotFoundError):
+        return f"object not found: {uri}"
+    if isinstance(e, IsADirectoryError):
+        return f"is a folder, not a file: {uri}"
+    if isinstance(e, PermissionError):
+        return f"access denied reading {uri}: {e}"
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    return f"cannot read {what}{uri}: {type(e).__name__}: {first_line}"
+
+
 def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
     import s3fs  # imported lazily: local-only runs never need boto
 

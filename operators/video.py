@@ -52,9 +52,18 @@ from models.rvos.postprocess import frame_masks, select_trajectory
 from models.rvos.transforms import preprocess_frames
 from operators.columns import decode_array, encode_array, set_column
 from operators.inference import load_actor_model
-from operators.manifest import ERROR, ROW, manifest_files
+from operators.manifest import ERROR, ROW, manifest_files, read_manifest_schema
 from operators.outputs import encode_png, safe_name
-from operators.storage import Storage, StorageOptions, is_remote, join, normalize, parent, resolve
+from operators.storage import (
+    Storage,
+    StorageOptions,
+    describe_read_error,
+    is_remote,
+    join,
+    normalize,
+    parent,
+    resolve,
+)
 from schemas.images import STATUS_ERROR, STATUS_OK
 from schemas.videos import (
     INTERNAL_PREFIX,
@@ -119,12 +128,9 @@ def read_video_manifest(
     files = manifest_files(uri, storage)
     tables = []
     for f in files:
-        fs, path = storage.arrow_fs(f)
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except Exception as e:
-            raise ManifestError(f"manifest {f}: not a readable Parquet file: {e}") from e
+        schema = read_manifest_schema(f, storage)
         check_video_manifest_schema(schema, f)
+        fs, path = storage.arrow_fs(f)
         columns = [c for c in _KEY_COLUMNS if c in schema.names]
         table = pq.read_table(path, filesystem=fs, columns=columns)
         tables.append(
@@ -298,15 +304,7 @@ def frame_range(times: np.ndarray, start_s: float | None, end_s: float | None) -
 
 
 def _describe(e: BaseException, uri: str) -> str:
-    if isinstance(e, FileNotFoundError):
-        return f"object not found: {uri}"
-    if isinstance(e, IsADirectoryError):
-        return f"is a folder, not a file: {uri}"
-    if isinstance(e, PermissionError):
-        return f"access denied reading {uri}: {e}"
-    return (
-        f"cannot read video {uri}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    )
+    return describe_read_error(e, uri, what="video ")
 
 
 # -- stage 1: plan ----------------------------------------------------------------------------------

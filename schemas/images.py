@@ -89,6 +89,27 @@ def reserved_names(output: str) -> set[str]:
     return {f.name for f in COMMON_RESULT_FIELDS + OUTPUT_FIELDS.get(output, [])} | extra
 
 
+def is_string(typ: pa.DataType) -> bool:
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ)
+
+
+def require_columns(
+    schema: pa.Schema, source: str, names: Sequence[str], strings: Sequence[str] = ()
+) -> None:
+    """``ManifestError`` (naming the file and the column) unless every one of ``names`` is present
+    and every one of ``strings`` is a string column."""
+    for name in names:
+        if name not in schema.names:
+            raise ManifestError(
+                f"manifest {source}: missing required column {name!r} "
+                f"(found: {', '.join(schema.names) or 'no columns'})"
+            )
+    for name in strings:
+        typ = schema.field(name).type
+        if not is_string(typ):
+            raise ManifestError(f"manifest {source}: column {name!r} must be string, found {typ}")
+
+
 def check_image_manifest_schema(schema: pa.Schema, source: str, output: str) -> pa.Schema:
     """Fail fast on a manifest that cannot be used; return the passthrough columns' schema.
 
@@ -98,17 +119,7 @@ def check_image_manifest_schema(schema: pa.Schema, source: str, output: str) -> 
         output: the model's output kind, whose result columns a manifest may not reuse.
     """
     names = set(schema.names)
-    for field in IMAGE_MANIFEST:
-        if field.name not in names:
-            raise ManifestError(
-                f"manifest {source}: missing required column {field.name!r} "
-                f"(found: {', '.join(schema.names) or 'no columns'})"
-            )
-        typ = schema.field(field.name).type
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-            raise ManifestError(
-                f"manifest {source}: column {field.name!r} must be string, found {typ}"
-            )
+    require_columns(schema, source, IMAGE_MANIFEST.names, strings=IMAGE_MANIFEST.names)
     clash = sorted((names - {"image_id", "uri"}) & reserved_names(output))
     internal = sorted(n for n in names if n.startswith(INTERNAL_PREFIX))
     if clash or internal:
@@ -176,15 +187,18 @@ def first_occurrences(rows: np.ndarray, image_ids: Sequence[str]) -> dict[int, i
     return later
 
 
-def key_error(row: int, code: int, image_id: str | None, first: int | None) -> str | None:
-    """The message of manifest row ``row`` (``first``: the earlier row with its id, if any)."""
+def key_error(
+    row: int, code: int, image_id: str | None, first: int | None, id_name: str = "image_id"
+) -> str | None:
+    """The message of manifest row ``row`` (``first``: the earlier row with its id, if any;
+    ``id_name``: the id column, ``video_id`` in a video manifest)."""
     if code == ID_NULL:
-        return f"manifest row {row}: image_id is null"
+        return f"manifest row {row}: {id_name} is null"
     if code == ID_EMPTY:
-        return f"manifest row {row}: image_id is empty"
+        return f"manifest row {row}: {id_name} is empty"
     if first is not None:
         return (
-            f"manifest row {row}: duplicate image_id {image_id!r} (first at row {first}, "
+            f"manifest row {row}: duplicate {id_name} {image_id!r} (first at row {first}, "
             "which is processed)"
         )
     if code == URI_EMPTY:
@@ -193,7 +207,7 @@ def key_error(row: int, code: int, image_id: str | None, first: int | None) -> s
 
 
 def image_row_errors(
-    image_ids: Sequence[str | None], uris: Sequence[str | None]
+    image_ids: Sequence[str | None], uris: Sequence[str | None], id_name: str = "image_id"
 ) -> list[str | None]:
     """Per-row problems of a manifest held in one place, in manifest order; ``None`` for a good row.
 
@@ -211,7 +225,8 @@ def image_row_errors(
     later = first_occurrences(candidates, ids.take(pa.array(candidates, pa.int64())).to_pylist())
     values = ids.to_pylist()
     return [
-        key_error(row, int(code), values[row], later.get(row)) for row, code in enumerate(codes)
+        key_error(row, int(code), values[row], later.get(row), id_name)
+        for row, code in enumerate(codes)
     ]
 
 

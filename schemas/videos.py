@@ -24,7 +24,15 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from schemas.images import INTERNAL_PREFIX, STATUS_ERROR, STATUS_OK, ManifestError
+from schemas.images import (
+    INTERNAL_PREFIX,
+    STATUS_ERROR,
+    STATUS_OK,
+    ManifestError,
+    image_row_errors,
+    is_string,
+    require_columns,
+)
 
 __all__ = [
     "INTERNAL_PREFIX",
@@ -66,10 +74,6 @@ VIDEO_RESULTS = pa.schema(
 )
 
 
-def _is_string(typ: pa.DataType) -> bool:
-    return pa.types.is_string(typ) or pa.types.is_large_string(typ)
-
-
 def check_video_manifest_schema(schema: pa.Schema, source: str) -> None:
     """Fail fast on a video manifest that cannot be used.
 
@@ -81,18 +85,9 @@ def check_video_manifest_schema(schema: pa.Schema, source: str) -> None:
         ManifestError: a required column is missing or mistyped (names the file and the column).
     """
     names = set(schema.names)
-    for field in VIDEO_MANIFEST:
-        if field.name not in names:
-            raise ManifestError(
-                f"manifest {source}: missing required column {field.name!r} "
-                f"(found: {', '.join(schema.names) or 'no columns'})"
-            )
-    for name in ("video_id", "uri"):
-        typ = schema.field(name).type
-        if not _is_string(typ):
-            raise ManifestError(f"manifest {source}: column {name!r} must be string, found {typ}")
+    require_columns(schema, source, VIDEO_MANIFEST.names, strings=("video_id", "uri"))
     typ = schema.field("queries").type
-    if not ((pa.types.is_list(typ) or pa.types.is_large_list(typ)) and _is_string(typ.value_type)):
+    if not ((pa.types.is_list(typ) or pa.types.is_large_list(typ)) and is_string(typ.value_type)):
         raise ManifestError(
             f"manifest {source}: column 'queries' must be list<string>, found {typ}"
         )
@@ -139,38 +134,23 @@ def video_row_errors(
     n = len(video_ids)
     starts = starts if starts is not None else [None] * n
     ends = ends if ends is not None else [None] * n
-    first: dict[str, int] = {}
-    errors: list[str | None] = []
-    for row, (vid, uri, qs, start, end) in enumerate(
-        zip(video_ids, uris, queries, starts, ends, strict=True)
-    ):
-        prefix = f"manifest row {row}"
-        if vid is None:
-            errors.append(f"{prefix}: video_id is null")
+    errors = image_row_errors(video_ids, uris, id_name="video_id")  # the id and uri rules
+    for row, (qs, start, end) in enumerate(zip(queries, starts, ends, strict=True)):
+        if errors[row] is not None:
             continue
-        if not vid.strip():
-            errors.append(f"{prefix}: video_id is empty")
-            continue
-        if vid in first:
-            errors.append(
-                f"{prefix}: duplicate video_id {vid!r} (first at row {first[vid]}, which is processed)"
-            )
-            continue
-        first[vid] = row
-        if uri is None or not uri.strip():
-            errors.append(f"{prefix}: uri is empty")
-        elif not qs:
-            errors.append(f"{prefix}: queries is empty (at least one text query is needed)")
+        problem = None
+        if not qs:
+            problem = "queries is empty (at least one text query is needed)"
         elif all(e is not None for e in query_errors(qs)):
-            errors.append(f"{prefix}: every query is empty")
+            problem = "every query is empty"
         elif any(t is not None and not math.isfinite(t) for t in (start, end)):
-            errors.append(f"{prefix}: start_s/end_s must be finite (got {start}, {end})")
+            problem = f"start_s/end_s must be finite (got {start}, {end})"
         elif start is not None and start < 0:
-            errors.append(f"{prefix}: start_s must be >= 0, got {start}")
+            problem = f"start_s must be >= 0, got {start}"
         elif start is not None and end is not None and start >= end:
-            errors.append(f"{prefix}: start_s ({start}) must be before end_s ({end})")
-        else:
-            errors.append(None)
+            problem = f"start_s ({start}) must be before end_s ({end})"
+        if problem is not None:
+            errors[row] = f"manifest row {row}: {problem}"
     return errors
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.demo_data import encode, person_crop
-from jobs.reid import read_table
+from jobs.publish import read_table
 from models import load_model
 from operators.storage import join
 

@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.video import VideoConfig, read_results, run_video
+from jobs.publish import read_table
+from jobs.video import VideoConfig, run_video
 from models import load_model
 from models.rvos import owned_frames, plan_windows
 from operators.manifest import ERROR, ROW
@@ -143,7 +144,7 @@ def write_inputs(storage: Storage, root: str, videos: dict[str, bytes]) -> str:
 
 
 def check_results(storage: Storage, out: str, expected_masks: dict) -> None:
-    table = read_results(storage, out if out.endswith("results") else join(out, "results"))
+    table = read_table(out if out.endswith("results") else join(out, "results"), storage)
     validate_video_results(table)
     rows = table.to_pylist()
     by_row: dict[int, list[dict]] = {}
@@ -222,7 +223,7 @@ def test_video_on_s3_and_rerun(ray_session, s3_server, rvos_dir, videos, expecte
     # a repeated run (here on the first video only, to keep the test short) replaces the results
     again = run_video(replace(cfg, limit=1))
     assert (again.videos, again.videos_ok, again.rows_ok) == (1, 1, 2 * 25)
-    table = read_results(storage, join(out, "results"))
+    table = read_table(join(out, "results"), storage)
     assert set(table.column("video_id").to_pylist()) == {"walk"} and table.num_rows == 2 * 25
     assert not set(first) & set(storage.list_files(join(out, "results")))
     assert len(storage.list_files(join(out, "frames"))) == summary.rows_ok  # overwritten in place
