@@ -8,7 +8,7 @@ cosine is ~0.56, other identities ~0.11 +- 0.12, and 73 % of a fresh query's exa
 its own identity (rank-1 98 %): neighbours are clustered but not trivially separated.
 
 The gallery is written as an embeddings table (Parquet, like ``reid embed``), indexed with
-:func:`operators.faiss_index.build_index` under a memory budget of ``flat / compression`` bytes,
+:func:`vbatch.operators.faiss_index.build_index` under a memory budget of ``flat / compression`` bytes,
 and searched with fresh queries of gallery identities. Recall is the 10-recall@10 intersection
 measure against exact inner-product search (``faiss.knn``), as in faiss' benchmarks.
 
@@ -56,8 +56,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from operators.faiss_index import GalleryIndex, build_index
-from operators.storage import Storage
+from vbatch.operators.faiss_index import GalleryIndex, build_index
+from vbatch.operators.storage import Storage
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -126,8 +126,8 @@ def write_gallery(
 _RSS_SCRIPT = """
 import re, sys, tempfile
 from pathlib import Path
-from operators import faiss_index as fi
-from operators.storage import Storage
+from vbatch.operators import faiss_index as fi
+from vbatch.operators.storage import Storage
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 storage = Storage()

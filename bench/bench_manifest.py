@@ -1,7 +1,7 @@
 """Benchmark of reading a large image manifest: driver time and memory, dataset blocks.
 
 Writes a manifest of N rows (``image_id``, ``uri``, one passthrough column; 1 % duplicate ids) as
-one Parquet file, starts local Ray and times :func:`operators.manifest.read_image_manifest`, which
+one Parquet file, starts local Ray and times :func:`vbatch.operators.manifest.read_image_manifest`, which
 checks every row (null/empty ids, empty uris, duplicates in manifest order) and cuts the manifest
 into dataset blocks. The driver's RSS growth and peak are what the job's driver pays before the
 first image is fetched.
@@ -39,9 +39,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from jobs.runtime import ensure_ray
-    from operators.manifest import read_image_manifest
-    from operators.storage import Storage
+    from vbatch.jobs.runtime import ensure_ray
+    from vbatch.operators.manifest import read_image_manifest
+    from vbatch.operators.storage import Storage
 
     n = args.rows
     with tempfile.TemporaryDirectory() as tmp:

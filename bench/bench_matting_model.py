@@ -1,6 +1,6 @@
 """Throughput of the bare ONNX Runtime session of the matting runtime (no Ray, no decode).
 
-Runs :class:`models.matting.model.MattingPredictor.forward` on one 1024×768 RGB image, repeatedly.
+Runs :class:`vbatch.models.matting.model.MattingPredictor.forward` on one 1024×768 RGB image, repeatedly.
 The model is a STAND-IN: the small test graph of ``tests/models/tf_graphs.py`` converted with
 ``convert_graph`` when TensorFlow is importable (the ``convert`` extra), else the demo ONNX model.
 Neither is ModelScope's U-Net: the figures measure the runtime's overhead (casts, session call,
@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from models.matting import load, write_demo_model_dir
-from models.matting.convert import sample_image
+from vbatch.models.matting import load, write_demo_model_dir
+from vbatch.models.matting.convert import sample_image
 
 
 def stand_in_model_dir(root: Path) -> tuple[Path, str]:
@@ -29,8 +29,8 @@ def stand_in_model_dir(root: Path) -> tuple[Path, str]:
     if importlib.util.find_spec("tensorflow") is None:
         return write_demo_model_dir(root / "demo"), "demo ONNX model (no TensorFlow here)"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests/
-    from models.matting.convert import convert_graph
     from tests.models.tf_graphs import build_matting_graph  # imports TF after torch
+    from vbatch.models.matting.convert import convert_graph
 
     d = root / "test_graph"
     build_matting_graph(d / "tf_graph.pb")

@@ -119,8 +119,8 @@ def bare_predict_window(model_dir: Path, video: Path, queries: list[str], window
     import decord
     import torch
 
-    from models import load_model
-    from models.rvos import owned_frames, plan_windows
+    from vbatch.models import load_model
+    from vbatch.models.rvos import owned_frames, plan_windows
 
     torch.set_num_threads(os.cpu_count() or 1)
     predictor = load_model("rvos", model_dir, device="cpu")
@@ -154,8 +154,8 @@ def main() -> None:
 
     import ray
 
-    from jobs.video import VideoConfig, run_video
-    from models.rvos import FULL, TINY, write_random_model_dir
+    from vbatch.jobs.video import VideoConfig, run_video
+    from vbatch.models.rvos import FULL, TINY, write_random_model_dir
 
     logging.basicConfig(level=logging.WARNING)
     w, h = (int(x) for x in args.size.split("x"))

@@ -20,25 +20,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jobs.demo_data import SIZES, encode, product_image
-from jobs.runtime import decide_resources, ensure_ray
-from jobs.segment import SegmentConfig, run_segment
-from models import load_model
+from vbatch.jobs.demo_data import SIZES, encode, product_image
+from vbatch.jobs.runtime import decide_resources, ensure_ray
+from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.models import load_model
 
 
 def write_model(task: str, folder: Path) -> Path:
     if task == "salient":
-        from models.salient import write_random_model_dir
+        from vbatch.models.salient import write_random_model_dir
 
         return write_random_model_dir(folder / "salient", variant="senet")
     if task == "shop-seg":
-        from models.shop_seg import FULL, write_random_model_dir
+        from vbatch.models.shop_seg import FULL, write_random_model_dir
 
         return write_random_model_dir(folder / "shop-seg", config=FULL)
     if task == "matting":
         # a stand-in ONNX graph with the real one's interface: measures the pipeline around the
         # session, not the real U-Net (convert the real graph and pass --model-dir for that)
-        from models.matting import write_demo_model_dir
+        from vbatch.models.matting import write_demo_model_dir
 
         return write_demo_model_dir(folder / "matting")
     raise SystemExit(f"no benchmark set-up for {task}")

@@ -8,8 +8,8 @@ import os
 import sys
 import textwrap
 
-from models import REGISTRY
-from operators.decode import DEFAULT_MAX_PIXELS
+from vbatch.models import REGISTRY
+from vbatch.operators.decode import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("vbatch")
 
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.SegmentConfig
     """The image job's configuration from `segment` / `reid embed` arguments (options one lacks keep defaults)."""
-    from jobs.segment import SegmentConfig
+    from vbatch.jobs.segment import SegmentConfig
 
     extra = {
         k: getattr(args, k)
@@ -311,9 +311,9 @@ def _job_arguments(args: argparse.Namespace) -> dict:
 
 
 def _reid(args: argparse.Namespace) -> int:
-    from jobs import reid
-    from jobs.publish import read_table
-    from operators.storage import Storage, StorageOptions
+    from vbatch.jobs import reid
+    from vbatch.jobs.publish import read_table
+    from vbatch.operators.storage import Storage, StorageOptions
 
     storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
     if args.reid_command == "embed":
@@ -321,7 +321,7 @@ def _reid(args: argparse.Namespace) -> int:
         print(summary.report())
         return 0
     if args.reid_command in ("index", "add"):
-        from operators.faiss_index import add_to_index, build_index
+        from vbatch.operators.faiss_index import add_to_index, build_index
 
         if args.reid_command == "index":
             info = build_index(
@@ -336,7 +336,7 @@ def _reid(args: argparse.Namespace) -> int:
         print(info.to_json())
         return 0
     if args.reid_command == "search":
-        from operators.faiss_index import GalleryIndex
+        from vbatch.operators.faiss_index import GalleryIndex
 
         index = GalleryIndex.open(args.index, storage)
         if args.embeddings:
@@ -347,7 +347,7 @@ def _reid(args: argparse.Namespace) -> int:
             if args.manifest:
                 import tempfile
 
-                from jobs.segment import SegmentConfig
+                from vbatch.jobs.segment import SegmentConfig
 
                 tmp = tempfile.mkdtemp(prefix="vbatch-queries-")
                 reid.run_embed(
@@ -372,7 +372,7 @@ def _reid(args: argparse.Namespace) -> int:
             print(f"written: {reid.write_parquet(hits, args.out, storage)}")
         return 0
     if args.reid_command == "eval":
-        from operators.reid_eval import evaluate
+        from vbatch.operators.reid_eval import evaluate
 
         cols = ["status", "embedding", "person_id", "camera_id"]
         result = evaluate(
@@ -412,13 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(NON_TTY_PROGRESS_SECONDS))
     try:
         if args.command == "segment":
-            from jobs.segment import run_segment
+            from vbatch.jobs.segment import run_segment
 
             summary = run_segment(_image_job_config(args, args.task))
             print(summary.report())
             return 0
         if args.command == "video":
-            from jobs.video import VideoConfig, run_video
+            from vbatch.jobs.video import VideoConfig, run_video
 
             print(
                 run_video(
@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "matting":
-            from jobs.matting import run_convert
-            from operators.storage import Storage, StorageOptions
+            from vbatch.jobs.matting import run_convert
+            from vbatch.operators.storage import Storage, StorageOptions
 
             storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
             print(
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reid":
             return _reid(args)
         if args.command == "demo":
-            from jobs.demo import run_demo
+            from vbatch.jobs.demo import run_demo
 
             return run_demo(args.out, num_images=args.images, address=args.address)
     except KeyboardInterrupt:

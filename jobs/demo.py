@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.demo_data import encode, person_crop, write_demo_images
-from jobs.segment import SegmentConfig, run_segment
-from operators.storage import Storage
+from vbatch.jobs.demo_data import encode, person_crop, write_demo_images
+from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.operators.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,11 @@ def _people(folder: Path, n: int) -> Path:
 
 def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) -> int:
     """Generate the demo data and models under ``out`` and run every job on them."""
-    from models.matting import write_demo_model_dir as matting_dir
-    from models.reid import write_random_model_dir as reid_dir
-    from models.salient import write_random_model_dir as salient_dir
-    from models.shop_seg import TINY as SHOP_TINY
-    from models.shop_seg import write_random_model_dir as shop_dir
+    from vbatch.models.matting import write_demo_model_dir as matting_dir
+    from vbatch.models.reid import write_random_model_dir as reid_dir
+    from vbatch.models.salient import write_random_model_dir as salient_dir
+    from vbatch.models.shop_seg import TINY as SHOP_TINY
+    from vbatch.models.shop_seg import write_random_model_dir as shop_dir
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -95,9 +95,9 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     _say(f"[matting] a small generated ONNX graph with the real one's inputs and outputs: {m}")
     _segment("matting", m, data, out, address, background="#2a6fdb")
 
-    from jobs.publish import read_table
-    from jobs.reid import query_embeddings_from_table, run_embed, search_table
-    from operators.faiss_index import GalleryIndex, build_index
+    from vbatch.jobs.publish import read_table
+    from vbatch.jobs.reid import query_embeddings_from_table, run_embed, search_table
+    from vbatch.operators.faiss_index import GalleryIndex, build_index
 
     people = _people(out / "people", 16)
     m = reid_dir(models / "reid")
@@ -120,10 +120,10 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     table = hits.to_pandas().to_string(index=False)
     _say("search (first two crops as queries, top 3):", table, "")
 
-    from jobs.demo_data import write_demo_clip
-    from jobs.video import VideoConfig, run_video
-    from models.rvos import TINY as RVOS_TINY
-    from models.rvos import write_random_model_dir as rvos_dir
+    from vbatch.jobs.demo_data import write_demo_clip
+    from vbatch.jobs.video import VideoConfig, run_video
+    from vbatch.models.rvos import TINY as RVOS_TINY
+    from vbatch.models.rvos import write_random_model_dir as rvos_dir
 
     clip = write_demo_clip(out / "video" / "clip.mp4")
     pq.write_table(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from operators.storage import Storage, is_remote, join, parent
+from vbatch.operators.storage import Storage, is_remote, join, parent
 
 
 def run_convert(
@@ -22,7 +22,7 @@ def run_convert(
     force: bool = False,
 ) -> str:
     """Convert and check; returns the report's summary. Raises ``ConversionError`` on failure."""
-    from models.matting.convert import DEFAULT_TOLERANCE, convert_graph
+    from vbatch.models.matting.convert import DEFAULT_TOLERANCE, convert_graph
 
     local_dir = storage.localize_dir(model_dir)
     images = None

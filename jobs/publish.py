@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import ray
 
-from operators.storage import Storage, join
+from vbatch.operators.storage import Storage, join
 
 
 def read_table(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:

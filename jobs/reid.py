@@ -1,11 +1,11 @@
 """``vbatch reid``: embed person crops, build/extend a FAISS gallery index, search it, evaluate.
 
-* ``embed`` is the image job of :mod:`jobs.segment` with the ``reid`` model: one row per manifest
+* ``embed`` is the image job of :mod:`vbatch.jobs.segment` with the ``reid`` model: one row per manifest
   row with an L2-normalised 1536-d ``embedding`` (null on error rows), under ``<out>/results/``.
-* ``index``/``add`` build and extend the gallery (:mod:`operators.faiss_index`).
+* ``index``/``add`` build and extend the gallery (:mod:`vbatch.operators.faiss_index`).
 * ``search`` embeds query images with the same model and returns the top-k gallery ids.
 * ``eval`` scores a query table against a gallery table (Market-1501 protocol,
-  :mod:`operators.reid_eval`).
+  :mod:`vbatch.operators.reid_eval`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.segment import JobSummary, SegmentConfig, run_segment
-from models import load_model
-from operators.decode import decode_image
-from operators.faiss_index import GalleryIndex
-from operators.storage import Storage, join
+from vbatch.jobs.segment import JobSummary, SegmentConfig, run_segment
+from vbatch.models import load_model
+from vbatch.operators.decode import decode_image
+from vbatch.operators.faiss_index import GalleryIndex
+from vbatch.operators.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 

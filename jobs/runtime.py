@@ -6,8 +6,11 @@ Every default names the assumption it rests on.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,23 @@ import ray
 logger = logging.getLogger(__name__)
 
 _PACKAGES = ("jobs", "operators", "models", "schemas")
+
+
+def package_for_workers() -> str:
+    """A folder named ``vbatch`` that holds the driver's copy of the vbatch sub-packages.
+
+    An installed wheel already has one. A development install maps ``vbatch.jobs`` onto the
+    repository's ``jobs/`` folder (and so on), so the four folders are copied under a temporary
+    ``vbatch/`` for Ray's ``py_modules`` to zip.
+    """
+    dirs = [Path(importlib.import_module(f"vbatch.{p}").__path__[0]) for p in _PACKAGES]
+    parents = {d.parent for d in dirs}
+    if len(parents) == 1 and next(iter(parents)).name == "vbatch":
+        return str(next(iter(parents)))
+    target = Path(tempfile.mkdtemp(prefix="vbatch-py-modules-")) / "vbatch"
+    for name, d in zip(_PACKAGES, dirs, strict=True):
+        shutil.copytree(d, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(target)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -29,8 +49,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
-        root = Path(__file__).resolve().parent.parent
-        kwargs["runtime_env"] = {"py_modules": [str(root / p) for p in _PACKAGES]}
+        kwargs["runtime_env"] = {"py_modules": [package_for_workers()]}
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
@@ -114,7 +133,7 @@ def shop_seg_gpu_batch(free_bytes: int, precision: str, cap: int = 64) -> int:
 
     60 %: headroom for the caching allocator's fragmentation and cuDNN workspaces.
     """
-    from models.shop_seg import FULL, activation_bytes_per_image
+    from vbatch.models.shop_seg import FULL, activation_bytes_per_image
 
     weights = 0.68 * 2**30  # 170.5 M fp32 parameters
     per_image = activation_bytes_per_image(FULL, precision)

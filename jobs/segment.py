@@ -20,21 +20,21 @@ from typing import Any
 
 import ray
 
-from jobs.publish import (
+from vbatch.jobs.publish import (
     new_run_id,
     read_table,
     report_details,
     write_and_publish,
     write_run_record,
 )
-from jobs.runtime import Resources, decide_resources, ensure_ray
-from models import load_transforms, model_entry
-from operators.decode import DEFAULT_MAX_PIXELS
-from operators.images import decode_and_preprocess, fetch_bytes
-from operators.inference import ModelStage
-from operators.manifest import read_image_manifest
-from operators.outputs import OutputOptions, write_products
-from operators.storage import Storage, StorageOptions, normalize, parent
+from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
+from vbatch.models import load_transforms, model_entry
+from vbatch.operators.decode import DEFAULT_MAX_PIXELS
+from vbatch.operators.images import decode_and_preprocess, fetch_bytes
+from vbatch.operators.inference import ModelStage
+from vbatch.operators.manifest import read_image_manifest
+from vbatch.operators.outputs import OutputOptions, write_products
+from vbatch.operators.storage import Storage, StorageOptions, normalize, parent
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     local_model_dir = storage.localize_dir(cfg.model_dir)
     transforms = load_transforms(cfg.task, local_model_dir, **transform_options)
     if cfg.task == "matting":  # a graph not yet converted: say so here, not from every actor
-        from models.matting.model import resolve_onnx
+        from vbatch.models.matting.model import resolve_onnx
 
         resolve_onnx(local_model_dir)
     ds, info = read_image_manifest(

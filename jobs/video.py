@@ -1,6 +1,6 @@
 """``vbatch video``: referring video object segmentation (MTTR) over a video manifest, streamed.
 
-Stages (Ray Data, streaming; see :mod:`operators.video` for why each is where it is)::
+Stages (Ray Data, streaming; see :mod:`vbatch.operators.video` for why each is where it is)::
 
     read manifest (driver, one row per video) → plan (CPU task per video: probe, one row per
     window) → decode one window (CPU task per window) → model (actor pool, one forward per window
@@ -24,16 +24,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from jobs.publish import (
+from vbatch.jobs.publish import (
     new_run_id,
     read_table,
     report_details,
     write_and_publish,
     write_run_record,
 )
-from jobs.runtime import Resources, decide_resources, ensure_ray
-from operators.storage import Storage, StorageOptions, join, normalize
-from operators.video import (
+from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
+from vbatch.operators.storage import Storage, StorageOptions, join, normalize
+from vbatch.operators.video import (
     WindowModelStage,
     decode_windows,
     plan_video_windows,

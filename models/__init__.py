@@ -3,9 +3,9 @@
 Public API: :func:`load_model`, :func:`load_transforms`, :data:`REGISTRY`.
 """
 
-from models.base import Predictor, Transforms
-from models.checkpoint import CheckpointError
-from models.registry import (
+from vbatch.models.base import Predictor, Transforms
+from vbatch.models.checkpoint import CheckpointError
+from vbatch.models.registry import (
     REGISTRY,
     ModelEntry,
     UnknownModelError,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from models.base import Predictor, Transforms
+from vbatch.models.base import Predictor, Transforms
 
 
 @dataclass(frozen=True)
@@ -30,31 +30,31 @@ class ModelEntry:
 
 REGISTRY: dict[str, ModelEntry] = {
     "salient": ModelEntry(
-        "models.salient",
+        "vbatch.models.salient",
         "mask",
         "damo/cv_res2net_salient-detection",
         "salient-object detection (Res2Net/SENet with edge guidance, or U2NET)",
     ),
     "shop-seg": ModelEntry(
-        "models.shop_seg",
+        "vbatch.models.shop_seg",
         "mask",
         "damo/cv_vitb16_segmentation_shop-seg",
         "product segmentation (DenseCLIP, CLIP ViT-B/16 at 1024²)",
     ),
     "matting": ModelEntry(
-        "models.matting",
+        "vbatch.models.matting",
         "rgba",
         "damo/cv_unet_image-matting",
         "portrait matting (ModelScope's TensorFlow graph, run by ONNX Runtime)",
     ),
     "reid": ModelEntry(
-        "models.reid",
+        "vbatch.models.reid",
         "embedding",
         "damo/cv_passvitb_image-reid-person_market",
         "person re-ID embeddings (PASS ViT-B/16, 1536-d)",
     ),
     "rvos": ModelEntry(
-        "models.rvos",
+        "vbatch.models.rvos",
         "video-masks",
         "damo/cv_swin-t_referring_video-object-segmentation",
         "referring video object segmentation (MTTR, video Swin-T + RoBERTa)",

@@ -19,7 +19,7 @@ Embeddings come from ``reid embed``: Parquet files (one file or a folder, local 
 error rows) and ``model_version``. Only ``status == "ok"`` rows are indexed. The tables are
 streamed with ``ParquetFile.iter_batches``; at no point is a whole table in memory.
 
-Layout under the index URI (every object written through :class:`operators.storage.Storage`)::
+Layout under the index URI (every object written through :class:`vbatch.operators.storage.Storage`)::
 
     index.json                 manifest and commit point (factory, dim, count, nprobe, history…)
     index-00003.faiss          the FAISS index of generation 3
@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.storage import Storage, join
+from vbatch.operators.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from models.base import Transforms
-from operators.columns import encode_array, set_column
-from operators.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from operators.manifest import ERROR
-from operators.storage import Storage, describe_read_error, resolve
-from schemas.images import INTERNAL_PREFIX
+from vbatch.models.base import Transforms
+from vbatch.operators.columns import encode_array, set_column
+from vbatch.operators.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from vbatch.operators.manifest import ERROR
+from vbatch.operators.storage import Storage, describe_read_error, resolve
+from vbatch.schemas.images import INTERNAL_PREFIX
 
 logger = logging.getLogger(__name__)
 

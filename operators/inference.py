@@ -15,12 +15,12 @@ import os
 import pyarrow as pa
 import torch
 
-from models import Predictor, load_model
-from operators.columns import decode_array, encode_array, set_column
-from operators.images import INPUT
-from operators.manifest import ERROR
-from operators.storage import Storage, StorageOptions
-from schemas.images import INTERNAL_PREFIX
+from vbatch.models import Predictor, load_model
+from vbatch.operators.columns import decode_array, encode_array, set_column
+from vbatch.operators.images import INPUT
+from vbatch.operators.manifest import ERROR
+from vbatch.operators.storage import Storage, StorageOptions
+from vbatch.schemas.images import INTERNAL_PREFIX
 
 logger = logging.getLogger(__name__)
 

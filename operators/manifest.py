@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from operators.storage import Storage, normalize, parent
-from schemas.images import (
+from vbatch.operators.storage import Storage, normalize, parent
+from vbatch.schemas.images import (
     INTERNAL_PREFIX,
     KEY_OK,
     ManifestError,

@@ -19,14 +19,14 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from models.base import Transforms
-from operators.columns import decode_array
-from operators.decode import decode_image
-from operators.images import BYTES
-from operators.inference import OUTPUT
-from operators.manifest import ERROR
-from operators.storage import Storage, join
-from schemas.images import (
+from vbatch.models.base import Transforms
+from vbatch.operators.columns import decode_array
+from vbatch.operators.decode import decode_image
+from vbatch.operators.images import BYTES
+from vbatch.operators.inference import OUTPUT
+from vbatch.operators.manifest import ERROR
+from vbatch.operators.storage import Storage, join
+from vbatch.schemas.images import (
     COMMON_RESULT_FIELDS,
     INTERNAL_PREFIX,
     STATUS_ERROR,
@@ -110,7 +110,7 @@ def _write_mask(product: np.ndarray, image_id: str, opts: OutputOptions, storage
 
 
 def _write_rgba(product: np.ndarray, image_id: str, opts: OutputOptions, storage: Storage) -> dict:
-    from models.matting.transforms import alpha_of, composite
+    from vbatch.models.matting.transforms import alpha_of, composite
 
     alpha = alpha_of(product)
     name = safe_name(image_id)
@@ -152,7 +152,7 @@ def write_products(
     """Postprocess each ok row's raw output, write its products, and return the result rows.
 
     Returns:
-        A table in :func:`schemas.images.image_results_schema` order plus the passthrough columns;
+        A table in :func:`vbatch.schemas.images.image_results_schema` order plus the passthrough columns;
         internal columns are dropped. One row out per row in.
     """
     writer = WRITERS[options.output]

@@ -1,7 +1,7 @@
 """Stages of the streaming video job (MTTR referring video object segmentation).
 
 A video is never decoded whole. The unit of work is the window of the reference pipeline (24
-frames starting every 18, :func:`models.rvos.plan_windows`)::
+frames starting every 18, :func:`vbatch.models.rvos.plan_windows`)::
 
     manifest (driver: one row per video, validated)
     → plan (CPU task per video): fetch the file once per node into a local cache, read its frame
@@ -16,7 +16,7 @@ frames starting every 18, :func:`models.rvos.plan_windows`)::
 
 The overlap rule of the reference (a later window overwrites the frames it shares with an earlier
 one) becomes an ownership rule: each frame belongs to the LAST window containing it
-(:func:`models.rvos.owned_frames`), so every frame is written exactly once, by whichever worker has
+(:func:`vbatch.models.rvos.owned_frames`), so every frame is written exactly once, by whichever worker has
 its window, in any order, and no reassembly step holds a video's masks.
 
 Why decode in a CPU stage rather than in the actor: decoding overlaps with inference and the GPU
@@ -46,15 +46,15 @@ import ray
 import torch
 import torchvision.transforms.functional as TF
 
-from models.rvos import owned_frames, plan_windows
-from models.rvos.config import MAX_SIDE, SHORT_SIDE
-from models.rvos.postprocess import frame_masks, select_trajectory
-from models.rvos.transforms import preprocess_frames
-from operators.columns import decode_array, encode_array, set_column
-from operators.inference import load_actor_model
-from operators.manifest import ERROR, ROW, manifest_files, read_manifest_schema
-from operators.outputs import encode_png, safe_name
-from operators.storage import (
+from vbatch.models.rvos import owned_frames, plan_windows
+from vbatch.models.rvos.config import MAX_SIDE, SHORT_SIDE
+from vbatch.models.rvos.postprocess import frame_masks, select_trajectory
+from vbatch.models.rvos.transforms import preprocess_frames
+from vbatch.operators.columns import decode_array, encode_array, set_column
+from vbatch.operators.inference import load_actor_model
+from vbatch.operators.manifest import ERROR, ROW, manifest_files, read_manifest_schema
+from vbatch.operators.outputs import encode_png, safe_name
+from vbatch.operators.storage import (
     Storage,
     StorageOptions,
     describe_read_error,
@@ -64,8 +64,8 @@ from operators.storage import (
     parent,
     resolve,
 )
-from schemas.images import STATUS_ERROR, STATUS_OK
-from schemas.videos import (
+from vbatch.schemas.images import STATUS_ERROR, STATUS_OK
+from vbatch.schemas.videos import (
     INTERNAL_PREFIX,
     VIDEO_RESULTS,
     ManifestError,
@@ -544,7 +544,7 @@ def write_window_masks(
 ) -> pa.Table:
     """Final masks of each window's owned frames → PNGs; returns :data:`VIDEO_RESULTS` rows.
 
-    Upsampling and thresholding of :func:`models.rvos.postprocess.frame_masks` act frame by frame,
+    Upsampling and thresholding of :func:`vbatch.models.rvos.postprocess.frame_masks` act frame by frame,
     so applying them to the owned frames alone gives exactly the frames of ``predict_video``.
     """
     results: list[dict] = []

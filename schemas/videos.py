@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from schemas.images import (
+from vbatch.schemas.images import (
     INTERNAL_PREFIX,
     STATUS_ERROR,
     STATUS_OK,

@@ -56,7 +56,7 @@ class S3Server:
         self.endpoint = endpoint
 
     def storage(self):
-        from operators.storage import Storage, StorageOptions
+        from vbatch.operators.storage import Storage, StorageOptions
 
         return Storage(StorageOptions(endpoint_url=self.endpoint))
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.cli import _image_job_config, _job_arguments, build_parser
-from jobs.video import VideoConfig
+from vbatch.jobs.cli import _image_job_config, _job_arguments, build_parser
+from vbatch.jobs.video import VideoConfig
 
 
 def test_video_and_segment_arguments_reach_their_configs() -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.demo_data import encode, product_image
-from operators.decode import DecodeError, decode_image
+from vbatch.jobs.demo_data import encode, product_image
+from vbatch.operators.decode import DecodeError, decode_image
 
 
 def test_rgb_jpeg_matches_pillow() -> None:

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators import faiss_index as fi
-from operators.storage import Storage
+from vbatch.operators import faiss_index as fi
+from vbatch.operators.storage import Storage
 
 
 @pytest.fixture

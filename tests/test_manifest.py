@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators import manifest as manifest_mod
-from operators.manifest import ERROR, ROW, read_image_manifest
-from operators.storage import Storage
-from schemas.images import image_row_errors
+from vbatch.operators import manifest as manifest_mod
+from vbatch.operators.manifest import ERROR, ROW, read_image_manifest
+from vbatch.operators.storage import Storage
+from vbatch.schemas.images import image_row_errors
 
 
 def _write_manifest(folder: Path, n: int, seed: int = 0) -> tuple[list, list]:

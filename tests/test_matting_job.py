@@ -11,16 +11,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo_data import encode, product_image
-from jobs.segment import SegmentConfig, run_segment
-from models import load_model
-from operators.outputs import safe_name
-from schemas.images import validate_image_results
+from vbatch.jobs.demo_data import encode, product_image
+from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.models import load_model
+from vbatch.operators.outputs import safe_name
+from vbatch.schemas.images import validate_image_results
 
 
 @pytest.fixture(scope="module")
 def matting_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.matting import write_demo_model_dir
+    from vbatch.models.matting import write_demo_model_dir
 
     return write_demo_model_dir(tmp_path_factory.mktemp("matting") / "model")
 
@@ -78,9 +78,9 @@ def test_convert_command_then_job_on_s3_matches_tensorflow(
     ray_session, s3_server, tmp_path: Path, capsys
 ) -> None:
     """The real flow: ModelScope's graph on S3 → `vbatch matting convert` → the job; mattes = TF's."""
-    from jobs.cli import main
-    from operators.storage import join
     from tests.models.tf_graphs import build_matting_graph, import_tensorflow, run_tf_graph
+    from vbatch.jobs.cli import main
+    from vbatch.operators.storage import join
 
     import_tensorflow()  # skips (fails under CI) without the convert extra
     graph = build_matting_graph(tmp_path / "tf_graph.pb", seed=3)

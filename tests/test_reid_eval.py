@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from operators.reid_eval import evaluate
+from vbatch.operators.reid_eval import evaluate
 
 # Similarity of each query (rows) to each gallery image (columns), chosen by hand.
 #                 g0    g1    g2    g3    g4    g5    g6

@@ -11,16 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from jobs.demo_data import encode, person_crop
-from jobs.publish import read_table
-from models import load_model
-from operators.storage import join
+from vbatch.jobs.cli import main
+from vbatch.jobs.demo_data import encode, person_crop
+from vbatch.jobs.publish import read_table
+from vbatch.models import load_model
+from vbatch.operators.storage import join
 
 
 @pytest.fixture(scope="module")
 def reid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.reid import TINY, write_random_model_dir
+    from vbatch.models.reid import TINY, write_random_model_dir
 
     return write_random_model_dir(tmp_path_factory.mktemp("reid") / "model", config=TINY)
 
@@ -96,7 +96,7 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
 
     # the pipeline's vector is the Python API's, normalised
     predictor = load_model("reid", reid_dir)
-    from operators.decode import decode_image
+    from vbatch.operators.decode import decode_image
 
     first = ok.to_pylist()[0]
     raw = predictor.predict([decode_image(storage.read_bytes(join(bucket, first["uri"])))])[0]

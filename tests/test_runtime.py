@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.runtime import decide_resources, shop_seg_gpu_batch
-from models.shop_seg import FULL, activation_bytes_per_image
+from vbatch.jobs.runtime import decide_resources, shop_seg_gpu_batch
+from vbatch.models.shop_seg import FULL, activation_bytes_per_image
 
 
 def test_shop_seg_gpu_batch_follows_free_memory_and_precision() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from operators.outputs import safe_name
-from schemas.images import (
+from vbatch.operators.outputs import safe_name
+from vbatch.schemas.images import (
     ManifestError,
     check_image_manifest_schema,
     image_results_schema,
@@ -116,7 +116,7 @@ def _row_errors_spec(ids, uris):
 def test_row_errors_match_the_rules_even_when_hashes_collide(monkeypatch, collide) -> None:
     import numpy as np
 
-    import schemas.images as images
+    import vbatch.schemas.images as images
 
     rng = np.random.default_rng(0)
     pool = [f"id{i}" for i in range(40)] + [None, "", " ", "\t"]

@@ -17,21 +17,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.demo_data import encode, product_image
-from jobs.segment import SegmentConfig, run_segment
-from models import load_model
-from models.checkpoint import file_version
-from operators.decode import decode_image
-from operators.outputs import safe_name
-from operators.storage import Storage, join
-from schemas.images import ManifestError, validate_image_results
+from vbatch.jobs.demo_data import encode, product_image
+from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.models import load_model
+from vbatch.models.checkpoint import file_version
+from vbatch.operators.decode import decode_image
+from vbatch.operators.outputs import safe_name
+from vbatch.operators.storage import Storage, join
+from vbatch.schemas.images import ManifestError, validate_image_results
 
 NORM_SIZE = (64, 64)  # full SENet, small input: a forward costs milliseconds
 
 
 @pytest.fixture(scope="module")
 def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.salient import write_random_model_dir
+    from vbatch.models.salient import write_random_model_dir
 
     return write_random_model_dir(
         tmp_path_factory.mktemp("salient"), variant="senet", norm_size=NORM_SIZE
@@ -270,7 +270,7 @@ def test_manifest_missing_column_fails_fast(ray_session, tmp_path: Path, salient
 
 
 def test_shop_seg_on_s3(ray_session, s3_server, tmp_path: Path) -> None:
-    from models.shop_seg import TINY, write_random_model_dir
+    from vbatch.models.shop_seg import TINY, write_random_model_dir
 
     model_dir = write_random_model_dir(tmp_path / "shop-seg", config=TINY)
     storage = s3_server.storage()

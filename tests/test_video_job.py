@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.publish import read_table
-from jobs.video import VideoConfig, run_video
-from models import load_model
-from models.rvos import owned_frames, plan_windows
-from operators.manifest import ERROR, ROW
-from operators.outputs import safe_name
-from operators.storage import Storage, join
-from operators.video import (
+from vbatch.jobs.publish import read_table
+from vbatch.jobs.video import VideoConfig, run_video
+from vbatch.models import load_model
+from vbatch.models.rvos import owned_frames, plan_windows
+from vbatch.operators.manifest import ERROR, ROW
+from vbatch.operators.outputs import safe_name
+from vbatch.operators.storage import Storage, join
+from vbatch.operators.video import (
     FRAMES,
     OWN_START,
     OWN_STOP,
@@ -40,7 +40,7 @@ from operators.video import (
     read_window,
     resize_frames,
 )
-from schemas.videos import ManifestError, validate_video_results
+from vbatch.schemas.videos import ManifestError, validate_video_results
 
 SIZE = (40, 32)  # (width, height), not square; the network sees every frame at 450x360 anyway
 FPS = 24
@@ -87,7 +87,7 @@ FRAMES_OF = {"walk.mp4": 25, "ride.mp4": 43}
 
 @pytest.fixture(scope="module")
 def rvos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.rvos import TINY, write_random_model_dir
+    from vbatch.models.rvos import TINY, write_random_model_dir
 
     return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
 
@@ -319,7 +319,7 @@ def test_localize_video_caches_s3_objects_within_the_bound(
         storage.write_bytes(uri, bytes([i]) * 1000)
     monkeypatch.setenv("VBATCH_CACHE", str(tmp_path))
     monkeypatch.setenv("VBATCH_VIDEO_CACHE_GB", str(2500 / 1e9))  # room for two of them
-    monkeypatch.setattr("operators.video.EVICTION_GRACE_S", 0.0)
+    monkeypatch.setattr("vbatch.operators.video.EVICTION_GRACE_S", 0.0)
     first = localize_video(storage, uris[0])
     assert localize_video(storage, uris[0]) == first  # a hit: no second download
     paths = [localize_video(storage, uri) for uri in uris[1:]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from schemas.videos import (
+from vbatch.schemas.videos import (
     VIDEO_RESULTS,
     ManifestError,
     check_video_manifest_schema,

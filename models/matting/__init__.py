@@ -3,7 +3,7 @@
 Reference: ModelScope ``modelscope/pipelines/cv/image_matting_pipeline.py`` (a TF1 session on the
 frozen graph ``tf_graph.pb``; ``input_image:0`` float RGB (H, W, 3) 0..255 → ``output_png:0`` uint8
 RGBA (H, W, 4)). The model card describes a U-Net; no PyTorch source exists, so the graph itself is
-converted once to ONNX (``vbatch matting convert --model-dir DIR``, :mod:`models.matting.convert`,
+converted once to ONNX (``vbatch matting convert --model-dir DIR``, :mod:`vbatch.models.matting.convert`,
 needs the ``convert`` extra) and run with ONNX Runtime on the workers.
 
 Public API::
@@ -13,7 +13,7 @@ Public API::
     write_demo_model_dir(path) -> Path                       # ONNX stand-in for `vbatch demo`
     alpha_of(rgba), cutout(image, alpha), composite(rgba, background)
 
-Nothing here imports TensorFlow or tf2onnx (only :func:`models.matting.convert.convert_graph` does,
+Nothing here imports TensorFlow or tf2onnx (only :func:`vbatch.models.matting.convert.convert_graph` does,
 when called), nor ``onnx`` (only :func:`write_demo_model_dir`).
 """
 
@@ -21,8 +21,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.matting.model import MATTING, MattingFiles, MattingPredictor, ModelDirError, load
-from models.matting.transforms import MattingTransforms, alpha_of, composite, cutout, parse_color
+from vbatch.models.matting.model import MATTING, MattingFiles, MattingPredictor, ModelDirError, load
+from vbatch.models.matting.transforms import (
+    MattingTransforms,
+    alpha_of,
+    composite,
+    cutout,
+    parse_color,
+)
 
 
 def load_transforms(model_dir: Path, max_side: int = MATTING.max_side) -> MattingTransforms:
@@ -34,8 +40,8 @@ def load_transforms(model_dir: Path, max_side: int = MATTING.max_side) -> Mattin
 
 
 def write_demo_model_dir(path: Path) -> Path:
-    """A small ONNX matting model directory for ``vbatch demo`` (see :mod:`models.matting.demo`)."""
-    from models.matting.demo import write_demo_model_dir as write
+    """A small ONNX matting model directory for ``vbatch demo`` (see :mod:`vbatch.models.matting.demo`)."""
+    from vbatch.models.matting.demo import write_demo_model_dir as write
 
     return write(path)
 

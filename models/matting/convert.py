@@ -8,7 +8,7 @@ translates the graph op by op, and this module proves the translation on sample 
 TensorFlow itself before writing anything.
 
 TensorFlow and tf2onnx are imported only inside :func:`convert_graph` (the ``convert`` extra):
-importing :mod:`models.matting` never needs them, and workers do not have them. torch (and triton's
+importing :mod:`vbatch.models.matting` never needs them, and workers do not have them. torch (and triton's
 native library) are imported first, because TensorFlow's LLVM loaded before them aborts the
 process (ORACLE.md).
 """
@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.matting.model import _ORT_DTYPES, MATTING, read_meta, session_options
+from vbatch.models.matting.model import _ORT_DTYPES, MATTING, read_meta, session_options
 
 logger = logging.getLogger(__name__)
 

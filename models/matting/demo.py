@@ -1,6 +1,6 @@
 """A small stand-in matting model written directly as ONNX, for ``vbatch demo`` (no TensorFlow).
 
-It has the converted graph's interface (see :mod:`models.matting.model`): input ``input_image``
+It has the converted graph's interface (see :mod:`vbatch.models.matting.model`): input ``input_image``
 float (H, W, 3) in 0..255 with dynamic H, W; output ``output_png`` (H, W, 4) uint8 RGBA whose RGB is
 the input and whose alpha is a smooth, plausible matte: the colour distance of each pixel from the
 image's mean colour (a plain backdrop is "background"), box-blurred and squashed by a sigmoid,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.matting.model import MATTING
+from vbatch.models.matting.model import MATTING
 
 logger = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ only as a TensorFlow 1 frozen graph ``tf_graph.pb``) and its pipeline
 (H, W, 3) in 0..255 at ``input_image:0``; ``output_png:0`` is (H, W, 4) uint8 RGBA, the alpha in the
 fourth channel (the pipeline flips it to BGRA only to ``cv2.imwrite`` it). No PyTorch source of the
 network exists, so the faithful route is the graph itself: ``vbatch matting convert`` turns it once
-into ``model.onnx`` with tf2onnx (:mod:`models.matting.convert`, checked against TensorFlow), and
+into ``model.onnx`` with tf2onnx (:mod:`vbatch.models.matting.convert`, checked against TensorFlow), and
 workers run that file with ONNX Runtime — workers never import TensorFlow.
 
 The graph takes one image per call at its own size, so :meth:`MattingPredictor.forward` loops the
 session over its list. Images whose long side exceeds ``max_side`` (2000, the model card's working
-range) are matted downscaled and the alpha is resized back (:mod:`models.matting.transforms`).
+range) are matted downscaled and the alpha is resized back (:mod:`vbatch.models.matting.transforms`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.base import Predictor, resolve_device
-from models.checkpoint import CheckpointError, file_version
-from models.matting.transforms import MattingTransforms
+from vbatch.models.base import Predictor, resolve_device
+from vbatch.models.checkpoint import CheckpointError, file_version
+from vbatch.models.matting.transforms import MattingTransforms
 
 logger = logging.getLogger(__name__)
 

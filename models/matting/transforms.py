@@ -1,6 +1,6 @@
 """CPU pre/post-processing of the matting model, and the products made from its RGBA output.
 
-The graph (``damo/cv_unet_image-matting``, see :mod:`models.matting.model`) accepts any size; the
+The graph (``damo/cv_unet_image-matting``, see :mod:`vbatch.models.matting.model`) accepts any size; the
 model card's working range is up to 2000 px on the long side, so larger images are matted
 downscaled (``cv2.INTER_AREA``, the antialiasing OpenCV downscale) and the alpha is resized back
 (``cv2.INTER_LINEAR``). The cut-out then carries the ORIGINAL full-resolution RGB with the upscaled
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from models.base import Transforms
+from vbatch.models.base import Transforms
 
 #: an RGB colour: "#RRGGBB", "r,g,b", or three 0..255 values
 Color = Sequence[int] | str | np.ndarray

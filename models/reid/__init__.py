@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.base import Predictor, resolve_device
-from models.checkpoint import file_version, load_checkpoint
-from models.reid.convert import (
+from vbatch.models.base import Predictor, resolve_device
+from vbatch.models.checkpoint import file_version, load_checkpoint
+from vbatch.models.reid.convert import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ReidConfigError,
@@ -35,8 +35,8 @@ from models.reid.convert import (
     read_config,
     to_modelscope,
 )
-from models.reid.model import FULL, TINY, ReidConfig, ReidNet, ViTCfg
-from models.reid.transforms import ReidTransforms
+from vbatch.models.reid.model import FULL, TINY, ReidConfig, ReidNet, ViTCfg
+from vbatch.models.reid.transforms import ReidTransforms
 
 __all__ = [
     "EMBED_DIM",

@@ -1,5 +1,5 @@
 """ModelScope's PASS re-ID model directory → vbatch: ``configuration.json`` → :class:`ReidConfig`, and
-the ``pytorch_model.pt`` state dict → :class:`~models.reid.model.ReidNet` keys.
+the ``pytorch_model.pt`` state dict → :class:`~vbatch.models.reid.model.ReidNet` keys.
 
 Reference: ModelScope 1.40.2 ``models/cv/image_reid_person/pass_model.py`` (which options it reads and
 what it does with them) and ``pipelines/cv/image_reid_person_pipeline.py`` (``INPUT.SIZE_TEST``,
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import CheckpointError, StateDict
-from models.reid.model import FUSIONS, NECK_FEATS, PATCH_SIZE, ReidConfig, ViTCfg
+from vbatch.models.checkpoint import CheckpointError, StateDict
+from vbatch.models.reid.model import FUSIONS, NECK_FEATS, PATCH_SIZE, ReidConfig, ViTCfg
 
 logger = logging.getLogger(__name__)
 
@@ -312,10 +312,10 @@ _DROPPED: dict[str, str] = {
 
 
 def from_modelscope(sd: StateDict) -> StateDict:
-    """Convert ModelScope's PASS state dict to :class:`~models.reid.model.ReidNet` keys (pure).
+    """Convert ModelScope's PASS state dict to :class:`~vbatch.models.reid.model.ReidNet` keys (pure).
 
     Args:
-        sd: ``pytorch_model.pt`` as read by :func:`models.checkpoint.read_state_dict`.
+        sd: ``pytorch_model.pt`` as read by :func:`vbatch.models.checkpoint.read_state_dict`.
 
     Returns:
         Our state dict. Keys no rule knows are passed through unchanged, so that the strict load

@@ -21,7 +21,7 @@ The network, as the reference runs it at inference:
   ``neck_feat`` picks the vector before or after that neck.
 
 Camera/view side information (SIE), GeM pooling, the convolutional stem, dropout, drop-path and the
-ID classifier are training-only or unused by the reference pipeline; see :mod:`models.reid.convert`.
+ID classifier are training-only or unused by the reference pipeline; see :mod:`vbatch.models.reid.convert`.
 """
 
 from __future__ import annotations

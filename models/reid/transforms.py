@@ -3,7 +3,7 @@
 Reference: ModelScope 1.40.2 ``pipelines/cv/image_reid_person_pipeline.py``: ``T.Resize(SIZE_TEST)`` on
 a PIL image (PIL bilinear with its antialiasing, to exactly (height, width), no aspect preservation),
 then ``ToTensor`` + ``Normalize``. The resize is done here on uint8; the normalisation is done by
-:meth:`models.reid.model.ReidNet.normalize` on the device, so uint8 crosses to the GPU.
+:meth:`vbatch.models.reid.model.ReidNet.normalize` on the device, so uint8 crosses to the GPU.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from models.base import Transforms
+from vbatch.models.base import Transforms
 
 
 class ReidTransforms(Transforms):

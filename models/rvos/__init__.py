@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
-from models.base import resolve_device
-from models.checkpoint import file_version, load_checkpoint
-from models.rvos.config import CHECKPOINT_FILE, FULL, TEXT_DIR, TINY, RVOSConfig
-from models.rvos.convert import from_modelscope
-from models.rvos.modeldir import read_config, write_random_model_dir
-from models.rvos.postprocess import owned_frames, plan_windows
-from models.rvos.predictor import RVOSPredictor
-from models.rvos.text import normalize_query
-from models.rvos.transforms import RVOSTransforms
+from vbatch.models.base import resolve_device
+from vbatch.models.checkpoint import file_version, load_checkpoint
+from vbatch.models.rvos.config import CHECKPOINT_FILE, FULL, TEXT_DIR, TINY, RVOSConfig
+from vbatch.models.rvos.convert import from_modelscope
+from vbatch.models.rvos.modeldir import read_config, write_random_model_dir
+from vbatch.models.rvos.postprocess import owned_frames, plan_windows
+from vbatch.models.rvos.predictor import RVOSPredictor
+from vbatch.models.rvos.text import normalize_query
+from vbatch.models.rvos.transforms import RVOSTransforms
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def load(
         device: ``"cpu"``, ``"cuda"``, ... or ``None`` for the best available.
         options: ``precision`` = ``"fp32"`` (default, the reference's) | ``"fp16"`` | ``"bf16"`` (autocast).
     """
-    from models.rvos.model import MTTR
-    from models.rvos.text import load_tokenizer
+    from vbatch.models.rvos.model import MTTR
+    from vbatch.models.rvos.text import load_tokenizer
 
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)

@@ -1,6 +1,6 @@
 """Architecture of MTTR (frozen dataclasses) and the provenance of ModelScope's weights.
 
-The architecture is read from a ModelScope model directory (:func:`models.rvos.modeldir.read_config`):
+The architecture is read from a ModelScope model directory (:func:`vbatch.models.rvos.modeldir.read_config`):
 ``configuration.json``'s ``model`` section gives the multimodal transformer, the RoBERTa
 ``config.json`` in ``transformer_cfg_dir`` gives the text encoder, and the video Swin-T backbone is
 fixed in the reference (``VideoSwinTransformerBackbone`` hard-codes it), so :class:`SwinConfig`'s

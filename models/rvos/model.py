@@ -18,11 +18,11 @@ import logging
 import torch
 from torch import nn
 
-from models.rvos.config import RVOSConfig
-from models.rvos.decoder import KernelHead, SpatialDecoder
-from models.rvos.swin import VideoSwinBackbone
-from models.rvos.text import TextEncoder
-from models.rvos.transformer import MultimodalTransformer
+from vbatch.models.rvos.config import RVOSConfig
+from vbatch.models.rvos.decoder import KernelHead, SpatialDecoder
+from vbatch.models.rvos.swin import VideoSwinBackbone
+from vbatch.models.rvos.text import TextEncoder
+from vbatch.models.rvos.transformer import MultimodalTransformer
 
 logger = logging.getLogger(__name__)
 

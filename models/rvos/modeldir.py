@@ -20,9 +20,16 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import CheckpointError
-from models.rvos.config import CHECKPOINT_FILE, CONFIG_FILE, FULL, TEXT_DIR, RVOSConfig, SwinConfig
-from models.rvos.text import read_text_config
+from vbatch.models.checkpoint import CheckpointError
+from vbatch.models.rvos.config import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    FULL,
+    TEXT_DIR,
+    RVOSConfig,
+    SwinConfig,
+)
+from vbatch.models.rvos.text import read_text_config
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +255,8 @@ def write_random_model_dir(path: str | Path, config: RVOSConfig = FULL, seed: in
 
     Returns: ``path`` as a :class:`Path`.
     """
-    from models.rvos.convert import modelscope_state_dict
-    from models.rvos.model import MTTR
+    from vbatch.models.rvos.convert import modelscope_state_dict
+    from vbatch.models.rvos.model import MTTR
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

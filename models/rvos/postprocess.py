@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.rvos.config import OVERLAP, WINDOW
+from vbatch.models.rvos.config import OVERLAP, WINDOW
 
 
 def plan_windows(

@@ -16,11 +16,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.base import Predictor
-from models.rvos.model import MTTR
-from models.rvos.postprocess import frame_masks, owned_frames, plan_windows, select_trajectory
-from models.rvos.text import normalize_query, tokenize
-from models.rvos.transforms import RVOSTransforms, preprocess_frames
+from vbatch.models.base import Predictor
+from vbatch.models.rvos.model import MTTR
+from vbatch.models.rvos.postprocess import (
+    frame_masks,
+    owned_frames,
+    plan_windows,
+    select_trajectory,
+)
+from vbatch.models.rvos.text import normalize_query, tokenize
+from vbatch.models.rvos.transforms import RVOSTransforms, preprocess_frames
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.rvos.config import SwinConfig
+from vbatch.models.rvos.config import SwinConfig
 
 logger = logging.getLogger(__name__)
 

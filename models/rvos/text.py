@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
-from models.rvos.config import TextConfig
+from vbatch.models.rvos.config import TextConfig
 
 logger = logging.getLogger(__name__)
 

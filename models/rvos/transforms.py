@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from models.base import Transforms
-from models.rvos.config import MAX_SIDE, MEAN, SHORT_SIDE, STD
-from models.rvos.postprocess import frame_masks
+from vbatch.models.base import Transforms
+from vbatch.models.rvos.config import MAX_SIDE, MEAN, SHORT_SIDE, STD
+from vbatch.models.rvos.postprocess import frame_masks
 
 logger = logging.getLogger(__name__)
 

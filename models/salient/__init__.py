@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.base import Predictor, Transforms, resolve_device
-from models.checkpoint import file_version, load_checkpoint
-from models.salient.config import (
+from vbatch.models.base import Predictor, Transforms, resolve_device
+from vbatch.models.checkpoint import file_version, load_checkpoint
+from vbatch.models.salient.config import (
     DEFAULT_MEAN,
     DEFAULT_SIZE,
     DEFAULT_STD,
@@ -38,15 +38,15 @@ from models.salient.config import (
     read_model_dir,
     write_config_py,
 )
-from models.salient.convert import (
+from vbatch.models.salient.convert import (
     convert_senet,
     convert_u2net,
     senet_to_modelscope,
     senet_unused_keys,
 )
-from models.salient.model import SENet
-from models.salient.transforms import SalientTransforms
-from models.salient.u2net import U2Net
+from vbatch.models.salient.model import SENet
+from vbatch.models.salient.transforms import SalientTransforms
+from vbatch.models.salient.u2net import U2Net
 
 __all__ = [
     "SalientConfigError",

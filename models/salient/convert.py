@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
-from models.checkpoint import CheckpointError, StateDict
-from models.salient.model import SENet
+from vbatch.models.checkpoint import CheckpointError, StateDict
+from vbatch.models.salient.model import SENet
 
 # ModelScope prefix → ours, for SENet. Order matters only for readability: prefixes do not overlap
 # ("layer1." never matches "layer1_enhance.").
@@ -65,7 +65,7 @@ def senet_unused_keys(model: SENet) -> dict[str, tuple[int, ...]]:
 
 
 def convert_senet(state_dict: StateDict, model: SENet) -> StateDict:
-    """ModelScope SENet checkpoint → :class:`~models.salient.model.SENet` keys.
+    """ModelScope SENet checkpoint → :class:`~vbatch.models.salient.model.SENet` keys.
 
     Args:
         state_dict: as stored in ``pytorch_model.pt`` (976 entries for the published model).
@@ -93,7 +93,7 @@ def convert_senet(state_dict: StateDict, model: SENet) -> StateDict:
 
 
 def convert_u2net(state_dict: StateDict) -> StateDict:
-    """ModelScope U2NET checkpoint → :class:`~models.salient.u2net.U2Net` keys (identical names)."""
+    """ModelScope U2NET checkpoint → :class:`~vbatch.models.salient.u2net.U2Net` keys (identical names)."""
     return dict(state_dict)
 
 

@@ -24,7 +24,7 @@ from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
 from torch import nn
 
-from models.salient.config import SENET, SENetConfig
+from vbatch.models.salient.config import SENET, SENetConfig
 
 
 class ConvBNReLU(nn.Module):

@@ -5,7 +5,7 @@ Reference: ModelScope 1.40.2 ``models/cv/salient_detection/salient_model.py``:
 * preprocess: ``torchvision.transforms.Resize(norm_size)`` on a PIL image (PIL bilinear with its
   antialiasing support, output (h, w) = ``norm_size``), then ``ToTensor`` and ``Normalize``. The
   resize is done here on uint8; ``/255`` and the normalisation run on the device
-  (:class:`~models.salient.SalientPredictor`), so that uint8 crosses to the GPU.
+  (:class:`~vbatch.models.salient.SalientPredictor`), so that uint8 crosses to the GPU.
 * postprocess: the first map is min-max normalised per image, ``*255`` and truncated to uint8
   (``astype('uint8')``), then resized with OpenCV's ``INTER_LINEAR`` to the original size. A constant
   map, which gives NaN in ModelScope (0/0), gives all zeros here.
@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from models.base import Transforms
+from vbatch.models.base import Transforms
 
 
 class SalientTransforms(Transforms):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.salient.config import U2NET, U2NetConfig
+from vbatch.models.salient.config import U2NET, U2NetConfig
 
 
 def _upsample_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

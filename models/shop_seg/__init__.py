@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.base import Predictor, resolve_device
-from models.checkpoint import file_version, load_checkpoint
-from models.shop_seg.convert import convert_modelscope, to_modelscope
-from models.shop_seg.model import (
+from vbatch.models.base import Predictor, resolve_device
+from vbatch.models.checkpoint import file_version, load_checkpoint
+from vbatch.models.shop_seg.convert import convert_modelscope, to_modelscope
+from vbatch.models.shop_seg.model import (
     FULL,
     TINY,
     WEIGHTS,
@@ -39,8 +39,8 @@ from models.shop_seg.model import (
     randomize_,
     read_config,
 )
-from models.shop_seg.tokenizer import ClipTokenizer
-from models.shop_seg.transforms import ShopSegTransforms
+from vbatch.models.shop_seg.tokenizer import ClipTokenizer
+from vbatch.models.shop_seg.transforms import ShopSegTransforms
 
 logger = logging.getLogger(__name__)
 

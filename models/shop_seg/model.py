@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.shop_seg.clip import PromptTextEncoder, ViTPyramid
-from models.shop_seg.decoder import ContextDecoder, FPNHead, FPNNeck
+from vbatch.models.shop_seg.clip import PromptTextEncoder, ViTPyramid
+from vbatch.models.shop_seg.decoder import ContextDecoder, FPNHead, FPNNeck
 
 logger = logging.getLogger(__name__)
 

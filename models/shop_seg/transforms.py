@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from models.base import Transforms
+from vbatch.models.base import Transforms
 
 
 def crop_size(height: int, width: int, size: int) -> tuple[int, int]:

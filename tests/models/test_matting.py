@@ -10,11 +10,18 @@ import cv2
 import numpy as np
 import pytest
 
-import models
-from models.matting import ModelDirError, alpha_of, composite, cutout, load_transforms, parse_color
-from models.matting.demo import demo_alpha, write_demo_model_dir
-from models.matting.transforms import MattingTransforms, fit_long_side
 from tests.models.tf_graphs import smooth_image
+from vbatch import models
+from vbatch.models.matting import (
+    ModelDirError,
+    alpha_of,
+    composite,
+    cutout,
+    load_transforms,
+    parse_color,
+)
+from vbatch.models.matting.demo import demo_alpha, write_demo_model_dir
+from vbatch.models.matting.transforms import MattingTransforms, fit_long_side
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +31,9 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory):
 
 def test_import_does_not_pull_tensorflow_or_onnx() -> None:
     code = (
-        "import sys, models; models.load_transforms('matting', '.');"
-        "import models.matting.model, models.matting.transforms, models.matting.convert, models.matting.demo;"
+        "import sys; from vbatch import models; models.load_transforms('matting', '.');"
+        "import vbatch.models.matting.model, vbatch.models.matting.transforms;"
+        "import vbatch.models.matting.convert, vbatch.models.matting.demo;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf2onnx', 'onnx', 'keras')];"
         "assert not bad, bad"
     )

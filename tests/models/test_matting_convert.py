@@ -13,15 +13,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import models
-from models.checkpoint import file_version
-from models.matting.convert import ConversionError, convert_graph
 from tests.models.tf_graphs import (
     build_matting_graph,
     import_tensorflow,
     run_tf_graph,
     smooth_image,
 )
+from vbatch import models
+from vbatch.models.checkpoint import file_version
+from vbatch.models.matting.convert import ConversionError, convert_graph
 
 SIZES = [(64, 64), (97, 131), (131, 97), (1, 1), (300, 211)]
 

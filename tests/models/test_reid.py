@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, check_state_dict
-from models.registry import load_model, load_transforms
-from models.reid import (
+from vbatch.models.checkpoint import CheckpointError, check_state_dict
+from vbatch.models.registry import load_model, load_transforms
+from vbatch.models.reid import (
     EMBED_DIM,
     FULL,
     TINY,
@@ -28,7 +28,7 @@ from models.reid import (
     load,
     write_random_model_dir,
 )
-from models.reid.convert import (
+from vbatch.models.reid.convert import (
     config_from_modelscope,
     config_to_modelscope,
     from_modelscope,
@@ -165,7 +165,7 @@ def test_neck_feat_after_differs_and_uses_bn(tmp_path: Path) -> None:
     cfg_after = replace(TINY, neck_feat="after")
     net_b = ReidNet(TINY).eval()
     net_a = ReidNet(cfg_after).eval()
-    from models.reid import randomize_
+    from vbatch.models.reid import randomize_
 
     randomize_(net_b, torch.Generator().manual_seed(3))
     net_a.load_state_dict(net_b.state_dict())

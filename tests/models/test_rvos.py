@@ -10,16 +10,16 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-import models
-from models.checkpoint import CheckpointError
-from models.rvos import TINY, owned_frames, plan_windows, write_random_model_dir
-from models.rvos.config import SwinConfig
-from models.rvos.model import MTTR
-from models.rvos.modeldir import read_config
-from models.rvos.postprocess import frame_masks, select_trajectory
-from models.rvos.swin import VideoSwinBackbone
-from models.rvos.text import load_tokenizer, normalize_query, tokenize
-from models.rvos.transforms import RVOSTransforms, preprocess_frames, resized_size
+from vbatch import models
+from vbatch.models.checkpoint import CheckpointError
+from vbatch.models.rvos import TINY, owned_frames, plan_windows, write_random_model_dir
+from vbatch.models.rvos.config import SwinConfig
+from vbatch.models.rvos.model import MTTR
+from vbatch.models.rvos.modeldir import read_config
+from vbatch.models.rvos.postprocess import frame_masks, select_trajectory
+from vbatch.models.rvos.swin import VideoSwinBackbone
+from vbatch.models.rvos.text import load_tokenizer, normalize_query, tokenize
+from vbatch.models.rvos.transforms import RVOSTransforms, preprocess_frames, resized_size
 
 
 @pytest.fixture(scope="module")

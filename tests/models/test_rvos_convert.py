@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, check_state_dict, load_checkpoint
-from models.rvos import TINY
-from models.rvos.convert import from_modelscope, modelscope_state_dict, to_modelscope
-from models.rvos.model import MTTR
+from vbatch.models.checkpoint import CheckpointError, check_state_dict, load_checkpoint
+from vbatch.models.rvos import TINY
+from vbatch.models.rvos.convert import from_modelscope, modelscope_state_dict, to_modelscope
+from vbatch.models.rvos.model import MTTR
 
 # key families of ModelScope's MTTR (utils/mttr.py and friends), one example each
 MODELSCOPE_EXAMPLES = (

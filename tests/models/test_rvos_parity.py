@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from models.rvos.postprocess import frame_masks, select_trajectory
-from models.rvos.text import normalize_query, tokenize
-from models.rvos.transforms import preprocess_frames
 from tests.oracle.runner import run_oracle
+from vbatch import models
+from vbatch.models.rvos.postprocess import frame_masks, select_trajectory
+from vbatch.models.rvos.text import normalize_query, tokenize
+from vbatch.models.rvos.transforms import preprocess_frames
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 from torchvision import transforms as tvt
 
-from models.checkpoint import CheckpointError, file_version, load_checkpoint, read_state_dict
-from models.registry import load_model, load_transforms
-from models.salient import (
+from vbatch.models.checkpoint import CheckpointError, file_version, load_checkpoint, read_state_dict
+from vbatch.models.registry import load_model, load_transforms
+from vbatch.models.salient import (
     SalientPredictor,
     SalientTransforms,
     SalientWeights,
     randomize_,
     write_random_model_dir,
 )
-from models.salient.config import (
+from vbatch.models.salient.config import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     SENET_TINY,
@@ -29,14 +29,14 @@ from models.salient.config import (
     parse_config_py,
     read_model_dir,
 )
-from models.salient.convert import (
+from vbatch.models.salient.convert import (
     convert_senet,
     convert_u2net,
     senet_to_modelscope,
     senet_unused_keys,
 )
-from models.salient.model import SENet
-from models.salient.u2net import U2Net
+from vbatch.models.salient.model import SENet
+from vbatch.models.salient.u2net import U2Net
 
 
 def _images(rng: np.random.Generator, sizes: list[tuple[int, int]]) -> list[np.ndarray]:

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import read_state_dict
-from models.registry import load_model
-from models.salient.convert import senet_to_modelscope
-from models.salient.model import SENet
 from tests.oracle.runner import run_oracle
+from vbatch.models.checkpoint import read_state_dict
+from vbatch.models.registry import load_model
+from vbatch.models.salient.convert import senet_to_modelscope
+from vbatch.models.salient.model import SENet
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import CheckpointError, check_state_dict, file_version, load_checkpoint
-from models.shop_seg import (
+from vbatch.models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    file_version,
+    load_checkpoint,
+)
+from vbatch.models.shop_seg import (
     FULL,
     TINY,
     ShopSegConfig,
@@ -20,9 +25,9 @@ from models.shop_seg import (
     load_transforms,
     write_random_model_dir,
 )
-from models.shop_seg.convert import convert_modelscope, to_modelscope
-from models.shop_seg.model import WEIGHTS, read_config
-from models.shop_seg.transforms import ShopSegTransforms, crop_size
+from vbatch.models.shop_seg.convert import convert_modelscope, to_modelscope
+from vbatch.models.shop_seg.model import WEIGHTS, read_config
+from vbatch.models.shop_seg.transforms import ShopSegTransforms, crop_size
 
 SIZES = [(100, 200), (300, 120), (50, 50), (128, 128)]
 

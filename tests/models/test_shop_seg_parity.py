@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.shop_seg import load
-from models.shop_seg.model import FULL, WEIGHTS
-from models.shop_seg.tokenizer import ClipTokenizer
 from tests.oracle.runner import run_oracle
+from vbatch.models.shop_seg import load
+from vbatch.models.shop_seg.model import FULL, WEIGHTS
+from vbatch.models.shop_seg.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
