@@ -18,8 +18,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(UV) pip install --python $(VENV)/bin/python -e '.[dev,convert]'
 	touch $@
 
-$(ORACLE_VENV)/.installed: tests/oracle/requirements.txt tests/oracle/requirements-nodeps.txt $(VENV)/.installed
-	$(UV) venv -q --python $(PYTHON) $(ORACLE_VENV)
+$(ORACLE_VENV)/.installed: tests/oracle/requirements.txt tests/oracle/requirements-nodeps.txt | $(VENV)/.installed
+	$(UV) venv -q --allow-existing --python $(PYTHON) $(ORACLE_VENV)
 	$(UV) pip install --python $(ORACLE_VENV)/bin/python -r tests/oracle/requirements.txt
 	$(UV) pip install --python $(ORACLE_VENV)/bin/python --no-deps -r tests/oracle/requirements-nodeps.txt
 	touch $@
