@@ -74,11 +74,26 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise DecodeError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DecodeError(f"corrupt or truncated image: {e}") from None
+    except MemoryError:
+        raise  # the process is in trouble, not the row: let the job fail
+    except Exception as e:
+        # Pillow's plugins raise what they like on hostile input (NotImplementedError for a DDS
+        # pixel format, struct.error, IndexError, ZeroDivisionError, …): that row's error
+        raise DecodeError(f"cannot decode: {type(e).__name__}: {_first_line(e)}") from None
 
     try:
         return _to_rgb(oriented)
     except (OSError, ValueError) as e:
         raise DecodeError(f"corrupt or truncated image: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise DecodeError(f"cannot decode: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text else ""
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

@@ -25,10 +25,11 @@ BYTES = f"{INTERNAL_PREFIX}bytes"  # large_binary: the fetched file
 INPUT = f"{INTERNAL_PREFIX}input"  # large_binary: one preprocessed network input, .npy encoded
 
 
-def _fetch_one(storage: Storage, uri: str) -> tuple[bytes | None, str | None]:
+def _fetch_one(storage: Storage, uri: str, base_uri: str) -> tuple[bytes | None, str | None]:
     try:
+        uri = resolve(uri, base_uri)
         return storage.read_bytes(uri), None
-    except Exception as e:  # missing, network errors, bad bucket names…: the row fails, not the job
+    except Exception as e:  # unsupported scheme, missing, storage down…: the row fails, not the job
         return None, describe_read_error(e, uri)
 
 
@@ -45,9 +46,7 @@ def fetch_bytes(
     data: list[bytes | None] = [None] * len(uris)
     if todo:
         with ThreadPoolExecutor(max_workers=min(io_threads, len(todo))) as pool:
-            results = pool.map(
-                lambda i: _fetch_one(storage, resolve(uris[i].strip(), base_uri)), todo
-            )
+            results = pool.map(lambda i: _fetch_one(storage, uris[i].strip(), base_uri), todo)
             for i, (blob, err) in zip(todo, results, strict=True):
                 data[i], errors[i] = blob, err
     batch = set_column(batch, BYTES, pa.array(data, pa.large_binary()))
@@ -80,9 +79,17 @@ def decode_and_preprocess(
         except DecodeError as e:
             errors[i] = str(e)
             continue
+        except MemoryError:
+            raise
+        except Exception as e:  # decode_image maps every failure it knows; this is a safety net
+            logger.exception("decode failed")
+            errors[i] = f"cannot decode: {type(e).__name__}: {e}"
+            continue
         heights[i], widths[i] = image.shape[:2]
         try:
             inputs[i] = encode_array(transforms.preprocess(image))
+        except MemoryError:
+            raise
         except Exception as e:  # a model's preprocessing refusing an image is a row error
             logger.exception("preprocess failed")
             errors[i] = f"preprocess failed: {type(e).__name__}: {e}"
