@@ -7,9 +7,12 @@ import logging
 import os
 import sys
 import textwrap
+from typing import Any
 
+from vbatch.jobs.failure import describe_failure
 from vbatch.models import REGISTRY
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
+from vbatch.operators.storage import DEFAULT_RETRY_SECONDS
 
 logger = logging.getLogger("vbatch")
 
@@ -22,11 +25,29 @@ _EPILOG = textwrap.dedent(
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--model`` must not silently mean ``--model-dir``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--s3-endpoint",
         metavar="URL",
         help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)",
+    )
+    p.add_argument(
+        "--io-retry-seconds",
+        type=float,
+        metavar="S",
+        help=(
+            "retry transient storage errors (connection, timeout, 5xx, throttling) for up to S "
+            f"seconds per operation before a row is failed as an infrastructure error "
+            f"(default: VBATCH_IO_RETRY_SECONDS or {DEFAULT_RETRY_SECONDS:g})"
+        ),
     )
     p.add_argument(
         "--address",
@@ -60,13 +81,15 @@ def _pool(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vbatch",
         description="Batch inference for computer-vision models on Ray Data.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        parser_class=_Parser, dest="command", metavar="COMMAND", required=True
+    )
 
     tasks = ", ".join(
         f"{k} ({v.summary})" for k, v in REGISTRY.items() if v.output in ("mask", "rgba")
@@ -150,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser(
         "matting", help="matting model tools (convert the TensorFlow graph to ONNX)"
     )
-    mat_sub = mat.add_subparsers(dest="matting_command", metavar="COMMAND", required=True)
+    mat_sub = mat.add_subparsers(
+        parser_class=_Parser, dest="matting_command", metavar="COMMAND", required=True
+    )
     conv = mat_sub.add_parser(
         "convert",
         help="convert tf_graph.pb to model.onnx once, checked against TensorFlow",
@@ -183,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="person re-ID: embed, index, add, search, eval",
         description="Person re-ID with PASS ViT-B/16 (damo/cv_passvitb_image-reid-person_market) and a FAISS gallery.",
     )
-    rsub = reid.add_subparsers(dest="reid_command", metavar="COMMAND", required=True)
+    rsub = reid.add_subparsers(
+        parser_class=_Parser, dest="reid_command", metavar="COMMAND", required=True
+    )
     emb = rsub.add_parser(
         "embed",
         help="L2-normalised 1536-d embeddings for every row of an image manifest",
@@ -410,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     # Off a terminal (cron, CI) Ray Data logs an 11-line progress snapshot instead of drawing bars;
     # its default of one every 10 s floods the logs of a nightly job. Read at the first execution.
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(NON_TTY_PROGRESS_SECONDS))
+    if getattr(args, "io_retry_seconds", None) is not None:
+        # read by StorageOptions on the driver, which ships the value to every worker
+        os.environ["VBATCH_IO_RETRY_SECONDS"] = str(args.io_retry_seconds)
     try:
         if args.command == "segment":
             from vbatch.jobs.segment import run_segment
@@ -451,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the whole job failed: one clear line, the traceback with -v
         if args.verbose:
             logger.exception("failed")
-        print(f"vbatch {args.command}: error: {e}", file=sys.stderr)
+        print(f"vbatch {args.command}: error: {describe_failure(e)}", file=sys.stderr)
         return 1
     return 2
 

@@ -38,6 +38,25 @@ def package_for_workers() -> str:
     return str(target)
 
 
+class ClusterConnectError(RuntimeError):
+    """Joining a Ray cluster failed; the message says what to try."""
+
+    def __init__(self, address: str, cause: BaseException) -> None:
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        hint = ""
+        token = Path.home() / ".ray" / "auth_token"
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token" and (
+            token.exists() or os.environ.get("RAY_AUTH_TOKEN") or "auth" in str(cause).lower()
+        ):
+            # a `ray start` cluster with token authentication refuses drivers that do not send the
+            # token, and Ray's own message ("Failed to connect") does not say so
+            hint = (
+                "; the cluster may use token authentication: set RAY_AUTH_MODE=token (the token is "
+                f"read from RAY_AUTH_TOKEN or {token})"
+            )
+        super().__init__(f"cannot join the Ray cluster at {address}: {first}{hint}")
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a local Ray; reuse a running one.
 
@@ -50,7 +69,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address:
         kwargs["runtime_env"] = {"py_modules": [package_for_workers()]}
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:
+            raise ClusterConnectError(address, e) from e
     else:
         ray.init(num_cpus=num_cpus, **kwargs)
 

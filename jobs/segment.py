@@ -28,7 +28,7 @@ from vbatch.jobs.publish import (
     write_run_record,
 )
 from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
-from vbatch.models import load_transforms, model_entry
+from vbatch.models import check_model_dir, load_transforms, model_entry
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
 from vbatch.operators.images import decode_and_preprocess, fetch_bytes
 from vbatch.operators.inference import ModelStage
@@ -129,6 +129,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     model_options, transform_options = task_options(cfg, res)
     # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
     local_model_dir = storage.localize_dir(cfg.model_dir)
+    check_model_dir(cfg.task, local_model_dir)
     transforms = load_transforms(cfg.task, local_model_dir, **transform_options)
     if cfg.task == "matting":  # a graph not yet converted: say so here, not from every actor
         from vbatch.models.matting.model import resolve_onnx

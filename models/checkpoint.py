@@ -60,6 +60,34 @@ def read_state_dict(path: str | Path) -> StateDict:
     return out
 
 
+def peek_state_dict(path: str | Path) -> int:
+    """Open a checkpoint without reading its tensors; returns how many entries it has.
+
+    ``torch.load(mmap=True)`` maps the archive's tensor storage instead of reading it, so a 700 MB
+    checkpoint costs page-table entries, not memory. Archives in the legacy (pre-1.6, non-zip)
+    format cannot be mapped and are read whole.
+
+    Raises:
+        CheckpointError: missing, truncated, not a ``torch.save`` file, or holding code to run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, code in the pickle
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return len(obj)
+
+
 def _fmt(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")

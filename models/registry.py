@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vbatch.models.base import Predictor, Transforms
+from vbatch.models.checkpoint import CheckpointError, peek_state_dict
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class ModelEntry:
     output: str
     modelscope_id: str
     summary: str
+    #: files ModelScope's layout must hold, checked on the driver before any worker starts
+    required_files: tuple[str, ...] = ()
+    #: the ``torch.save`` state dict among them, opened (not loaded) on the driver
+    checkpoint: str | None = None
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -34,12 +39,19 @@ REGISTRY: dict[str, ModelEntry] = {
         "mask",
         "damo/cv_res2net_salient-detection",
         "salient-object detection (Res2Net/SENet with edge guidance, or U2NET)",
+        required_files=("pytorch_model.pt",),
+        checkpoint="pytorch_model.pt",
     ),
     "shop-seg": ModelEntry(
         "vbatch.models.shop_seg",
         "mask",
         "damo/cv_vitb16_segmentation_shop-seg",
         "product segmentation (DenseCLIP, CLIP ViT-B/16 at 1024²)",
+        required_files=(
+            "pytorch_model.bin",
+            "bpe_simple_vocab_16e6.txt.gz",
+        ),
+        checkpoint="pytorch_model.bin",
     ),
     "matting": ModelEntry(
         "vbatch.models.matting",
@@ -52,12 +64,19 @@ REGISTRY: dict[str, ModelEntry] = {
         "embedding",
         "damo/cv_passvitb_image-reid-person_market",
         "person re-ID embeddings (PASS ViT-B/16, 1536-d)",
+        required_files=("pytorch_model.pt",),
+        checkpoint="pytorch_model.pt",
     ),
     "rvos": ModelEntry(
         "vbatch.models.rvos",
         "video-masks",
         "damo/cv_swin-t_referring_video-object-segmentation",
         "referring video object segmentation (MTTR, video Swin-T + RoBERTa)",
+        required_files=(
+            "pytorch_model.pt",
+            "configuration.json",
+        ),
+        checkpoint="pytorch_model.pt",
     ),
 }
 
@@ -72,6 +91,29 @@ def model_entry(name: str) -> ModelEntry:
         return REGISTRY[name]
     except KeyError:
         raise UnknownModelError(name) from None
+
+
+def check_model_dir(name: str, model_dir: str | Path) -> None:
+    """Fail fast, on the driver, when ``model_dir`` cannot be model ``name``'s directory.
+
+    Checks that the files of ModelScope's layout are there and that the checkpoint opens as a
+    ``torch.save`` archive (memory-mapped: its tensors are not read). Whether every key and shape
+    fits is the strict loader's job, in each actor.
+
+    Raises:
+        CheckpointError: naming the directory, the missing file or the unreadable checkpoint.
+    """
+    entry = model_entry(name)
+    model_dir = Path(model_dir)
+    missing = [f for f in entry.required_files if not (model_dir / f).is_file()]
+    if missing:
+        present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+        raise CheckpointError(
+            f"{model_dir} is not a {name} model directory ({entry.modelscope_id}): missing "
+            f"{', '.join(missing)}; it holds {', '.join(present) if present else 'nothing'}"
+        )
+    if entry.checkpoint is not None:
+        peek_state_dict(model_dir / entry.checkpoint)
 
 
 def _package(name: str) -> ModuleType:

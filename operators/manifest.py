@@ -17,23 +17,24 @@ memory per task stays bounded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
 from vbatch.operators.storage import Storage, normalize, parent
 from vbatch.schemas.images import (
+    ID_EMPTY,
+    ID_NULL,
     INTERNAL_PREFIX,
     KEY_OK,
     ManifestError,
     check_image_manifest_schema,
-    duplicate_candidates,
-    first_occurrences,
-    id_hashes,
     key_error,
     key_problems,
 )
@@ -77,9 +78,47 @@ def read_manifest_schema(file_uri: str, storage: Storage) -> pa.Schema:
         raise ManifestError(f"manifest {file_uri}: not a readable Parquet file: {e}") from e
 
 
+# -- duplicate ids: a 64-bit hash per row travels, the exact ids of repeated hashes only -------
+
+
+def id_hashes(image_ids: pa.Array) -> np.ndarray:
+    """A ``uint64`` hash per id (pandas' SipHash with its fixed key: the same on every worker)."""
+    values = pa.array(image_ids, pa.string()).fill_null("").to_numpy(zero_copy_only=False)
+    return pd.util.hash_array(values, categorize=False)
+
+
+def duplicate_candidates(hashes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Rows (ascending) with a usable id whose hash another such row shares: every duplicate id is
+    among them, plus any hash collisions, which :func:`first_occurrences` tells apart."""
+    usable = np.flatnonzero((codes != ID_NULL) & (codes != ID_EMPTY))
+    h = hashes[usable]
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    repeated = np.zeros(len(hs), dtype=bool)
+    same = hs[1:] == hs[:-1]
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    return np.sort(usable[order[repeated]])
+
+
+def first_occurrences(rows: np.ndarray, image_ids: Sequence[str]) -> dict[int, int]:
+    """``{row: first row with the same id}`` for every later occurrence among ``rows``
+    (ascending, with their ids)."""
+    first: dict[str, int] = {}
+    later: dict[int, int] = {}
+    for row, image_id in zip(rows.tolist(), image_ids, strict=True):
+        if image_id in first:
+            later[row] = first[image_id]
+        else:
+            first[image_id] = row
+    return later
+
+
 @ray.remote
 def _block_keys(block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(problem code, id hash) per row of a block."""
+    if block.num_rows == 0:  # an empty file's block may not even carry the columns
+        return np.empty(0, np.uint8), np.empty(0, np.uint64)
     ids = block.column("image_id").combine_chunks()
     return key_problems(ids, block.column("uri").combine_chunks()), id_hashes(ids)
 
@@ -207,5 +246,12 @@ def read_image_manifest(
         passthrough=passthrough if passthrough is not None else pa.schema([]),
     )
     if not refs:
-        raise ManifestError(f"manifest {uri}: no rows")
+        # nothing new tonight is a valid input: an empty dataset with the manifest's columns, so
+        # that the job publishes an empty results table and succeeds
+        first_schema = read_manifest_schema(files[0], storage)
+        empty = first_schema.empty_table()
+        empty = empty.append_column(ROW, pa.array([], pa.int64()))
+        empty = empty.append_column(ERROR, pa.array([], pa.string()))
+        logger.warning("manifest %s has no rows", uri)
+        return ray.data.from_arrow(empty), info
     return ray.data.from_arrow_refs(refs), info  # type: ignore[arg-type]  # Ray's two ObjectRef stubs

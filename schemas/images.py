@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -132,8 +131,8 @@ def check_image_manifest_schema(schema: pa.Schema, source: str, output: str) -> 
 
 # -- row problems -----------------------------------------------------------------------------------
 # Found in two halves so that a manifest of millions of rows never gathers its ids on one machine:
-# the problems of a row on its own (key_problems, per block, on the workers) and duplicate ids (a
-# 64-bit hash per row gathered, then the exact ids of the few rows whose hashes repeat).
+# the problems of a row on its own; duplicate ids across a whole manifest are found by the manifest
+# reader (vbatch.operators.manifest), which never gathers the ids on the driver
 KEY_OK, ID_NULL, ID_EMPTY, URI_EMPTY = 0, 1, 2, 3
 
 
@@ -152,39 +151,6 @@ def key_problems(image_ids: pa.Array, uris: pa.Array) -> np.ndarray:
     codes[blank(ids)] = ID_EMPTY
     codes[ids.is_null().to_numpy(zero_copy_only=False)] = ID_NULL
     return codes
-
-
-def id_hashes(image_ids: pa.Array) -> np.ndarray:
-    """A ``uint64`` hash per id (pandas' SipHash with its fixed key: the same on every worker)."""
-    values = pa.array(image_ids, pa.string()).fill_null("").to_numpy(zero_copy_only=False)
-    return pd.util.hash_array(values, categorize=False)
-
-
-def duplicate_candidates(hashes: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Rows (ascending) with a usable id whose hash another such row shares: every duplicate id is
-    among them, plus any hash collisions, which :func:`first_occurrences` tells apart."""
-    usable = np.flatnonzero((codes != ID_NULL) & (codes != ID_EMPTY))
-    h = hashes[usable]
-    order = np.argsort(h, kind="stable")
-    hs = h[order]
-    repeated = np.zeros(len(hs), dtype=bool)
-    same = hs[1:] == hs[:-1]
-    repeated[1:] |= same
-    repeated[:-1] |= same
-    return np.sort(usable[order[repeated]])
-
-
-def first_occurrences(rows: np.ndarray, image_ids: Sequence[str]) -> dict[int, int]:
-    """``{row: first row with the same id}`` for every later occurrence among ``rows``
-    (ascending, with their ids)."""
-    first: dict[str, int] = {}
-    later: dict[int, int] = {}
-    for row, image_id in zip(rows.tolist(), image_ids, strict=True):
-        if image_id in first:
-            later[row] = first[image_id]
-        else:
-            first[image_id] = row
-    return later
 
 
 def key_error(
@@ -221,13 +187,16 @@ def image_row_errors(
     """
     ids = pa.array(image_ids, pa.string())
     codes = key_problems(ids, pa.array(uris, pa.string()))
-    candidates = duplicate_candidates(id_hashes(ids), codes)
-    later = first_occurrences(candidates, ids.take(pa.array(candidates, pa.int64())).to_pylist())
     values = ids.to_pylist()
-    return [
-        key_error(row, int(code), values[row], later.get(row), id_name)
-        for row, code in enumerate(codes)
-    ]
+    first: dict[str, int] = {}
+    out: list[str | None] = []
+    for row, (code, image_id) in enumerate(zip(codes.tolist(), values, strict=True)):
+        earlier = None
+        if code not in (ID_NULL, ID_EMPTY):
+            earlier = first.setdefault(image_id, row)
+            earlier = None if earlier == row else earlier
+        out.append(key_error(row, code, image_id, earlier, id_name))
+    return out
 
 
 def validate_image_results(table: pa.Table, output: str, embedding_dim: int | None = None) -> None:

@@ -50,10 +50,40 @@ def _weed() -> str:
 
 
 class S3Server:
-    """A running SeaweedFS S3 gateway on loopback."""
+    """A running SeaweedFS S3 gateway on loopback; :meth:`stop` and :meth:`start` simulate an
+    outage (same ports, same data folder)."""
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, cmd: list[str], data: Path) -> None:
+        self.cmd, self.data = cmd, data
+        port = next(c for c in cmd if c.startswith("-s3.port="))
+        self.endpoint = f"http://127.0.0.1:{port.split('=')[1]}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        log = open(self.data / "weed.log", "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.new_bucket()
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    pytest.fail(f"SeaweedFS did not start; log: {self.data / 'weed.log'}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
     def storage(self):
         from vbatch.operators.storage import Storage, StorageOptions
@@ -76,28 +106,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         _weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-s3", f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        # the S3 gateway also opens a Lance namespace (9101) and an Iceberg catalog (8181) on fixed
+        # ports by default: a second server on the machine would die with "address in use"
+        "-s3.port.lance=0", "-s3.port.iceberg=0",
         "-master.volumeSizeLimitMB=64", "-volume.max=50",
     ]  # fmt: skip
-    log = open(data / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}")
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            server.new_bucket()
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"SeaweedFS did not start; log: {data / 'weed.log'}")
-            time.sleep(0.5)
+    server = S3Server(cmd, data)
+    server.start()
     yield server
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -77,3 +77,37 @@ def test_limit_counts_duplicates_within_the_first_rows_only(ray_session, tmp_pat
     assert table.column(ROW).to_pylist() == list(range(120))
     assert table.column(ERROR).to_pylist() == image_row_errors(ids[:120], uris[:120])
     assert info.num_rows == 120
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_duplicates_found_from_hashes_even_when_they_collide(collide) -> None:
+    """The driver's duplicate finding (hashes, then exact ids of repeated hashes) gives the
+    single-table rules' answer, also when unrelated ids share a hash."""
+    from vbatch.operators.manifest import duplicate_candidates, first_occurrences, id_hashes
+    from vbatch.schemas.images import key_problems
+
+    rng = np.random.default_rng(0)
+    pool = [f"id{i}" for i in range(40)] + [None, "", " ", "\t"]
+    ids = [pool[i] for i in rng.integers(0, len(pool), 500)]
+    uris = [["u", "", None, " x "][i] for i in rng.integers(0, 4, 500)]
+    arr = pa.array(ids, pa.string())
+    codes = key_problems(arr, pa.array(uris, pa.string()))
+    hashes = (  # every id of the same length hashes alike: the exact check must tell them apart
+        np.array([len(v or "") for v in ids], dtype=np.uint64) if collide else id_hashes(arr)
+    )
+    candidates = duplicate_candidates(hashes, codes)
+    later = first_occurrences(candidates, arr.take(pa.array(candidates, pa.int64())).to_pylist())
+    expected = image_row_errors(ids, uris)
+    got_duplicates = {r for r, e in enumerate(expected) if e and "duplicate" in e}
+    assert set(later) == got_duplicates
+    for row, first in later.items():
+        assert f"(first at row {first}," in expected[row]
+
+
+def test_empty_manifest_is_an_empty_dataset(ray_session, tmp_path) -> None:
+    schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("shelf", pa.int64())])
+    pq.write_table(schema.empty_table(), tmp_path / "m.parquet")
+    ds, info = read_image_manifest(str(tmp_path / "m.parquet"), Storage(), "mask")
+    assert info.num_rows == 0 and info.num_bad_rows == 0
+    assert ds.count() == 0
+    assert {"image_id", "uri", "shelf", ROW, ERROR} <= set(ds.schema().names)
