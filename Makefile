@@ -10,12 +10,12 @@ UV := $(VENV)/bin/uv
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv
-	$(UV) pip install --python $(VENV)/bin/python -e '.[dev]'
+	$(UV) pip install --python $(VENV)/bin/python -e '.[cpu,dev]'
 	touch $@
 
 # The tests also convert TensorFlow graphs (the `convert` extra); workers never need TensorFlow.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(UV) pip install --python $(VENV)/bin/python -e '.[dev,convert]'
+	$(UV) pip install --python $(VENV)/bin/python -e '.[cpu,dev,convert]'
 	touch $@
 
 $(ORACLE_VENV)/.installed: tests/oracle/requirements.txt tests/oracle/requirements-nodeps.txt | $(VENV)/.installed

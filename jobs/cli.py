@@ -295,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gallery", required=True, metavar="URI")
     _common(ev)
 
+    env = sub.add_parser(
+        "env",
+        help="versions, GPUs, faiss and ONNX Runtime providers (for bug reports)",
+        description=(
+            "Print the versions of vbatch and the libraries it runs on, whether torch sees CUDA and "
+            "which GPUs, faiss's GPU count, ONNX Runtime's providers and, with --address, the Ray "
+            "cluster's nodes and resources."
+        ),
+    )
+    env.add_argument("--address", metavar="ADDR", help="also describe this Ray cluster")
+    env.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    env.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     demo = sub.add_parser(
         "demo",
         help="generate demo data and a random-weight model, run the job locally",
@@ -471,6 +484,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "reid":
             return _reid(args)
+        if args.command == "env":
+            import json
+
+            from vbatch.jobs.env import collect_env, format_env
+
+            info = collect_env(args.address)
+            print(json.dumps(info, indent=2, default=str) if args.json else format_env(info))
+            return 0
         if args.command == "demo":
             from vbatch.jobs.demo import run_demo
 
