@@ -78,11 +78,40 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def cluster_gpus() -> int:
+    """GPUs up now."""
     return int(ray.cluster_resources().get("GPU", 0))
 
 
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+#: a cap for "the autoscaler may add without limit" (a node type with max_workers -1)
+_UNBOUNDED_GPUS = 1024
+
+
+def autoscaler_max_gpus() -> int | None:
+    """GPUs the cluster's autoscaler may run at most (node types × max workers), or ``None`` when
+    the cluster publishes no autoscaler configuration (a fixed cluster, ``ray start`` by hand).
+
+    Read the way Ray Data reads it for its own shuffles (a developer API of Ray's GCS state).
+    """
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # older Ray, no GCS access: as if there were no autoscaler
+        return None
+    if limits is None:
+        return None
+    return int(min(limits.get("GPU", 0), _UNBOUNDED_GPUS))
+
+
+def node_cpus() -> int:
+    """CPUs of the largest alive node: what one model actor's threads are sized from (not the
+    driver's cores, which on a cluster are the head's)."""
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(max(cpus, default=os.cpu_count() or 1)) or 1
 
 
 #: Default images per model-stage batch, per (task, device kind).
@@ -115,6 +144,7 @@ class Resources:
     """What the model stage's actor pool gets."""
 
     batch_size: int
+    #: model replicas at most (the pool grows to it as GPU nodes come up)
     actors: int
     gpus_per_actor: float
     #: torch intra-op threads per actor (CPU inference)
@@ -122,6 +152,12 @@ class Resources:
     device: str
     #: bytes of host memory reserved per actor
     memory: int
+    #: replicas the pool starts with (``actors`` unless GPU nodes may still be added)
+    min_actors: int = 0
+
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) replicas for ``ray.data.ActorPoolStrategy``."""
+        return (self.min_actors or self.actors, self.actors)
 
     def describe(self) -> str:
         where = (
@@ -129,7 +165,12 @@ class Resources:
             if self.gpus_per_actor
             else f"CPU, {self.threads} threads each"
         )
-        return f"{self.actors} actor(s), {where}, batch {self.batch_size}"
+        pool = (
+            f"{self.min_actors}–{self.actors}"
+            if self.min_actors not in (0, self.actors)
+            else str(self.actors)
+        )
+        return f"{pool} actor(s), {where}, batch {self.batch_size}"
 
 
 def probe_gpu_memory() -> tuple[int, int] | None:
@@ -162,6 +203,9 @@ def shop_seg_gpu_batch(free_bytes: int, precision: str, cap: int = 64) -> int:
     return int(max(1, min(cap, 0.6 * (free_bytes - weights) // per_image)))
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def decide_resources(
     task: str,
     batch_size: int | None = None,
@@ -169,26 +213,55 @@ def decide_resources(
     gpus_per_actor: float | None = None,
     threads: int | None = None,
     precision: str = "fp32",
+    device: str = "auto",
 ) -> Resources:
     """Fill in the model stage's resources from the cluster (after :func:`ensure_ray`).
 
-    With GPUs: one actor per GPU (one model replica per GPU saturates it for these models).
-    Without: one actor using the cores (a second replica on the same cores only adds memory); the
-    CPU stages run in the gaps: decoding costs ~1/30 of a forward here.
+    ``device``: ``cpu``; ``cuda`` requests GPUs for the actors even when none is up yet (an
+    autoscaler then brings GPU nodes: nothing here depends on what is up at submit time); ``auto``
+    uses GPUs when the cluster has them now or its autoscaler can add them, else the CPU.
+
+    With GPUs: one actor per GPU the cluster can have (one model replica per GPU saturates it for
+    these models); the pool starts with the GPUs up now (at least one) and grows as GPU nodes
+    join. Without: one actor using a node's cores (a second replica on the same cores only adds
+    memory); the CPU stages run in the gaps: decoding costs ~1/30 of a forward here.
     """
-    gpus = cluster_gpus()
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if gpus else 0.0
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
+    gpus_now = cluster_gpus()
+    gpus_max = autoscaler_max_gpus()
+    gpus_reachable = max(gpus_now, gpus_max or 0)
+    if device == "cpu":
+        if gpus_per_actor:
+            raise ValueError("--device cpu and --gpus-per-actor > 0 contradict each other")
+        gpus_per_actor = 0.0
+    elif device == "cuda":
+        gpus_per_actor = gpus_per_actor or 1.0
+    elif gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus_reachable else 0.0
     on_gpu = gpus_per_actor > 0
-    if on_gpu and not gpus:
-        raise ValueError(f"--gpus-per-actor {gpus_per_actor} but the Ray cluster has no GPU")
+    if on_gpu and not gpus_reachable:
+        # not refused: the cluster may gain GPU nodes we cannot see (an autoscaler that does not
+        # publish its configuration); the actors wait for them
+        logger.warning(
+            "GPU actors requested, but the Ray cluster has no GPU now and no autoscaler "
+            "configuration that could add one: the model stage waits until a GPU node joins"
+        )
+    min_actors = 0
     if actors is None:
-        actors = max(1, int(gpus // gpus_per_actor)) if on_gpu else 1
+        if on_gpu:
+            actors = max(1, int(gpus_reachable // gpus_per_actor))
+            min_actors = max(1, min(actors, int(gpus_now // gpus_per_actor)))
+        else:
+            actors = 1
     if threads is None:
-        threads = 4 if on_gpu else max(1, (os.cpu_count() or 1) // actors)
+        # a single-node cluster shares its cores among the replicas; on several nodes each
+        # replica gets a node's cores
+        share = actors if len([n for n in ray.nodes() if n.get("Alive")]) <= 1 else 1
+        threads = 4 if on_gpu else max(1, node_cpus() // share)
     if not on_gpu and precision == "fp16":
         raise ValueError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
-    if batch_size is None and on_gpu and task == "shop-seg":
+    if batch_size is None and on_gpu and task == "shop-seg" and gpus_now:
         probed = probe_gpu_memory()
         if probed is not None:
             batch_size = shop_seg_gpu_batch(probed[0], precision)
@@ -204,5 +277,11 @@ def decide_resources(
         raise ValueError("--batch-size and --actors must be at least 1")
     memory = int(ACTOR_MEMORY_GB.get(task, 4.0) * 2**30)
     return Resources(
-        batch_size, actors, gpus_per_actor, threads, "cuda" if on_gpu else "cpu", memory
+        batch_size,
+        actors,
+        gpus_per_actor,
+        threads,
+        "cuda" if on_gpu else "cpu",
+        memory,
+        min_actors,
     )
