@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from vbatch.models.shop_seg import FULL, TINY, ShopSegNet, activation_bytes_per_image
-from vbatch.models.shop_seg.model import randomize_
+from vbatch.models.shop_seg.modeldir import randomize_
 from vbatch.models.shop_seg.transforms import ShopSegTransforms
 
 

@@ -28,3 +28,5 @@ class MattingFiles:
 
 
 MATTING = MattingFiles()
+#: the names every vbatch model package's config declares (the "weights" are the converted graph)
+MODELSCOPE_ID, WEIGHTS_FILE = MATTING.modelscope_id, MATTING.onnx_file

@@ -29,7 +29,7 @@ from vbatch.models.checkpoint import CheckpointError
 # --- provenance of the shipped weights (kept apart from the architecture, like timm's PretrainedCfg)
 MODELSCOPE_ID = "damo/cv_swin-t_referring_video-object-segmentation"
 CONFIG_FILE = "configuration.json"
-CHECKPOINT_FILE = "pytorch_model.pt"  # ModelScope's ModelFile.TORCH_MODEL_FILE
+WEIGHTS_FILE = "pytorch_model.pt"  # ModelScope's ModelFile.TORCH_MODEL_FILE
 TEXT_DIR = "transformer_cfg_dir"  # RoBERTa config + tokenizer (+ weights the checkpoint overrides)
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

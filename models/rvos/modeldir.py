@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from vbatch.models.rvos.config import (
-    CHECKPOINT_FILE,
     CONFIG_FILE,
     FULL,
     TEXT_DIR,
+    WEIGHTS_FILE,
     RVOSConfig,
     SwinConfig,
 )
@@ -184,6 +184,6 @@ def write_random_model_dir(path: str | Path, config: RVOSConfig = FULL, seed: in
                     p.normal_(0.0, 0.02)
     finally:
         torch.random.set_rng_state(gen_state)
-    torch.save({"model_state_dict": modelscope_state_dict(model)}, out / CHECKPOINT_FILE)
+    torch.save({"model_state_dict": modelscope_state_dict(model)}, out / WEIGHTS_FILE)
     logger.info("wrote a random MTTR model directory at %s", out)
     return out

@@ -19,7 +19,7 @@ import torch
 from vbatch.models.base import Predictor, resolve_device
 from vbatch.models.checkpoint import file_version, load_checkpoint
 from vbatch.models.precision import autocast, check_precision
-from vbatch.models.rvos.config import CHECKPOINT_FILE, TEXT_DIR, read_config
+from vbatch.models.rvos.config import TEXT_DIR, WEIGHTS_FILE, read_config
 from vbatch.models.rvos.convert import from_modelscope
 from vbatch.models.rvos.model import MTTR
 from vbatch.models.rvos.text import load_tokenizer, normalize_query, tokenize
@@ -146,7 +146,7 @@ def load(
     check_precision(precision, dev)
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
-    ckpt = model_dir / CHECKPOINT_FILE
+    ckpt = model_dir / WEIGHTS_FILE
     model = MTTR(cfg)
     load_checkpoint(model, ckpt, from_modelscope)
     tokenizer = load_tokenizer(model_dir / TEXT_DIR)

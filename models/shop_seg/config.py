@@ -94,6 +94,8 @@ class WeightsInfo:
 
 
 WEIGHTS = WeightsInfo()
+#: the names every vbatch model package's config declares
+MODELSCOPE_ID, WEIGHTS_FILE = WEIGHTS.modelscope_id, WEIGHTS.checkpoint
 
 
 def read_config(model_dir: Path) -> ShopSegConfig:

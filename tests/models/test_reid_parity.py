@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tests.oracle.runner import run_oracle
-from vbatch.models.reid import ReidConfig, load, write_random_model_dir
+from vbatch.models.reid import ReidConfig, load
+from vbatch.models.reid.modeldir import write_random_model_dir
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
