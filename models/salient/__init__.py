@@ -19,6 +19,8 @@ from vbatch.models.salient.config import (
     SalientWeights,
     SENetConfig,
     U2NetConfig,
+    read_config,
+    read_model_dir,
 )
 from vbatch.models.salient.model import build_network
 from vbatch.models.salient.predictor import SalientPredictor, load, load_transforms
@@ -40,4 +42,6 @@ __all__ = [
     "build_network",
     "load",
     "load_transforms",
+    "read_config",
+    "read_model_dir",
 ]

@@ -197,21 +197,24 @@ def read_model_dir(model_dir: Path) -> SalientWeights:
     return weights
 
 
-def read_architecture(model_dir: Path, variant: Variant) -> SENetConfig | U2NetConfig:
+def read_config(model_dir: Path) -> SENetConfig | U2NetConfig:
     """The architecture of a model directory: the real preset unless vbatch's side file says otherwise.
 
     Args:
-        model_dir: the model directory.
-        variant: what :func:`read_model_dir` found.
+        model_dir: the model directory (its variant as :func:`read_model_dir` decides it).
 
     Returns:
         :data:`SENET` or :data:`U2NET`, or the configuration in ``vbatch_salient.json``.
     """
+    variant = read_model_dir(model_dir).variant
     side = Path(model_dir) / ARCH_FILE
-    cls = SENetConfig if variant == "senet" else U2NetConfig
+    cls: type[SENetConfig] | type[U2NetConfig] = SENetConfig if variant == "senet" else U2NetConfig
     if not side.is_file():
         return cls()
     try:
-        return config_from_json(cls, side.read_text(encoding="utf-8"), str(side))
+        text = side.read_text(encoding="utf-8")
+        if cls is SENetConfig:
+            return config_from_json(SENetConfig, text, str(side))
+        return config_from_json(U2NetConfig, text, str(side))
     except (OSError, ValueError, TypeError) as e:
         raise SalientConfigError(f"{side}: {e}") from e

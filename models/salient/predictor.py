@@ -21,7 +21,7 @@ from vbatch.models.precision import autocast, check_precision
 from vbatch.models.salient.config import (
     WEIGHTS_FILE,
     SalientWeights,
-    read_architecture,
+    read_config,
     read_model_dir,
 )
 from vbatch.models.salient.convert import convert_senet, convert_u2net
@@ -107,7 +107,7 @@ def load(
     dev = resolve_device(device)
     check_precision(precision, dev)
     weights = read_model_dir(model_dir)
-    net = build_network(weights.variant, read_architecture(model_dir, weights.variant))
+    net = build_network(weights.variant, read_config(model_dir))
     check_input_size(weights.norm_size, net, model_dir)
     path = model_dir / WEIGHTS_FILE
     convert = partial(convert_senet, model=net) if isinstance(net, SENet) else convert_u2net

@@ -131,6 +131,9 @@ def test_random_model_dir_loads_and_runs(name: str, model_dirs: dict[str, Path])
     assert predictor.device == torch.device("cpu")
     assert len(predictor.model_version) == 12 and int(predictor.model_version, 16) >= 0
     assert isinstance(load_transforms(name, model_dirs[name]), Transforms)
+    if SPECS[name].state_dict:  # the directory says which architecture it holds
+        config = importlib.import_module(f"{REGISTRY[name].module}.config")
+        assert config.read_config(model_dirs[name]) == config.TINY
     images = _images()
     kind = REGISTRY[name].output
     if kind == "video-masks":
