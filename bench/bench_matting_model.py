@@ -1,6 +1,6 @@
 """Throughput of the bare ONNX Runtime session of the matting runtime (no Ray, no decode).
 
-Runs :class:`vbatch.models.matting.model.MattingPredictor.forward` on one 1024×768 RGB image, repeatedly.
+Runs :class:`vbatch.models.matting.predictor.MattingPredictor.forward` on one 1024×768 RGB image, repeatedly.
 The model is a STAND-IN: the small test graph of ``tests/models/tf_graphs.py`` converted with
 ``convert_graph`` when TensorFlow is importable (the ``convert`` extra), else the demo ONNX model.
 Neither is ModelScope's U-Net: the figures measure the runtime's overhead (casts, session call,
@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from vbatch.models.matting import load, write_demo_model_dir
+from vbatch.models.matting import load
 from vbatch.models.matting.convert import sample_image
+from vbatch.models.matting.modeldir import write_random_model_dir as write_demo_model_dir
 
 
 def stand_in_model_dir(root: Path) -> tuple[Path, str]:

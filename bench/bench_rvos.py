@@ -155,7 +155,8 @@ def main() -> None:
     import ray
 
     from vbatch.jobs.video import VideoConfig, run_video
-    from vbatch.models.rvos import FULL, TINY, write_random_model_dir
+    from vbatch.models.rvos import FULL, TINY
+    from vbatch.models.rvos.modeldir import write_random_model_dir
 
     logging.basicConfig(level=logging.WARNING)
     w, h = (int(x) for x in args.size.split("x"))

@@ -28,17 +28,18 @@ from vbatch.models import load_model
 
 def write_model(task: str, folder: Path) -> Path:
     if task == "salient":
-        from vbatch.models.salient import write_random_model_dir
+        from vbatch.models.salient.modeldir import write_random_model_dir
 
-        return write_random_model_dir(folder / "salient", variant="senet")
+        return write_random_model_dir(folder / "salient")
     if task == "shop-seg":
-        from vbatch.models.shop_seg import FULL, write_random_model_dir
+        from vbatch.models.shop_seg import FULL
+        from vbatch.models.shop_seg.modeldir import write_random_model_dir
 
         return write_random_model_dir(folder / "shop-seg", config=FULL)
     if task == "matting":
         # a stand-in ONNX graph with the real one's interface: measures the pipeline around the
         # session, not the real U-Net (convert the real graph and pass --model-dir for that)
-        from vbatch.models.matting import write_demo_model_dir
+        from vbatch.models.matting.modeldir import write_random_model_dir as write_demo_model_dir
 
         return write_demo_model_dir(folder / "matting")
     raise SystemExit(f"no benchmark set-up for {task}")

@@ -1,6 +1,6 @@
 """shop-seg network: time per image and activation memory per image (no Ray, no decode).
 
-Random weights from :func:`vbatch.models.shop_seg.write_random_model_dir`'s initialiser (speed and memory do
+Random weights from :func:`vbatch.models.shop_seg.modeldir.write_random_model_dir`'s initialiser (speed and memory do
 not depend on the values). Memory is measured two ways:
 
 * ``live``: the peak of bytes held by live tensors created during the forward (a dispatch-mode
@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from vbatch.models.shop_seg import FULL, TINY, ShopSegNet, activation_bytes_per_image
-from vbatch.models.shop_seg.model import randomize_
+from vbatch.models.shop_seg.modeldir import randomize_
 from vbatch.models.shop_seg.transforms import ShopSegTransforms
 
 

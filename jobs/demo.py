@@ -59,11 +59,11 @@ def _people(folder: Path, n: int) -> Path:
 
 def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) -> int:
     """Generate the demo data and models under ``out`` and run every job on them."""
-    from vbatch.models.matting import write_demo_model_dir as matting_dir
-    from vbatch.models.reid import write_random_model_dir as reid_dir
-    from vbatch.models.salient import write_random_model_dir as salient_dir
+    from vbatch.models.matting.modeldir import write_random_model_dir as matting_dir
+    from vbatch.models.reid.modeldir import write_random_model_dir as reid_dir
+    from vbatch.models.salient.modeldir import write_random_model_dir as salient_dir
     from vbatch.models.shop_seg import TINY as SHOP_TINY
-    from vbatch.models.shop_seg import write_random_model_dir as shop_dir
+    from vbatch.models.shop_seg.modeldir import write_random_model_dir as shop_dir
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     from vbatch.jobs.demo_data import write_demo_clip
     from vbatch.jobs.video import VideoConfig, run_video
     from vbatch.models.rvos import TINY as RVOS_TINY
-    from vbatch.models.rvos import write_random_model_dir as rvos_dir
+    from vbatch.models.rvos.modeldir import write_random_model_dir as rvos_dir
 
     clip = write_demo_clip(out / "video" / "clip.mp4")
     pq.write_table(

@@ -15,11 +15,16 @@ A model is split the way the pipeline runs it (Ray's batch-inference examples, S
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+_C = TypeVar("_C")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -27,6 +32,35 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def config_to_json(config: Any) -> str:
+    """A flat frozen config dataclass as JSON (vbatch's side file for non-released presets)."""
+    return json.dumps(dataclasses.asdict(config), indent=1)
+
+
+def config_from_json(cls: type[_C], text: str, source: str) -> _C:
+    """Parse :func:`config_to_json` output back into ``cls`` (data only).
+
+    Args:
+        cls: a flat dataclass whose fields are scalars or tuples (JSON lists become tuples).
+        text: the JSON text.
+        source: the file name, for error messages.
+
+    Returns:
+        The config; fields the file omits keep their defaults.
+
+    Raises:
+        ValueError: not a JSON object, or a field ``cls`` does not have.
+    """
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} fields {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 class Transforms(ABC):

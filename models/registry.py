@@ -129,7 +129,8 @@ def load_model(
         name: a key of :data:`REGISTRY`.
         model_dir: local folder in ModelScope's layout (remote URIs: ``operators.storage.localize_dir``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``None`` for the best available.
-        options: model-specific options (e.g. ``precision``).
+        options: passed to the package's ``load`` as keywords (e.g. ``precision``); each package
+            declares its own, and an unknown one raises ``TypeError`` naming it.
 
     Returns:
         A :class:`Predictor`; ``predict(list of RGB uint8 arrays)`` gives one product per image.

@@ -48,8 +48,7 @@ import torchvision.transforms.functional as TF
 
 from vbatch.models.rvos import owned_frames, plan_windows
 from vbatch.models.rvos.config import MAX_SIDE, SHORT_SIDE
-from vbatch.models.rvos.postprocess import frame_masks, select_trajectory
-from vbatch.models.rvos.transforms import preprocess_frames
+from vbatch.models.rvos.transforms import frame_masks, preprocess_frames, select_trajectory
 from vbatch.operators.columns import decode_array, encode_array, set_column
 from vbatch.operators.inference import load_actor_model
 from vbatch.operators.manifest import ERROR, ROW, manifest_files, read_manifest_schema
@@ -544,7 +543,7 @@ def write_window_masks(
 ) -> pa.Table:
     """Final masks of each window's owned frames → PNGs; returns :data:`VIDEO_RESULTS` rows.
 
-    Upsampling and thresholding of :func:`vbatch.models.rvos.postprocess.frame_masks` act frame by frame,
+    Upsampling and thresholding of :func:`vbatch.models.rvos.transforms.frame_masks` act frame by frame,
     so applying them to the owned frames alone gives exactly the frames of ``predict_video``.
     """
     results: list[dict] = []

@@ -20,9 +20,9 @@ from vbatch.schemas.images import validate_image_results
 
 @pytest.fixture(scope="module")
 def matting_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.matting import write_demo_model_dir
+    from vbatch.models.matting.modeldir import write_random_model_dir
 
-    return write_demo_model_dir(tmp_path_factory.mktemp("matting") / "model")
+    return write_random_model_dir(tmp_path_factory.mktemp("matting") / "model")
 
 
 def _png(path: str) -> np.ndarray:

@@ -57,12 +57,12 @@ def test_package_for_workers_is_a_vbatch_folder() -> None:
 def test_segment_runs_from_a_folder_with_colliding_names(tmp_path: Path) -> None:
     """Ray puts the driver's working directory on the workers' path: empty ``models/`` & co there
     used to shadow the project's packages (``cannot import name 'Predictor' from 'models'``)."""
-    from vbatch.models.salient import write_random_model_dir
+    from vbatch.models.salient.modeldir import write_random_model_dir
 
     work = tmp_path / "work"
     for name in PACKAGE_ROOTS:
         (work / name).mkdir(parents=True)
-    model_dir = write_random_model_dir(tmp_path / "model", variant="senet", norm_size=(64, 64))
+    model_dir = write_random_model_dir(tmp_path / "model", norm_size=(64, 64))
     for i in range(3):
         (work / f"{i}.jpg").write_bytes(encode(product_image(i, (40, 30))))
     pq.write_table(

@@ -20,7 +20,8 @@ from vbatch.operators.storage import join
 
 @pytest.fixture(scope="module")
 def reid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.reid import TINY, write_random_model_dir
+    from vbatch.models.reid import TINY
+    from vbatch.models.reid.modeldir import write_random_model_dir
 
     return write_random_model_dir(tmp_path_factory.mktemp("reid") / "model", config=TINY)
 

@@ -31,11 +31,9 @@ NORM_SIZE = (64, 64)  # full SENet, small input: a forward costs milliseconds
 
 @pytest.fixture(scope="module")
 def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.salient import write_random_model_dir
+    from vbatch.models.salient.modeldir import write_random_model_dir
 
-    return write_random_model_dir(
-        tmp_path_factory.mktemp("salient"), variant="senet", norm_size=NORM_SIZE
-    )
+    return write_random_model_dir(tmp_path_factory.mktemp("salient"), norm_size=NORM_SIZE)
 
 
 def _exif_rotated(seed: int) -> bytes:
@@ -270,7 +268,8 @@ def test_manifest_missing_column_fails_fast(ray_session, tmp_path: Path, salient
 
 
 def test_shop_seg_on_s3(ray_session, s3_server, tmp_path: Path) -> None:
-    from vbatch.models.shop_seg import TINY, write_random_model_dir
+    from vbatch.models.shop_seg import TINY
+    from vbatch.models.shop_seg.modeldir import write_random_model_dir
 
     model_dir = write_random_model_dir(tmp_path / "shop-seg", config=TINY)
     storage = s3_server.storage()

@@ -87,7 +87,8 @@ FRAMES_OF = {"walk.mp4": 25, "ride.mp4": 43}
 
 @pytest.fixture(scope="module")
 def rvos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.rvos import TINY, write_random_model_dir
+    from vbatch.models.rvos import TINY
+    from vbatch.models.rvos.modeldir import write_random_model_dir
 
     return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
 

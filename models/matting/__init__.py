@@ -8,20 +8,19 @@ needs the ``convert`` extra) and run with ONNX Runtime on the workers.
 
 Public API::
 
-    load(model_dir, device=None, threads=None, max_side=2000) -> MattingPredictor
-    load_transforms(model_dir, max_side=2000) -> MattingTransforms
-    write_demo_model_dir(path) -> Path                       # ONNX stand-in for `vbatch demo`
+    load(model_dir, device=None, *, threads=None, max_side=2000) -> MattingPredictor
+    load_transforms(model_dir, *, max_side=2000) -> MattingTransforms
     alpha_of(rgba), cutout(image, alpha), composite(rgba, background)
 
-Nothing here imports TensorFlow or tf2onnx (only :func:`vbatch.models.matting.convert.convert_graph` does,
-when called), nor ``onnx`` (only :func:`write_demo_model_dir`).
+Files follow ``models/README.md``; ``model.py`` holds the ONNX Runtime session (there is no
+``nn.Module``) and ``modeldir.write_random_model_dir`` writes the ONNX demo graph. Nothing here imports
+TensorFlow or tf2onnx (only :func:`vbatch.models.matting.convert.convert_graph` does, when called),
+nor ``onnx`` (only :mod:`vbatch.models.matting.modeldir`).
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from vbatch.models.matting.model import MATTING, MattingFiles, MattingPredictor, ModelDirError, load
+from vbatch.models.matting.config import MATTING, MattingFiles
+from vbatch.models.matting.model import ModelDirError
+from vbatch.models.matting.predictor import MattingPredictor, load, load_transforms
 from vbatch.models.matting.transforms import (
     MattingTransforms,
     alpha_of,
@@ -29,22 +28,6 @@ from vbatch.models.matting.transforms import (
     cutout,
     parse_color,
 )
-
-
-def load_transforms(model_dir: Path, max_side: int = MATTING.max_side) -> MattingTransforms:
-    """CPU pre/post-processing; needs nothing from ``model_dir`` (the graph takes any size).
-
-    ``max_side`` must equal the one given to :func:`load` for the same job.
-    """
-    return MattingTransforms(max_side=max_side)
-
-
-def write_demo_model_dir(path: Path) -> Path:
-    """A small ONNX matting model directory for ``vbatch demo`` (see :mod:`vbatch.models.matting.demo`)."""
-    from vbatch.models.matting.demo import write_demo_model_dir as write
-
-    return write(path)
-
 
 __all__ = [
     "MATTING",
@@ -58,5 +41,4 @@ __all__ = [
     "load",
     "load_transforms",
     "parse_color",
-    "write_demo_model_dir",
 ]

@@ -29,7 +29,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from vbatch.models.matting.model import _ORT_DTYPES, MATTING, read_meta, session_options
+from vbatch.models.fileio import atomic_write_bytes
+from vbatch.models.matting.config import MATTING
+from vbatch.models.matting.model import ORT_DTYPES, read_meta, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +138,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _report_from_meta(meta: dict, onnx_path: Path, meta_path: Path) -> ConversionReport:
@@ -256,7 +252,7 @@ def convert_graph(
         raise ConversionError(
             f"converted input {inp.name} has a static shape {inp.shape}; H and W must stay dynamic"
         )
-    feed_dtype = _ORT_DTYPES.get(inp.type)
+    feed_dtype = ORT_DTYPES.get(inp.type)
     if feed_dtype is None:
         raise ConversionError(
             f"converted input {inp.name} has type {inp.type}, expected a float image"
@@ -308,7 +304,7 @@ def convert_graph(
         )
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(onnx_path, data)
+    atomic_write_bytes(onnx_path, data)
     report.seconds = time.perf_counter() - started
     meta = {
         "source": MATTING.graph_file,
@@ -321,7 +317,7 @@ def convert_graph(
         "input": inp.name,
         "output": session.get_outputs()[0].name,
     }
-    _write_atomic(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     logger.info("%s", report.summary())
     return report
 

@@ -27,125 +27,14 @@ ID classifier are training-only or unused by the reference pipeline; see :mod:`v
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from vbatch.models.reid.config import NUM_TOKENS, PATCH_SIZE, ReidConfig
+
 logger = logging.getLogger(__name__)
-
-FUSIONS = ("cat", "mean")
-NECK_FEATS = ("before", "after")
-#: the reference hard-codes 16×16 patches (``vit_base_patch16_224_TransReID``)
-PATCH_SIZE = 16
-#: class token + three part tokens
-NUM_TOKENS = 4
-
-
-@dataclass(frozen=True)
-class ViTCfg:
-    """Transformer dimensions. ModelScope's configuration cannot change them (ViT-B/16 is hard-coded);
-    vbatch reads smaller ones from an optional ``vbatch_backbone`` entry for tests."""
-
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self) -> None:
-        for name in ("embed_dim", "depth", "num_heads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"ViTCfg.{name} must be a positive integer, got {v!r}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"ViTCfg.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
-            )
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)):
-            raise ValueError(f"ViTCfg.mlp_ratio must be a number, got {self.mlp_ratio!r}")
-        if int(self.embed_dim * self.mlp_ratio) <= 0:
-            raise ValueError(f"ViTCfg.mlp_ratio must be positive, got {self.mlp_ratio!r}")
-
-
-@dataclass(frozen=True)
-class ReidConfig:
-    """Everything the network and its preprocessing need, parsed from ``configuration.json``.
-
-    ``image_size`` is both the resize target of preprocessing and the size the position embedding was
-    trained for (ModelScope's ``SIZE_TEST`` must equal ``SIZE_TRAIN``).
-    """
-
-    #: (height, width) of the network input, ModelScope's ``INPUT.SIZE_TRAIN``/``SIZE_TEST``
-    image_size: tuple[int, int] = (256, 128)
-    #: (vertical, horizontal) patch stride, ``MODEL.STRIDE_SIZE``; below 16 the patches overlap
-    stride: tuple[int, int] = (16, 16)
-    vit: ViTCfg = field(default_factory=ViTCfg)
-    #: ``MODEL.FEAT_FUSION``: "cat" (2·D output) or "mean" (D output)
-    feat_fusion: str = "cat"
-    #: ``MODEL.MULTI_NECK``: one BatchNorm per token instead of one over the fused vector
-    multi_neck: bool = True
-    #: ``TEST.NECK_FEAT``: the embedding is taken "before" or "after" the BN neck
-    neck_feat: str = "before"
-    #: ``INPUT.PIXEL_MEAN``/``PIXEL_STD`` on the 0..1 scale, RGB order
-    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    #: ``DATASETS.NUM_CLASSES``: rows of the training ID classifier that checkpoints carry (dropped on
-    #: load; kept so that a written model directory looks like a trained one)
-    num_classes: int = 751
-
-    def __post_init__(self) -> None:
-        for name, pair in (("image_size", self.image_size), ("stride", self.stride)):
-            if len(pair) != 2 or any(
-                isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair
-            ):
-                raise ValueError(f"ReidConfig.{name} must be two positive integers, got {pair!r}")
-        if min(self.image_size) < PATCH_SIZE:
-            raise ValueError(
-                f"ReidConfig.image_size {self.image_size} is smaller than a {PATCH_SIZE}-pixel patch"
-            )
-        if self.feat_fusion not in FUSIONS:
-            raise ValueError(
-                f"ReidConfig.feat_fusion must be one of {FUSIONS}, got {self.feat_fusion!r}"
-            )
-        if self.neck_feat not in NECK_FEATS:
-            raise ValueError(
-                f"ReidConfig.neck_feat must be one of {NECK_FEATS}, got {self.neck_feat!r}"
-            )
-        if not isinstance(self.multi_neck, bool):
-            raise ValueError(f"ReidConfig.multi_neck must be a bool, got {self.multi_neck!r}")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ValueError(
-                f"ReidConfig.pixel_mean/pixel_std must be 3 numbers each with std > 0, "
-                f"got {self.pixel_mean!r} / {self.pixel_std!r}"
-            )
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(rows, columns) of patches: ``(size - 16) // stride + 1`` per axis, as a strided conv gives."""
-        (h, w), (sh, sw) = self.image_size, self.stride
-        return (h - PATCH_SIZE) // sh + 1, (w - PATCH_SIZE) // sw + 1
-
-    @property
-    def num_patches(self) -> int:
-        rows, cols = self.grid
-        return rows * cols
-
-    @property
-    def embed_dim(self) -> int:
-        """Length of the output embedding (1536 for the released model)."""
-        return self.vit.embed_dim * (2 if self.feat_fusion == "cat" else 1)
-
-
-#: damo/cv_passvitb_image-reid-person_market as PASS-reID's Market-1501 ViT-B recipe configures it
-FULL = ReidConfig()
-#: the same code at test size: 2 blocks of width 64, a 64×32 input with overlapping 12-pixel strides
-TINY = ReidConfig(
-    image_size=(64, 32),
-    stride=(12, 12),
-    vit=ViTCfg(embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0),
-    num_classes=7,
-)
 
 
 class LayerNorm6(nn.LayerNorm):

@@ -16,64 +16,26 @@ Public API::
     for (start, stop), (a, b) in zip(windows, owned_frames(windows)):
         m = predictor.predict_window(frames[start:stop], queries)   # (Q, stop-start, H, W)
         final[:, a:b] = m[:, a - start : b - start]                  # later windows win
+
+Files follow ``models/README.md``; ``model.py`` (MTTR) is assembled from ``swin.py`` (video Swin),
+``text.py`` (RoBERTa, tokenizer), ``transformer.py`` (multimodal transformer) and ``decoder.py``.
 """
 
-from __future__ import annotations
-
-import logging
-from pathlib import Path
-from typing import Any
-
-import torch
-
-from vbatch.models.base import resolve_device
-from vbatch.models.checkpoint import file_version, load_checkpoint
-from vbatch.models.rvos.config import CHECKPOINT_FILE, FULL, TEXT_DIR, TINY, RVOSConfig
-from vbatch.models.rvos.convert import from_modelscope
-from vbatch.models.rvos.modeldir import read_config, write_random_model_dir
-from vbatch.models.rvos.postprocess import owned_frames, plan_windows
-from vbatch.models.rvos.predictor import RVOSPredictor
+from vbatch.models.rvos.config import FULL, TINY, RVOSConfig, read_config
+from vbatch.models.rvos.predictor import RVOSPredictor, load, load_transforms
 from vbatch.models.rvos.text import normalize_query
-from vbatch.models.rvos.transforms import RVOSTransforms
-
-logger = logging.getLogger(__name__)
+from vbatch.models.rvos.transforms import RVOSTransforms, owned_frames, plan_windows
 
 __all__ = [
     "FULL",
     "TINY",
     "RVOSConfig",
     "RVOSPredictor",
+    "RVOSTransforms",
     "load",
     "load_transforms",
     "normalize_query",
     "owned_frames",
     "plan_windows",
-    "write_random_model_dir",
+    "read_config",
 ]
-
-
-def load(
-    model_dir: Path, device: str | torch.device | None = None, **options: Any
-) -> RVOSPredictor:
-    """Build MTTR from a ModelScope model directory, strictly.
-
-    Args:
-        model_dir: ``configuration.json``, ``pytorch_model.pt``, ``transformer_cfg_dir/``.
-        device: ``"cpu"``, ``"cuda"``, ... or ``None`` for the best available.
-        options: ``precision`` = ``"fp32"`` (default, the reference's) | ``"fp16"`` | ``"bf16"`` (autocast).
-    """
-    from vbatch.models.rvos.model import MTTR
-    from vbatch.models.rvos.text import load_tokenizer
-
-    model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    ckpt = model_dir / CHECKPOINT_FILE
-    model = MTTR(cfg)
-    load_checkpoint(model, ckpt, from_modelscope)
-    tokenizer = load_tokenizer(model_dir / TEXT_DIR)
-    return RVOSPredictor(model, tokenizer, resolve_device(device), file_version(ckpt), **options)
-
-
-def load_transforms(model_dir: Path) -> RVOSTransforms:
-    """Per-frame pre/post-processing (no weights; MTTR's transforms need no configuration)."""
-    return RVOSTransforms()

@@ -1,6 +1,14 @@
-"""Architecture of MTTR (frozen dataclasses) and the provenance of ModelScope's weights.
+"""Architecture of MTTR (frozen dataclasses), the provenance of ModelScope's weights, and the
+model directory's configuration read as data (:func:`read_config`).
 
-The architecture is read from a ModelScope model directory (:func:`vbatch.models.rvos.modeldir.read_config`):
+The layout (``damo/cv_swin-t_referring_video-object-segmentation``)::
+
+    configuration.json          # "model": transformer sizes, "pipeline": dataset_name, ...
+    pytorch_model.pt            # MTTR state dict, possibly wrapped in "model_state_dict"
+    transformer_cfg_dir/        # RoBERTa: config.json, tokenizer (vocab.json, merges.txt, tokenizer.json)
+                                # and, in the shipped model, roberta-base weights the checkpoint overrides
+
+The architecture is read from a ModelScope model directory (:func:`read_config`):
 ``configuration.json``'s ``model`` section gives the multimodal transformer, the RoBERTa
 ``config.json`` in ``transformer_cfg_dir`` gives the text encoder, and the video Swin-T backbone is
 fixed in the reference (``VideoSwinTransformerBackbone`` hard-codes it), so :class:`SwinConfig`'s
@@ -12,12 +20,16 @@ ignores).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from vbatch.models.checkpoint import CheckpointError
 
 # --- provenance of the shipped weights (kept apart from the architecture, like timm's PretrainedCfg)
 MODELSCOPE_ID = "damo/cv_swin-t_referring_video-object-segmentation"
 CONFIG_FILE = "configuration.json"
-CHECKPOINT_FILE = "pytorch_model.pt"  # ModelScope's ModelFile.TORCH_MODEL_FILE
+WEIGHTS_FILE = "pytorch_model.pt"  # ModelScope's ModelFile.TORCH_MODEL_FILE
 TEXT_DIR = "transformer_cfg_dir"  # RoBERTa config + tokenizer (+ weights the checkpoint overrides)
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -108,3 +120,100 @@ TINY = RVOSConfig(
 
 #: TINY's transformer and text encoder on the real Swin-T: the smallest model the reference loads.
 SMALL_REFERENCE = replace(TINY, swin=SwinConfig())
+
+
+def read_text_config(text_dir: Path) -> TextConfig:
+    """The RoBERTa architecture from ``text_dir/config.json`` (parsed as JSON, never executed)."""
+    path = text_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the text encoder config {path}: {e}") from e
+    if raw.get("model_type", "roberta") != "roberta":
+        raise ValueError(f"{path}: model_type {raw.get('model_type')!r}, expected 'roberta'")
+    fields = TextConfig.__dataclass_fields__
+    return TextConfig(**{k: raw[k] for k in fields if k in raw})
+
+
+# the model section's defaults in the reference's constructors (MTTR, MultimodalTransformer, layers)
+_DEFAULTS = {
+    "mask_kernels_dim": 8,
+    "num_encoder_layers": 3,
+    "num_decoder_layers": 3,
+    "dim_feedforward": 2048,
+    "activation": "relu",
+    "normalize_before": False,
+    "text_encoder_type": "roberta-base",
+}
+
+
+def read_config(model_dir: Path) -> RVOSConfig:
+    """The architecture of the model in ``model_dir`` (``configuration.json`` + the RoBERTa config).
+
+    Raises:
+        CheckpointError: the directory is not an MTTR model directory this port can run.
+    """
+    path = model_dir / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    m = {**_DEFAULTS, **raw.get("model", {})}
+    problems = []
+    if m.get("backbone_name") != "swin-t":
+        problems.append(f"backbone_name {m.get('backbone_name')!r} (only 'swin-t' is supported)")
+    if m["text_encoder_type"] != "roberta-base":
+        # the reference would then fetch that model from the Hugging Face hub
+        problems.append(
+            f"text_encoder_type {m['text_encoder_type']!r} (only 'roberta-base' is supported)"
+        )
+    if m["normalize_before"]:
+        problems.append("normalize_before=true (pre-norm transformer layers are not implemented)")
+    dataset = raw.get("pipeline", {}).get("dataset_name", "ref_youtube_vos")
+    if "ref_youtube_vos" not in dataset:
+        problems.append(
+            f"pipeline.dataset_name {dataset!r} (only Ref-YouTube-VOS postprocessing is implemented)"
+        )
+    missing = [k for k in ("d_model", "nheads", "num_queries") if k not in m]
+    if missing:
+        problems.append(f"model section lacks {missing}")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    swin = SwinConfig()
+    if "backbone_config" in m:  # vbatch's extension for small test models; the reference ignores it
+        b = m["backbone_config"]
+        try:
+            swin = SwinConfig(
+                embed_dim=int(b["embed_dim"]),
+                depths=tuple(int(d) for d in b["depths"]),
+                num_heads=tuple(int(n) for n in b["num_heads"]),
+                window_size=(
+                    int(b["window_size"][0]),
+                    int(b["window_size"][1]),
+                    int(b["window_size"][2]),
+                ),
+                patch_size=(
+                    int(b["patch_size"][0]),
+                    int(b["patch_size"][1]),
+                    int(b["patch_size"][2]),
+                ),
+                mlp_ratio=float(b["mlp_ratio"]),
+            )
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad model.backbone_config {b!r}: {e!r}") from e
+    try:
+        text = read_text_config(model_dir / TEXT_DIR)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    return RVOSConfig(
+        swin=swin,
+        text=text,
+        d_model=int(m["d_model"]),
+        nheads=int(m["nheads"]),
+        dim_feedforward=int(m["dim_feedforward"]),
+        num_encoder_layers=int(m["num_encoder_layers"]),
+        num_decoder_layers=int(m["num_decoder_layers"]),
+        num_queries=int(m["num_queries"]),
+        mask_kernels_dim=int(m["mask_kernels_dim"]),
+        activation=str(m["activation"]),
+    )

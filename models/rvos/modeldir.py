@@ -1,13 +1,7 @@
-"""MTTR model directories in ModelScope's layout: reading the architecture, writing random ones.
+"""Random-weight MTTR model directories in ModelScope's layout (tests, ``vbatch demo``, benchmarks).
 
-The layout (``damo/cv_swin-t_referring_video-object-segmentation``)::
-
-    configuration.json          # "model": transformer sizes, "pipeline": dataset_name, ...
-    pytorch_model.pt            # MTTR state dict, possibly wrapped in "model_state_dict"
-    transformer_cfg_dir/        # RoBERTa: config.json, tokenizer (vocab.json, merges.txt, tokenizer.json)
-                                # and, in the shipped model, roberta-base weights the checkpoint overrides
-
-Everything is parsed as data (JSON); nothing from the directory is executed.
+Written with vbatch's code only (the layout is described in :mod:`vbatch.models.rvos.config`);
+:func:`vbatch.models.rvos.load` never imports this module.
 """
 
 from __future__ import annotations
@@ -20,101 +14,16 @@ from typing import Any
 
 import torch
 
-from vbatch.models.checkpoint import CheckpointError
 from vbatch.models.rvos.config import (
-    CHECKPOINT_FILE,
     CONFIG_FILE,
     FULL,
     TEXT_DIR,
+    WEIGHTS_FILE,
     RVOSConfig,
     SwinConfig,
 )
-from vbatch.models.rvos.text import read_text_config
 
 logger = logging.getLogger(__name__)
-
-# the model section's defaults in the reference's constructors (MTTR, MultimodalTransformer, layers)
-_DEFAULTS = {
-    "mask_kernels_dim": 8,
-    "num_encoder_layers": 3,
-    "num_decoder_layers": 3,
-    "dim_feedforward": 2048,
-    "activation": "relu",
-    "normalize_before": False,
-    "text_encoder_type": "roberta-base",
-}
-
-
-def read_config(model_dir: Path) -> RVOSConfig:
-    """The architecture of the model in ``model_dir`` (``configuration.json`` + the RoBERTa config).
-
-    Raises:
-        CheckpointError: the directory is not an MTTR model directory this port can run.
-    """
-    path = model_dir / CONFIG_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    m = {**_DEFAULTS, **raw.get("model", {})}
-    problems = []
-    if m.get("backbone_name") != "swin-t":
-        problems.append(f"backbone_name {m.get('backbone_name')!r} (only 'swin-t' is supported)")
-    if m["text_encoder_type"] != "roberta-base":
-        # the reference would then fetch that model from the Hugging Face hub
-        problems.append(
-            f"text_encoder_type {m['text_encoder_type']!r} (only 'roberta-base' is supported)"
-        )
-    if m["normalize_before"]:
-        problems.append("normalize_before=true (pre-norm transformer layers are not implemented)")
-    dataset = raw.get("pipeline", {}).get("dataset_name", "ref_youtube_vos")
-    if "ref_youtube_vos" not in dataset:
-        problems.append(
-            f"pipeline.dataset_name {dataset!r} (only Ref-YouTube-VOS postprocessing is implemented)"
-        )
-    missing = [k for k in ("d_model", "nheads", "num_queries") if k not in m]
-    if missing:
-        problems.append(f"model section lacks {missing}")
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
-    swin = SwinConfig()
-    if "backbone_config" in m:  # vbatch's extension for small test models; the reference ignores it
-        b = m["backbone_config"]
-        try:
-            swin = SwinConfig(
-                embed_dim=int(b["embed_dim"]),
-                depths=tuple(int(d) for d in b["depths"]),
-                num_heads=tuple(int(n) for n in b["num_heads"]),
-                window_size=(
-                    int(b["window_size"][0]),
-                    int(b["window_size"][1]),
-                    int(b["window_size"][2]),
-                ),
-                patch_size=(
-                    int(b["patch_size"][0]),
-                    int(b["patch_size"][1]),
-                    int(b["patch_size"][2]),
-                ),
-                mlp_ratio=float(b["mlp_ratio"]),
-            )
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: bad model.backbone_config {b!r}: {e!r}") from e
-    try:
-        text = read_text_config(model_dir / TEXT_DIR)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    return RVOSConfig(
-        swin=swin,
-        text=text,
-        d_model=int(m["d_model"]),
-        nheads=int(m["nheads"]),
-        dim_feedforward=int(m["dim_feedforward"]),
-        num_encoder_layers=int(m["num_encoder_layers"]),
-        num_decoder_layers=int(m["num_decoder_layers"]),
-        num_queries=int(m["num_queries"]),
-        mask_kernels_dim=int(m["mask_kernels_dim"]),
-        activation=str(m["activation"]),
-    )
 
 
 def configuration(cfg: RVOSConfig) -> dict[str, Any]:
@@ -275,6 +184,6 @@ def write_random_model_dir(path: str | Path, config: RVOSConfig = FULL, seed: in
                     p.normal_(0.0, 0.02)
     finally:
         torch.random.set_rng_state(gen_state)
-    torch.save({"model_state_dict": modelscope_state_dict(model)}, out / CHECKPOINT_FILE)
+    torch.save({"model_state_dict": modelscope_state_dict(model)}, out / WEIGHTS_FILE)
     logger.info("wrote a random MTTR model directory at %s", out)
     return out

@@ -9,27 +9,30 @@ ones (:func:`owned_frames`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vbatch.models.base import Predictor
+from vbatch.models.base import Predictor, resolve_device
+from vbatch.models.checkpoint import file_version, load_checkpoint
+from vbatch.models.precision import autocast, check_precision
+from vbatch.models.rvos.config import TEXT_DIR, WEIGHTS_FILE, read_config
+from vbatch.models.rvos.convert import from_modelscope
 from vbatch.models.rvos.model import MTTR
-from vbatch.models.rvos.postprocess import (
+from vbatch.models.rvos.text import load_tokenizer, normalize_query, tokenize
+from vbatch.models.rvos.transforms import (
+    RVOSTransforms,
     frame_masks,
     owned_frames,
     plan_windows,
+    preprocess_frames,
     select_trajectory,
 )
-from vbatch.models.rvos.text import normalize_query, tokenize
-from vbatch.models.rvos.transforms import RVOSTransforms, preprocess_frames
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class RVOSPredictor(Predictor):
@@ -45,8 +48,7 @@ class RVOSPredictor(Predictor):
         model_version: str,
         precision: str = "fp32",
     ) -> None:
-        if precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        check_precision(precision, device)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -63,12 +65,6 @@ class RVOSPredictor(Predictor):
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.forward(images)
 
-    def _autocast(self):
-        dtype = _DTYPES[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
-
     @torch.inference_mode()
     def run_network(self, clip: torch.Tensor, queries: Sequence[str]) -> dict[str, torch.Tensor]:
         """The raw network on one preprocessed window.
@@ -80,7 +76,7 @@ class RVOSPredictor(Predictor):
         Returns: ``pred_masks`` (T, B, Nq, h/4, w/4) and ``pred_is_referred`` (T, B, Nq, 2), float32.
         """
         ids, mask = tokenize(self.tokenizer, [normalize_query(q) for q in queries])
-        with self._autocast():
+        with autocast(self.precision, self.device):
             out = self.model(clip.to(self.device), ids.to(self.device), mask.to(self.device))
         return {k: v.float() for k, v in out.items()}
 
@@ -125,3 +121,33 @@ class RVOSPredictor(Predictor):
             masks = self.predict_window(frames[start:stop], queries)
             out[:, own_start:own_stop] = masks[:, own_start - start : own_stop - start]
         return out
+
+
+def load_transforms(model_dir: Path) -> RVOSTransforms:
+    """Per-frame pre/post-processing (no weights; MTTR's transforms need no configuration)."""
+    return RVOSTransforms()
+
+
+def load(
+    model_dir: Path, device: str | torch.device | None = None, *, precision: str = "fp32"
+) -> RVOSPredictor:
+    """Build MTTR from a ModelScope model directory, strictly.
+
+    Args:
+        model_dir: ``configuration.json``, ``pytorch_model.pt``, ``transformer_cfg_dir/``.
+        device: ``"cpu"``, ``"cuda"``, ... or ``None`` for the best available.
+        precision: ``"fp32"`` (default, the reference's), ``"bf16"`` or ``"fp16"`` (autocast; fp16
+            needs CUDA).
+
+    Returns:
+        An :class:`RVOSPredictor`.
+    """
+    dev = resolve_device(device)
+    check_precision(precision, dev)
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    ckpt = model_dir / WEIGHTS_FILE
+    model = MTTR(cfg)
+    load_checkpoint(model, ckpt, from_modelscope)
+    tokenizer = load_tokenizer(model_dir / TEXT_DIR)
+    return RVOSPredictor(model, tokenizer, dev, file_version(ckpt), precision)

@@ -20,6 +20,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import nn
 
 from vbatch.models.rvos.config import SwinConfig
@@ -138,17 +139,6 @@ class WindowAttention3D(nn.Module):
         return out
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SwinBlock3D(nn.Module):
     """One (shifted-)window attention block, post-residual, pre-norm."""
 
@@ -168,6 +158,7 @@ class SwinBlock3D(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention3D(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim)
+        # timm's Mlp: fc1 → exact GELU → fc2 (its dropouts are identities at p=0), the reference's keys
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:

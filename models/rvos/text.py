@@ -11,7 +11,6 @@ locally; nothing is fetched from a hub.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,19 +27,6 @@ logger = logging.getLogger(__name__)
 def normalize_query(query: str) -> str:
     """The pipeline's clean-up of a text query: lower case, runs of whitespace collapsed to one space."""
     return " ".join(query.lower().split())
-
-
-def read_text_config(text_dir: Path) -> TextConfig:
-    """The RoBERTa architecture from ``text_dir/config.json`` (parsed as JSON, never executed)."""
-    path = text_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the text encoder config {path}: {e}") from e
-    if raw.get("model_type", "roberta") != "roberta":
-        raise ValueError(f"{path}: model_type {raw.get('model_type')!r}, expected 'roberta'")
-    fields = TextConfig.__dataclass_fields__
-    return TextConfig(**{k: raw[k] for k in fields if k in raw})
 
 
 def roberta_config(cfg: TextConfig) -> RobertaConfig:

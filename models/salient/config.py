@@ -21,11 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vbatch.models.base import config_from_json
+
 logger = logging.getLogger(__name__)
 
 MODELSCOPE_ID = "damo/cv_res2net_salient-detection"
 WEIGHTS_FILE = "pytorch_model.pt"
 CONFIG_FILE = "config.py"
+#: vbatch's side file for non-released architectures (TINY presets); ModelScope's directory has none
+ARCH_FILE = "vbatch_salient.json"
 
 # ModelScope's defaults (salient_model.py), used for U2NET, whose model directory has no config.py.
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -69,6 +73,8 @@ SENET = SENetConfig()
 SENET_TINY = SENetConfig(layers=(1, 1, 1, 1))
 U2NET = U2NetConfig()
 U2NET_TINY = U2NetConfig(width_div=8)
+#: the names every vbatch model package has: the released architecture and its test-size twin
+FULL, TINY = SENET, SENET_TINY
 
 
 @dataclass(frozen=True)
@@ -191,12 +197,24 @@ def read_model_dir(model_dir: Path) -> SalientWeights:
     return weights
 
 
-def write_config_py(path: Path, weights: SalientWeights) -> None:
-    """Write ``config.py`` the way a ModelScope SENet directory holds it (literal assignments)."""
-    h, w = weights.norm_size
-    Path(path).write_text(
-        f"norm_mean = {list(weights.norm_mean)!r}\n"
-        f"norm_std = {list(weights.norm_std)!r}\n"
-        f"norm_size = {[h, w]!r}\n",
-        encoding="utf-8",
-    )
+def read_config(model_dir: Path) -> SENetConfig | U2NetConfig:
+    """The architecture of a model directory: the real preset unless vbatch's side file says otherwise.
+
+    Args:
+        model_dir: the model directory (its variant as :func:`read_model_dir` decides it).
+
+    Returns:
+        :data:`SENET` or :data:`U2NET`, or the configuration in ``vbatch_salient.json``.
+    """
+    variant = read_model_dir(model_dir).variant
+    side = Path(model_dir) / ARCH_FILE
+    cls: type[SENetConfig] | type[U2NetConfig] = SENetConfig if variant == "senet" else U2NetConfig
+    if not side.is_file():
+        return cls()
+    try:
+        text = side.read_text(encoding="utf-8")
+        if cls is SENetConfig:
+            return config_from_json(SENetConfig, text, str(side))
+        return config_from_json(U2NetConfig, text, str(side))
+    except (OSError, ValueError, TypeError) as e:
+        raise SalientConfigError(f"{side}: {e}") from e

@@ -24,7 +24,15 @@ from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
 from torch import nn
 
-from vbatch.models.salient.config import SENET, SENetConfig
+from vbatch.models.salient.config import (
+    SENET,
+    U2NET,
+    SalientConfigError,
+    SENetConfig,
+    U2NetConfig,
+    Variant,
+)
+from vbatch.models.salient.u2net import U2Net
 
 
 class ConvBNReLU(nn.Module):
@@ -315,3 +323,21 @@ class SENet(nn.Module):
             self.out_conv_4(l1f), size=x.shape[-2:], mode="bilinear", align_corners=False
         )
         return torch.sigmoid(out4)
+
+
+def build_network(variant: Variant, cfg: SENetConfig | U2NetConfig | None = None) -> nn.Module:
+    """The bare network of ``variant`` (random weights); ``cfg`` defaults to the real preset."""
+    if variant == "senet":
+        return SENet(cfg if isinstance(cfg, SENetConfig) else SENET)
+    if variant == "u2net":
+        return U2Net(cfg if isinstance(cfg, U2NetConfig) else U2NET)
+    raise ValueError(f"unknown salient variant {variant!r} (senet or u2net)")
+
+
+def check_input_size(norm_size: tuple[int, int], net: nn.Module, source: object) -> None:
+    """Refuse an input size the network's strides cannot take (SENet: multiples of 32)."""
+    m = getattr(net, "size_multiple", 1)
+    if any(s % m for s in norm_size):
+        raise SalientConfigError(
+            f"{source}: norm_size {norm_size} must be multiples of {m} for {type(net).__name__}"
+        )

@@ -19,118 +19,19 @@ Differences from the reference, none of which changes a result:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vbatch.models.precision import AUTOCAST_DTYPES, PRECISIONS
 from vbatch.models.shop_seg.clip import PromptTextEncoder, ViTPyramid
+from vbatch.models.shop_seg.config import FULL, WEIGHTS, ShopSegConfig
 from vbatch.models.shop_seg.decoder import ContextDecoder, FPNHead, FPNNeck
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShopSegConfig:
-    """Architecture of the network (the released model is :data:`FULL`)."""
-
-    image_size: int = 1024
-    patch_size: int = 16
-    vision_width: int = 768
-    vision_depth: int = 12
-    vision_heads: int = 12
-    #: blocks whose tokens feed the 4 pyramid levels
-    out_indices: tuple[int, int, int, int] = (3, 5, 7, 11)
-    #: CLIP embedding size (image ``proj`` and text projection outputs)
-    embed_dim: int = 512
-    vocab_size: int = 49408
-    #: text transformer length = prompt tokens + learned context tokens
-    text_context_length: int = 30
-    #: tokenised prompt length (CLIP tokens incl. SOT/EOT, zero padded)
-    prompt_length: int = 22
-    text_width: int = 512
-    text_depth: int = 12
-    text_heads: int = 8
-    decoder_width: int = 256
-    decoder_depth: int = 3
-    decoder_heads: int = 4
-    fpn_channels: int = 256
-    #: the class names; the second is the released model's spelling ("foregeound", sic)
-    prompts: tuple[str, ...] = ("others", "foregeound")
-    #: pyramid level (stride 16) that the text-image score maps are concatenated to
-    score_level: int = 2
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def num_context(self) -> int:
-        return self.text_context_length - self.prompt_length
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "config") -> ShopSegConfig:
-        """Parse :meth:`to_json` output (data only); unknown fields are an error."""
-        data = json.loads(text)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"{source}: unknown shop-seg config fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})  # type: ignore[arg-type]
-
-
-FULL = ShopSegConfig()
-#: same code, small everything: a 128² input (8×8 patch grid), 4 vision / 2 text blocks
-TINY = ShopSegConfig(
-    image_size=128,
-    vision_width=64,
-    vision_depth=4,
-    vision_heads=2,
-    out_indices=(0, 1, 2, 3),
-    embed_dim=32,
-    text_width=32,
-    text_depth=2,
-    text_heads=2,
-    decoder_width=16,
-    decoder_depth=1,
-    decoder_heads=2,
-    fpn_channels=16,
-)
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Provenance of the released weights (kept apart from the architecture, like timm's PretrainedCfg)."""
-
-    modelscope_id: str = "damo/cv_vitb16_segmentation_shop-seg"
-    checkpoint: str = "pytorch_model.bin"
-    vocab: str = "bpe_simple_vocab_16e6.txt.gz"
-    #: vbatch's side file for non-released configs (TINY); the released directory has none
-    config_file: str = "vbatch_shop_seg.json"
-    # CLIP's normalisation, on [0, 1] RGB
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-
-WEIGHTS = WeightsInfo()
-
-
-def read_config(model_dir: Path) -> ShopSegConfig:
-    """The model directory's config: :data:`FULL` unless vbatch's side file says otherwise."""
-    side = Path(model_dir) / WEIGHTS.config_file
-    if side.is_file():
-        return ShopSegConfig.from_json(side.read_text(), source=str(side))
-    return FULL
 
 
 class ShopSegNet(nn.Module):
@@ -244,45 +145,6 @@ class ShopSegNet(nn.Module):
         return up.softmax(dim=1).argmax(dim=1).to(torch.uint8)
 
 
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter and buffer with random values of trained-like magnitude (tests, demos).
-
-    Weights get std 1/sqrt(fan_in) so activations neither vanish nor explode through 12 blocks; norm
-    scales are near 1; BatchNorm statistics are random but valid (positive variance).
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(t: torch.Tensor) -> torch.Tensor:
-        return torch.randn(t.shape, generator=g)
-
-    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
-    for mod in model.modules():
-        for name, p in mod.named_parameters(recurse=False):
-            if isinstance(mod, norm_types):
-                p.copy_(1 + 0.1 * randn(p) if name == "weight" else 0.05 * randn(p))
-            elif name == "bias":
-                p.copy_(0.05 * randn(p))
-            elif isinstance(mod, nn.Embedding):
-                p.copy_(0.5 * randn(p))
-            elif name in ("proj",):  # (in, out) matrices used as x @ proj
-                p.copy_(randn(p) / math.sqrt(p.shape[0]))
-            elif p.dim() >= 2 and name == "weight":
-                p.copy_(randn(p) / math.sqrt(p[0].numel()))
-            else:  # class/positional embeddings, prompt context, gamma
-                p.copy_(0.5 * randn(p))
-        if isinstance(mod, nn.BatchNorm2d):
-            assert mod.running_mean is not None and mod.running_var is not None
-            assert mod.num_batches_tracked is not None
-            mod.running_mean.copy_(0.1 * randn(mod.running_mean))
-            mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
-            mod.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (1,), generator=g)))
-    return model
-
-
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
 def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "fp32") -> int:
     """Peak inference activation memory for one image (weights excluded), in bytes.
 
@@ -304,11 +166,13 @@ def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "f
     Returns:
         Bytes for one image.
     """
-    if precision not in _BYTES:
-        raise ValueError(f"precision must be one of {sorted(_BYTES)}, got {precision!r}")
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    # autocast runs the activations at its dtype; fp32 (no autocast) at 4 bytes
+    nbytes = (AUTOCAST_DTYPES[precision] or torch.float32).itemsize
     s = config.image_size
     levels = [(s // stride) ** 2 for stride in (4, 8, 16, 32)]
     pyramid = config.vision_width * sum(levels) + config.num_classes * levels[2]
     neck = config.fpn_channels * (sum(levels) + 2.5 * levels[0])
     pixels = 3 * s * s
-    return int((pyramid + neck + pixels) * _BYTES[precision]) + 4 * s * s  # + the uint8 RGBA input
+    return int((pyramid + neck + pixels) * nbytes) + 4 * s * s  # + the uint8 RGBA input

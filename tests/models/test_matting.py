@@ -20,20 +20,20 @@ from vbatch.models.matting import (
     load_transforms,
     parse_color,
 )
-from vbatch.models.matting.demo import demo_alpha, write_demo_model_dir
+from vbatch.models.matting.modeldir import demo_alpha, write_random_model_dir
 from vbatch.models.matting.transforms import MattingTransforms, fit_long_side
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory):
-    return write_demo_model_dir(tmp_path_factory.mktemp("matting_demo"))
+    return write_random_model_dir(tmp_path_factory.mktemp("matting_demo"))
 
 
 def test_import_does_not_pull_tensorflow_or_onnx() -> None:
     code = (
         "import sys; from vbatch import models; models.load_transforms('matting', '.');"
         "import vbatch.models.matting.model, vbatch.models.matting.transforms;"
-        "import vbatch.models.matting.convert, vbatch.models.matting.demo;"
+        "import vbatch.models.matting.convert, vbatch.models.matting.modeldir;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf2onnx', 'onnx', 'keras')];"
         "assert not bad, bad"
     )
@@ -154,7 +154,7 @@ def test_corrupt_or_stale_onnx(tmp_path, demo_dir) -> None:
         models.load_model("matting", tmp_path, device="cpu")
     # model.onnx next to a graph it was not converted from
     stale = tmp_path / "stale"
-    write_demo_model_dir(stale)
+    write_random_model_dir(stale)
     (stale / "tf_graph.pb").write_bytes(b"some other graph")
     with pytest.raises(ModelDirError, match=r"no onnx_meta.json|converted from another"):
         models.load_model("matting", stale, device="cpu")

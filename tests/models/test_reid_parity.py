@@ -5,7 +5,7 @@ configurations, saves each in ModelScope's layout and records the pipeline's pre
 embeddings for three person-crop-like images of different sizes. Here the same directories are loaded
 with our strict loader and compared three ways: preprocessing alone, the network on the reference's
 preprocessed tensor, and end to end from the RGB images. The oracle also runs a model directory
-written by :func:`vbatch.models.reid.write_random_model_dir`, proving it is a valid ModelScope directory.
+written by :func:`vbatch.models.reid.modeldir.write_random_model_dir`, proving it is a valid ModelScope directory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tests.oracle.runner import run_oracle
-from vbatch.models.reid import ReidConfig, load, write_random_model_dir
+from vbatch.models.reid import ReidConfig, load
+from vbatch.models.reid.modeldir import write_random_model_dir
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 

@@ -12,14 +12,19 @@ import torchvision.transforms.functional as TF
 
 from vbatch import models
 from vbatch.models.checkpoint import CheckpointError
-from vbatch.models.rvos import TINY, owned_frames, plan_windows, write_random_model_dir
-from vbatch.models.rvos.config import SwinConfig
+from vbatch.models.rvos import TINY, owned_frames, plan_windows
+from vbatch.models.rvos.config import SwinConfig, read_config
 from vbatch.models.rvos.model import MTTR
-from vbatch.models.rvos.modeldir import read_config
-from vbatch.models.rvos.postprocess import frame_masks, select_trajectory
+from vbatch.models.rvos.modeldir import write_random_model_dir
 from vbatch.models.rvos.swin import VideoSwinBackbone
 from vbatch.models.rvos.text import load_tokenizer, normalize_query, tokenize
-from vbatch.models.rvos.transforms import RVOSTransforms, preprocess_frames, resized_size
+from vbatch.models.rvos.transforms import (
+    RVOSTransforms,
+    frame_masks,
+    preprocess_frames,
+    resized_size,
+    select_trajectory,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from tests.oracle.runner import run_oracle
 from vbatch import models
-from vbatch.models.rvos.postprocess import frame_masks, select_trajectory
 from vbatch.models.rvos.text import normalize_query, tokenize
-from vbatch.models.rvos.transforms import preprocess_frames
+from vbatch.models.rvos.transforms import frame_masks, preprocess_frames, select_trajectory
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 

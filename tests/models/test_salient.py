@@ -17,13 +17,12 @@ from vbatch.models.salient import (
     SalientPredictor,
     SalientTransforms,
     SalientWeights,
-    randomize_,
-    write_random_model_dir,
 )
 from vbatch.models.salient.config import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     SENET_TINY,
+    U2NET,
     U2NET_TINY,
     SalientConfigError,
     parse_config_py,
@@ -36,6 +35,7 @@ from vbatch.models.salient.convert import (
     senet_unused_keys,
 )
 from vbatch.models.salient.model import SENet
+from vbatch.models.salient.modeldir import randomize_, write_random_model_dir
 from vbatch.models.salient.u2net import U2Net
 
 
@@ -281,14 +281,12 @@ def test_postprocess_min_max_truncate_then_linear_resize() -> None:
 
 @pytest.fixture(scope="module")
 def senet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_model_dir(
-        tmp_path_factory.mktemp("senet"), "senet", norm_size=(64, 96), seed=3
-    )
+    return write_random_model_dir(tmp_path_factory.mktemp("senet"), norm_size=(64, 96), seed=3)
 
 
 @pytest.fixture(scope="module")
 def u2net_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_model_dir(tmp_path_factory.mktemp("u2net"), "u2net", seed=4)
+    return write_random_model_dir(tmp_path_factory.mktemp("u2net"), U2NET, seed=4)
 
 
 def test_random_model_dir_layout(senet_dir: Path, u2net_dir: Path) -> None:
@@ -357,5 +355,5 @@ def test_load_errors(tmp_path: Path, senet_dir: Path) -> None:
     )
     with pytest.raises(SalientConfigError, match="multiples of 32"):
         load_model("salient", tmp_path, device="cpu")
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(TypeError, match="batch"):
         load_model("salient", senet_dir, device="cpu", batch=3)

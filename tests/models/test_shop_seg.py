@@ -23,10 +23,10 @@ from vbatch.models.shop_seg import (
     activation_bytes_per_image,
     load,
     load_transforms,
-    write_random_model_dir,
 )
+from vbatch.models.shop_seg.config import WEIGHTS, read_config
 from vbatch.models.shop_seg.convert import convert_modelscope, to_modelscope
-from vbatch.models.shop_seg.model import WEIGHTS, read_config
+from vbatch.models.shop_seg.modeldir import write_random_model_dir
 from vbatch.models.shop_seg.transforms import ShopSegTransforms, crop_size
 
 SIZES = [(100, 200), (300, 120), (50, 50), (128, 128)]

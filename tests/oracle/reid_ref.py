@@ -15,7 +15,7 @@ numpy input would be taken as BGR). Writes ``OUT_DIR/<case>/ref.npz`` with:
   model run on exactly ``input``.
 
 ``--check-dir DIR``: also run the pipeline on a model directory written by vbatch
-(``models.reid.write_random_model_dir``), checking that every weight is copied, into ``OUT_DIR/check/ref.npz``.
+(``vbatch.models.reid.modeldir.write_random_model_dir``), checking that every weight is copied, into ``OUT_DIR/check/ref.npz``.
 
 Cases: one full-size (256×128, stride 16, multi-neck) checkpoint shared by three configurations
 (cat/before — the released one —, cat/after, mean/after; only the unused classifier's shape differs),

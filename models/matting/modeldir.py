@@ -1,4 +1,7 @@
-"""A small stand-in matting model written directly as ONNX, for ``vbatch demo`` (no TensorFlow).
+"""A small stand-in matting model directory written directly as ONNX, for tests and ``vbatch demo``.
+
+Matting has no PyTorch weights to randomise: its :func:`write_random_model_dir` writes this fixed
+demo graph instead (no TensorFlow needed); :func:`vbatch.models.matting.load` never imports this module.
 
 It has the converted graph's interface (see :mod:`vbatch.models.matting.model`): input ``input_image``
 float (H, W, 3) in 0..255 with dynamic H, W; output ``output_png`` (H, W, 4) uint8 RGBA whose RGB is
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vbatch.models.matting.model import MATTING
+from vbatch.models.fileio import atomic_write_bytes
+from vbatch.models.matting.config import MATTING
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +116,7 @@ def build_demo_onnx() -> bytes:
     return model.SerializeToString()
 
 
-def write_demo_model_dir(path: Path) -> Path:
+def write_random_model_dir(path: str | Path) -> Path:
     """Write a demo matting model directory (``model.onnx`` + ``onnx_meta.json``) at ``path``.
 
     Args:
@@ -123,14 +127,14 @@ def write_demo_model_dir(path: Path) -> Path:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / MATTING.onnx_file).write_bytes(build_demo_onnx())
+    atomic_write_bytes(path / MATTING.onnx_file, build_demo_onnx())
     meta = {
         "source": "demo",
-        "note": "synthetic stand-in written by models.matting.demo, not ModelScope's network",
+        "note": "synthetic stand-in written by vbatch.models.matting.modeldir, not ModelScope's network",
         "opset": DEMO_OPSET,
         "input": "input_image",
         "output": "output_png",
     }
-    (path / MATTING.meta_file).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_bytes(path / MATTING.meta_file, (json.dumps(meta, indent=2) + "\n").encode())
     logger.info("wrote demo matting model to %s", path)
     return path

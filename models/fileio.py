@@ -1,0 +1,83 @@
+"""Atomic writes for the models layer: a reader sees the old file or folder or the new one, never half.
+
+Files are written under a temporary name in the same folder, flushed to disk and moved over the
+target with :func:`os.replace` (atomic on POSIX within one file system; faiss ``contrib/ondisk.py``
+checkpoints the same way). Folders cannot be replaced atomically over an existing one, so
+:func:`replace_dir` renames the old folder aside first, renames the new one in, and only then
+deletes the old one: a failure at any step leaves a complete folder at or beside the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically.
+
+    Args:
+        path: the file to create or replace; its folder must exist.
+        data: the whole content.
+
+    Returns:
+        ``path`` as a :class:`Path`.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def replace_dir(staged: str | Path, final: str | Path) -> Path:
+    """Move the complete folder ``staged`` to ``final``, replacing any folder there.
+
+    The old ``final`` is renamed aside (``.<name>.old-<random>`` next to it) before ``staged`` is
+    renamed in, and deleted only after that: if the second rename fails the old folder is put back,
+    so ``final`` is never left missing or half-written. ``staged`` must be on the same file system
+    as ``final`` (create it next to it).
+
+    Args:
+        staged: the new folder, fully written.
+        final: where it goes.
+
+    Returns:
+        ``final`` as a :class:`Path`.
+    """
+    staged, final = Path(staged), Path(final)
+    aside: Path | None = None
+    if final.exists():
+        aside = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(final, aside)
+    try:
+        os.rename(staged, final)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, final)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return final
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A fresh empty folder next to ``final`` to write a new version of it into (see :func:`replace_dir`)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
