@@ -26,20 +26,17 @@ from vbatch.models.rvos import owned_frames, plan_windows
 from vbatch.operators.manifest import ERROR, ROW
 from vbatch.operators.outputs import safe_name
 from vbatch.operators.storage import Storage, join
-from vbatch.operators.video import (
+from vbatch.operators.video.columns import (
     FRAMES,
     OWN_START,
     OWN_STOP,
+    QUERY_ERRORS,
     START,
     STOP,
     WINDOW,
-    decode_windows,
-    evict_videos,
-    localize_video,
-    plan_video_windows,
-    read_window,
-    resize_frames,
 )
+from vbatch.operators.video.decode import decode_windows, read_window, resize_frames
+from vbatch.operators.video.plan import plan_video_windows
 from vbatch.schemas.videos import ManifestError, validate_video_results
 
 SIZE = (40, 32)  # (width, height), not square; the network sees every frame at 450x360 anyway
@@ -247,6 +244,7 @@ def test_long_video_is_decoded_window_by_window(tmp_path: Path) -> None:
             "end_s": pa.array([None], pa.float64()),
             ROW: pa.array([0], pa.int64()),
             ERROR: pa.array([None], pa.string()),
+            QUERY_ERRORS: pa.array([[None]], pa.list_(pa.string())),
         }
     )
     plan = plan_video_windows(manifest, storage=Storage(), base_uri=str(tmp_path))
@@ -289,45 +287,3 @@ def test_each_frame_owned_by_the_last_window_containing_it(n: int) -> None:
         last = max(k for k, (s, e) in enumerate(windows) if s <= f < e)
         a, b = owned[last]
         assert a <= f < b
-
-
-# -- the per-node video cache -----------------------------------------------------------------------
-def test_video_cache_evicts_least_recently_used_outside_the_grace_period(tmp_path: Path) -> None:
-    now = os.path.getmtime(tmp_path)
-    files = []
-    for i, age in enumerate([4000, 3000, 2000, 10]):  # seconds since last use; the last is recent
-        f = tmp_path / f"v{i}.mp4"
-        f.write_bytes(b"x" * 100)
-        os.utime(f, (now - age, now - age))
-        files.append(f)
-    (tmp_path / ".v9.mp4.partial").write_bytes(b"x" * 1000)  # a download in progress: never counted
-    assert evict_videos(tmp_path, 250, grace_s=600) == files[:2]
-    assert [f.exists() for f in files] == [False, False, True, True]
-    # over the bound again, but the only other file was used within the grace period: kept
-    assert evict_videos(tmp_path, 50, grace_s=600) == [files[2]]
-    assert files[3].exists() and (tmp_path / ".v9.mp4.partial").exists()
-    assert evict_videos(tmp_path, 50, grace_s=0) == [files[3]]
-
-
-def test_localize_video_caches_s3_objects_within_the_bound(
-    s3_server, tmp_path, monkeypatch
-) -> None:
-    storage = s3_server.storage()
-    bucket = s3_server.new_bucket()
-    uris = [join(bucket, f"v{i}.mp4") for i in range(3)]
-    for i, uri in enumerate(uris):
-        storage.write_bytes(uri, bytes([i]) * 1000)
-    monkeypatch.setenv("VBATCH_CACHE", str(tmp_path))
-    monkeypatch.setenv("VBATCH_VIDEO_CACHE_GB", str(2500 / 1e9))  # room for two of them
-    monkeypatch.setattr("vbatch.operators.video.EVICTION_GRACE_S", 0.0)
-    first = localize_video(storage, uris[0])
-    assert localize_video(storage, uris[0]) == first  # a hit: no second download
-    paths = [localize_video(storage, uri) for uri in uris[1:]]
-    cached = sorted(p.name for p in (tmp_path / "videos").iterdir())
-    assert cached == sorted(os.path.basename(p) for p in paths)  # the least recently used went
-    assert Path(paths[1]).read_bytes() == bytes([2]) * 1000
-    assert Path(localize_video(storage, uris[0])).read_bytes() == bytes([0]) * 1000  # fetched again
-    storage.write_bytes(join(bucket, "v-new.mp4"), b"y")
-    monkeypatch.setenv("VBATCH_VIDEO_CACHE_GB", "lots")
-    with pytest.raises(ValueError, match="VBATCH_VIDEO_CACHE_GB"):
-        localize_video(storage, join(bucket, "v-new.mp4"))

@@ -24,7 +24,7 @@ from vbatch.models.rvos.postprocess import (
     plan_windows,
     select_trajectory,
 )
-from vbatch.models.rvos.text import normalize_query, tokenize
+from vbatch.models.rvos.text import max_query_tokens, normalize_query, tokenize
 from vbatch.models.rvos.transforms import RVOSTransforms, preprocess_frames
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,11 @@ class RVOSPredictor(Predictor):
 
         Returns: ``pred_masks`` (T, B, Nq, h/4, w/4) and ``pred_is_referred`` (T, B, Nq, 2), float32.
         """
-        ids, mask = tokenize(self.tokenizer, [normalize_query(q) for q in queries])
+        ids, mask = tokenize(
+            self.tokenizer,
+            [normalize_query(q) for q in queries],
+            max_query_tokens(self.model.cfg.text),
+        )
         with self._autocast():
             out = self.model(clip.to(self.device), ids.to(self.device), mask.to(self.device))
         return {k: v.float() for k, v in out.items()}
