@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Segment the objects that text queries refer to in every frame of the videos of a Parquet "
             "manifest (video_id, uri, queries: list<string>, optional start_s/end_s), streamed window by "
             "window. Writes <out>/frames/<video_id>/<query_index>/<frame_index>.png and "
-            "<out>/results/*.parquet with one row per (video, query, frame) and error rows."
+            "<out>/results/*.parquet with one row per (video, query, frame) and error rows (a bad "
+            "video, or a query longer than the text encoder's 512 tokens, fails alone)."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -162,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--out", required=True, metavar="URI", help="output folder")
     vid.add_argument("--limit", type=int, metavar="N", help="only the first N manifest rows")
     vid.add_argument(
-        "--render", action="store_true", help="also write <out>/renders/<video_id>.mp4 overlays"
+        "--render",
+        action="store_true",
+        help="also write <out>/renders/<video_id>.mp4 overlays (query texts drawn in ASCII: "
+        "emoji as [their name])",
     )
     vid.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="GPU autocast"

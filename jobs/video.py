@@ -33,14 +33,13 @@ from vbatch.jobs.publish import (
 )
 from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
-from vbatch.operators.video import (
-    WindowModelStage,
-    decode_windows,
-    plan_video_windows,
-    read_video_manifest,
-    render_video,
-    write_window_masks,
-)
+from vbatch.operators.video.decode import decode_windows
+from vbatch.operators.video.manifest import read_video_manifest
+from vbatch.operators.video.model_stage import WindowModelStage
+from vbatch.operators.video.plan import plan_video_windows
+from vbatch.operators.video.queries import rvos_query_check
+from vbatch.operators.video.render import render_video
+from vbatch.operators.video.write import write_window_masks
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,9 @@ def run_video(cfg: VideoConfig) -> VideoSummary:
     )
     # checked on the driver before any worker starts: a wrong model directory fails in seconds
     local_model_dir = storage.localize_dir(cfg.model_dir)
-    ds, info = read_video_manifest(cfg.manifest, storage, cfg.limit)
+    # queries the text encoder cannot take fail alone, here, not every query of their video later
+    query_check = rvos_query_check(local_model_dir)
+    ds, info = read_video_manifest(cfg.manifest, storage, cfg.limit, query_check=query_check)
     logger.info(
         "manifest %s: %d videos (%d bad), %d queries, %s",
         info.uri,

@@ -21,14 +21,12 @@ overwrites instead of duplicating.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import posixpath
 import random
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -462,40 +460,7 @@ class Storage:
         os.replace(tmp, path)
 
     def localize_dir(self, uri: str, cache_root: str | Path | None = None) -> Path:
-        """A local folder with the contents of ``uri``: itself when local, else a cached download.
+        """A local folder with the contents of ``uri`` (see :func:`vbatch.operators.cache.localize_dir`)."""
+        from vbatch.operators.cache import localize_dir  # the cache builds on this module
 
-        Model directories live on object storage; every actor needs them as local files. The cache
-        key is the URI plus the objects' sizes and ETags, so an updated model directory is fetched
-        again while a repeated run on the same node downloads nothing.
-        """
-        if not is_remote(uri):
-            path = Path(_strip(uri))
-            if not path.is_dir():
-                raise FileNotFoundError(f"model directory not found: {uri}")
-            return path
-        fs, root = self.fs(uri)
-        entries = fs.find(root, detail=True)
-        if not entries:
-            raise FileNotFoundError(f"model directory not found or empty: {uri}")
-        stamp = hashlib.sha256(
-            repr(sorted((k, v.get("size"), v.get("ETag")) for k, v in entries.items())).encode()
-        ).hexdigest()[:16]
-        cache = Path(
-            cache_root or os.environ.get("VBATCH_CACHE") or Path.home() / ".cache" / "vbatch"
-        )
-        target = cache / "model-dirs" / stamp
-        if target.is_dir():
-            return target
-        (cache / "model-dirs").mkdir(parents=True, exist_ok=True)
-        # same folder as the target, so the final os.replace is a rename on one filesystem
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stamp}.", dir=cache / "model-dirs"))
-        for key in entries:
-            rel = posixpath.relpath(key, root.rstrip("/"))
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(key, str(tmp / rel))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another actor on this node finished first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("model directory %s cached at %s", uri, target)
-        return target
+        return localize_dir(self, uri, cache_root)

@@ -26,20 +26,17 @@ from vbatch.models.rvos import owned_frames, plan_windows
 from vbatch.operators.manifest import ERROR, ROW
 from vbatch.operators.outputs import safe_name
 from vbatch.operators.storage import Storage, join
-from vbatch.operators.video import (
+from vbatch.operators.video.columns import (
     FRAMES,
     OWN_START,
     OWN_STOP,
+    QUERY_ERRORS,
     START,
     STOP,
     WINDOW,
-    decode_windows,
-    evict_videos,
-    localize_video,
-    plan_video_windows,
-    read_window,
-    resize_frames,
 )
+from vbatch.operators.video.decode import decode_windows, read_window, resize_frames
+from vbatch.operators.video.plan import plan_video_windows
 from vbatch.schemas.videos import ManifestError, validate_video_results
 
 SIZE = (40, 32)  # (width, height), not square; the network sees every frame at 450x360 anyway
@@ -248,6 +245,7 @@ def test_long_video_is_decoded_window_by_window(tmp_path: Path) -> None:
             "end_s": pa.array([None], pa.float64()),
             ROW: pa.array([0], pa.int64()),
             ERROR: pa.array([None], pa.string()),
+            QUERY_ERRORS: pa.array([[None]], pa.list_(pa.string())),
         }
     )
     plan = plan_video_windows(manifest, storage=Storage(), base_uri=str(tmp_path))
@@ -292,43 +290,83 @@ def test_each_frame_owned_by_the_last_window_containing_it(n: int) -> None:
         assert a <= f < b
 
 
-# -- the per-node video cache -----------------------------------------------------------------------
-def test_video_cache_evicts_least_recently_used_outside_the_grace_period(tmp_path: Path) -> None:
-    now = os.path.getmtime(tmp_path)
-    files = []
-    for i, age in enumerate([4000, 3000, 2000, 10]):  # seconds since last use; the last is recent
-        f = tmp_path / f"v{i}.mp4"
-        f.write_bytes(b"x" * 100)
-        os.utime(f, (now - age, now - age))
-        files.append(f)
-    (tmp_path / ".v9.mp4.partial").write_bytes(b"x" * 1000)  # a download in progress: never counted
-    assert evict_videos(tmp_path, 250, grace_s=600) == files[:2]
-    assert [f.exists() for f in files] == [False, False, True, True]
-    # over the bound again, but the only other file was used within the grace period: kept
-    assert evict_videos(tmp_path, 50, grace_s=600) == [files[2]]
-    assert files[3].exists() and (tmp_path / ".v9.mp4.partial").exists()
-    assert evict_videos(tmp_path, 50, grace_s=0) == [files[3]]
+# -- every bad kind at once, through the CLI -------------------------------------------------------
+LONG_QUERY = "the small red ball next to the green box " * 70  # > 512 tokens
+# video_id, uri (relative: under videos/), queries, expected {query_index: "ok" | error fragment}
+MIXED = [
+    ("good", "walk.mp4", ["a red ball", LONG_QUERY, "a person riding a 🚲"],
+     {0: "ok", 1: "query 1: query has", 2: "ok"}),
+    ("gs", "gs://bucket/v.mp4", ["a"], {0: "unsupported URI scheme 'gs'"}),
+    ("hdfs", "hdfs://namenode/v.mp4", ["a", "b"], {0: "unsupported URI scheme", 1: "unsupported"}),
+    ("empty", "empty.mp4", ["a"], {0: "empty file (0 bytes)"}),
+    ("text", "notes.mp4", ["a"], {0: "not a video container (the file starts with text"}),
+    ("truncated", "cut.mp4", ["a", "b"], {0: "truncated: moov atom missing", 1: "moov atom missing"}),
+    ("only-long", "walk.mp4", [LONG_QUERY], {0: "no query can run (query 0: query has"}),
+]  # fmt: skip
 
 
-def test_localize_video_caches_s3_objects_within_the_bound(
-    s3_server, tmp_path, monkeypatch
+def test_every_bad_kind_with_good_clips_exits_0(
+    ray_session, tmp_path: Path, rvos_dir, videos, capsys
 ) -> None:
-    storage = s3_server.storage()
-    bucket = s3_server.new_bucket()
-    uris = [join(bucket, f"v{i}.mp4") for i in range(3)]
-    for i, uri in enumerate(uris):
-        storage.write_bytes(uri, bytes([i]) * 1000)
-    monkeypatch.setenv("VBATCH_CACHE", str(tmp_path))
-    monkeypatch.setenv("VBATCH_VIDEO_CACHE_GB", str(2500 / 1e9))  # room for two of them
-    monkeypatch.setattr("vbatch.operators.video.EVICTION_GRACE_S", 0.0)
-    first = localize_video(storage, uris[0])
-    assert localize_video(storage, uris[0]) == first  # a hit: no second download
-    paths = [localize_video(storage, uri) for uri in uris[1:]]
-    cached = sorted(p.name for p in (tmp_path / "videos").iterdir())
-    assert cached == sorted(os.path.basename(p) for p in paths)  # the least recently used went
-    assert Path(paths[1]).read_bytes() == bytes([2]) * 1000
-    assert Path(localize_video(storage, uris[0])).read_bytes() == bytes([0]) * 1000  # fetched again
-    storage.write_bytes(join(bucket, "v-new.mp4"), b"y")
-    monkeypatch.setenv("VBATCH_VIDEO_CACHE_GB", "lots")
-    with pytest.raises(ValueError, match="VBATCH_VIDEO_CACHE_GB"):
-        localize_video(storage, join(bucket, "v-new.mp4"))
+    """Unsupported schemes, an over-long query, empty/text/truncated files and an emoji query
+    (rendered) next to a good clip: the job ends with exit 0 and the right rows."""
+    from vbatch.jobs.cli import main
+
+    root = tmp_path / "in"
+    (root / "videos").mkdir(parents=True)
+    walk = videos["walk.mp4"]
+    (root / "videos" / "walk.mp4").write_bytes(walk)
+    (root / "videos" / "empty.mp4").write_bytes(b"")
+    (root / "videos" / "notes.mp4").write_text("a shopping list, not a video\n" * 20)
+    (root / "videos" / "cut.mp4").write_bytes(walk[: walk.index(b"mdat") + 200])  # no index yet
+    pq.write_table(
+        pa.table(
+            {
+                "video_id": [m[0] for m in MIXED],
+                "uri": [m[1] if "://" in m[1] else f"videos/{m[1]}" for m in MIXED],
+                "queries": pa.array([m[2] for m in MIXED], pa.list_(pa.string())),
+            }
+        ),
+        root / "manifest.parquet",
+    )
+    out = tmp_path / "out"
+    args = ["video", "--manifest", str(root / "manifest.parquet"), "--model-dir", str(rvos_dir)]
+    assert main([*args, "--out", str(out), "--render"]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith(f"rvos: {len(MIXED)} videos — 0 ok, {len(MIXED)} with errors"), report
+    assert "renders: 1 under" in report
+
+    table = read_table(str(out / "results"), Storage())
+    validate_video_results(table)
+    rows = table.to_pylist()
+    assert sorted({r["manifest_row"] for r in rows}) == list(range(len(MIXED)))
+    predictor = load_model("rvos", rvos_dir, device="cpu")
+    for m, (vid, _uri, queries, expect) in enumerate(MIXED):
+        got = [r for r in rows if r["manifest_row"] == m]
+        assert {r["query_index"] for r in got} == set(expect) and {r["video_id"] for r in got} == {
+            vid
+        }
+        ok = [qi for qi, e in expect.items() if e == "ok"]
+        for qi, status in expect.items():
+            q_rows = [r for r in got if r["query_index"] == qi]
+            if status == "ok":
+                assert [
+                    r["frame_index"] for r in sorted(q_rows, key=lambda r: r["frame_index"])
+                ] == (list(range(25)))
+                assert all(r["status"] == "ok" for r in q_rows)
+                continue
+            assert len(q_rows) == 1 and q_rows[0]["status"] == "error", q_rows
+            assert status in q_rows[0]["error"], q_rows[0]["error"]
+        if ok:  # the good queries ran, unharmed by the long one: predict_video's masks
+            frames = decode_all(str(root / "videos" / "walk.mp4"))
+            want = predictor.predict_video(frames, [queries[qi] for qi in ok])
+            for j, qi in enumerate(ok):
+                for r in (r for r in got if r["query_index"] == qi):
+                    png = cv2.imread(r["mask_uri"], cv2.IMREAD_UNCHANGED)
+                    assert np.array_equal(png, want[j, r["frame_index"]]), (vid, qi)
+    long_error = next(r["error"] for r in rows if r["video_id"] == "good" and r["query_index"] == 1)
+    assert "the text encoder takes at most 512" in long_error
+    render = decord.VideoReader(
+        str(out / "renders" / "good.mp4")
+    )  # the emoji query did not crash it
+    assert len(render) == 25

@@ -120,3 +120,10 @@ def test_validate_results() -> None:
         validate_video_results(
             pa.Table.from_pylist([ok], schema=VIDEO_RESULTS).drop_columns(["manifest_row"])
         )
+
+
+def test_any_uri_scheme_is_left_to_the_job() -> None:
+    """The schema takes an uri as a string: an unsupported scheme is the video's error row later
+    (``vbatch video`` resolves it per row), never a crash of the manifest check."""
+    uris = ["https://cdn.example.com/a.mp4", "gs://b/a.mp4", "s3://b/a.mp4", "a.mp4", "ftp://h/x"]
+    assert video_row_errors([f"v{i}" for i in range(5)], uris, [["q"]] * 5) == [None] * 5

@@ -22,7 +22,7 @@ from vbatch.models.precision import autocast, check_precision
 from vbatch.models.rvos.config import TEXT_DIR, WEIGHTS_FILE, read_config
 from vbatch.models.rvos.convert import from_modelscope
 from vbatch.models.rvos.model import MTTR
-from vbatch.models.rvos.text import load_tokenizer, normalize_query, tokenize
+from vbatch.models.rvos.text import load_tokenizer, max_query_tokens, normalize_query, tokenize
 from vbatch.models.rvos.transforms import (
     RVOSTransforms,
     frame_masks,
@@ -75,7 +75,11 @@ class RVOSPredictor(Predictor):
 
         Returns: ``pred_masks`` (T, B, Nq, h/4, w/4) and ``pred_is_referred`` (T, B, Nq, 2), float32.
         """
-        ids, mask = tokenize(self.tokenizer, [normalize_query(q) for q in queries])
+        ids, mask = tokenize(
+            self.tokenizer,
+            [normalize_query(q) for q in queries],
+            max_query_tokens(self.model.cfg.text),
+        )
         with autocast(self.precision, self.device):
             out = self.model(clip.to(self.device), ids.to(self.device), mask.to(self.device))
         return {k: v.float() for k, v in out.items()}

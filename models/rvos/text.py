@@ -51,11 +51,40 @@ def load_tokenizer(text_dir: Path) -> RobertaTokenizerFast:
     return RobertaTokenizerFast.from_pretrained(str(text_dir), local_files_only=True)
 
 
+def max_query_tokens(cfg: TextConfig) -> int:
+    """The longest query RoBERTa can encode, ``<s>`` and ``</s>`` included (512 for roberta-base).
+
+    RoBERTa numbers positions from ``pad_token_id + 1``, so of its ``max_position_embeddings`` (514)
+    rows, ``pad_token_id + 1`` are never used by a token.
+    """
+    return cfg.max_position_embeddings - cfg.pad_token_id - 1
+
+
 def tokenize(
-    tokenizer: RobertaTokenizerFast, queries: Sequence[str]
+    tokenizer: RobertaTokenizerFast, queries: Sequence[str], max_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Args: queries: already normalised. Returns input_ids, attention_mask: (B, S) int64, padded to the longest."""
+    """Tokenise queries together, padded to the longest.
+
+    Args:
+        queries: already normalised.
+        max_tokens: refuse a longer query (:func:`max_query_tokens`) instead of failing inside the
+            encoder with an index error.
+
+    Returns:
+        input_ids, attention_mask: (B, S) int64.
+
+    Raises:
+        ValueError: a query is longer than ``max_tokens`` (names it and the limit).
+    """
     enc = tokenizer(list(queries), padding="longest", return_tensors="pt")
+    if max_tokens is not None:
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        over = [(i, n) for i, n in enumerate(lengths) if n > max_tokens]
+        if over:
+            i, n = over[0]
+            raise ValueError(
+                f"query {i} has {n} tokens; the text encoder takes at most {max_tokens}"
+            )
     return enc["input_ids"], enc["attention_mask"]
 
 

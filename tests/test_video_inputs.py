@@ -1,0 +1,174 @@
+"""What the video job says about bad inputs: files decord cannot open, queries the text encoder
+cannot take, unsupported URIs, and query texts the overlay font cannot draw."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from vbatch.operators.manifest import ERROR, ROW
+from vbatch.operators.storage import Storage
+from vbatch.operators.video.columns import QUERY_ERRORS, WINDOW
+from vbatch.operators.video.container import container_problem, describe_video_error, probe_video
+from vbatch.operators.video.plan import plan_video_windows
+from vbatch.operators.video.queries import all_query_errors, rvos_query_check, valid_queries
+from vbatch.operators.video.render import overlay_text
+from vbatch.schemas.videos import video_row_errors
+
+
+def mp4(path: Path, frames: int = 25) -> bytes:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 24, (40, 32))
+    for t in range(frames):
+        writer.write(np.full((32, 40, 3), t * 5, np.uint8))
+    writer.release()
+    return path.read_bytes()
+
+
+def boxes(data: bytes) -> dict[str, tuple[int, int]]:
+    """Top-level ISO boxes: type → (offset, size)."""
+    out, pos = {}, 0
+    while pos < len(data):
+        size, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        out[kind.decode()] = (pos, size)
+        pos += size
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_videos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    good = mp4(root / "good.mp4")
+    layout = boxes(good)
+    assert list(layout) == ["ftyp", "free", "mdat", "moov"]  # OpenCV writes the index last
+    files = {
+        "empty": b"",
+        "text": b"video_id,uri\nwalk,walk.mp4\n" * 10,
+        "cut-in-mdat": good[: layout["mdat"][0] + 100],  # a recording cut before its index
+        "cut-in-moov": good[: layout["moov"][0] + 50],
+        "garbage-after-header": good[:64] + bytes(range(256)) * 8,
+        "random": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+    }
+    out = {"good": root / "good.mp4"}
+    for name, data in files.items():
+        (root / f"{name}.mp4").write_bytes(data)
+        out[name] = root / f"{name}.mp4"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("empty", "empty file (0 bytes)"),
+        ("text", "not a video container (the file starts with text: 'video_id,uri"),
+        ("cut-in-mdat", "truncated: moov atom missing (the file ends inside the 'mdat' box"),
+        ("cut-in-moov", "truncated: moov atom incomplete"),
+        ("garbage-after-header", "corrupt: unreadable box at byte"),
+        ("random", "not a video container (unknown magic bytes"),
+    ],
+)
+def test_unreadable_videos_say_why(bad_videos: dict[str, Path], name: str, message: str) -> None:
+    path = str(bad_videos[name])
+    with pytest.raises(Exception) as err:  # decord's own text says only "Error reading <path>"
+        probe_video(path)
+    text = describe_video_error(err.value, "s3://b/v.mp4", path)
+    assert text.startswith("cannot read video s3://b/v.mp4: ") and message in text, text
+
+
+def test_a_good_video_shows_no_problem(bad_videos: dict[str, Path]) -> None:
+    assert container_problem(str(bad_videos["good"])) is None
+    assert probe_video(str(bad_videos["good"])).num_frames == 25
+    # a download that failed (no local file) keeps the storage layer's message
+    assert describe_video_error(FileNotFoundError("x"), "s3://b/v.mp4", None) == (
+        "object not found: s3://b/v.mp4"
+    )
+
+
+@pytest.mark.parametrize("uri", ["https://example.com/a.mp4", "gs://bucket/a.mp4", "ftp://h/a"])
+def test_an_unsupported_uri_is_that_video_s_error_row(tmp_path: Path, uri: str) -> None:
+    assert video_row_errors(["v"], [uri], [["q"]]) == [None]  # the schema takes it as a string
+    good = tmp_path / "good.mp4"
+    mp4(good)
+    batch = pa.table(
+        {
+            "video_id": ["v", "w"],
+            "uri": [uri, "good.mp4"],
+            "queries": pa.array([["q"], ["q"]], pa.list_(pa.string())),
+            "start_s": pa.array([None, None], pa.float64()),
+            "end_s": pa.array([None, None], pa.float64()),
+            ROW: pa.array([0, 1], pa.int64()),
+            ERROR: pa.array([None, None], pa.string()),
+            QUERY_ERRORS: pa.array([[None], [None]], pa.list_(pa.string())),
+        }
+    )
+    plan = plan_video_windows(batch, storage=Storage(), base_uri=str(tmp_path))
+    rows = plan.to_pylist()
+    assert rows[0]["uri"] == uri and rows[0][WINDOW] is None
+    assert rows[0][ERROR].startswith(f"cannot resolve video uri {uri!r}: "), rows[0][ERROR]
+    assert [r[WINDOW] for r in rows[1:]] == [0, 1] and all(r[ERROR] is None for r in rows[1:])
+
+
+# -- queries ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rvos_dir(tmp_path_factory) -> Path:
+    from vbatch.models.rvos import TINY, write_random_model_dir
+
+    return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
+
+
+def test_queries_longer_than_the_text_encoder_fail_alone(rvos_dir: Path) -> None:
+    check = rvos_query_check(rvos_dir)
+    long = "a red ball " * 200  # 600+ tokens with the tiny tokenizer, 600 with roberta-base's
+    errors = all_query_errors([["a dog", long, ""], [long], None, ["🚲"]], check)
+    assert errors[0][0] is None and errors[0][2] == "query is empty"
+    assert errors[0][1] is not None and "the text encoder takes at most 512" in errors[0][1]
+    assert errors[1] == [errors[0][1]] and errors[2] == [] and errors[3] == [None]
+    assert valid_queries(["a dog", long, ""], errors[0]) == [(0, "a dog")]
+    # exactly at the limit runs, one token more does not (<s> and </s> count)
+    tok = __import__("vbatch.models.rvos.text", fromlist=["load_tokenizer"]).load_tokenizer(
+        rvos_dir / "transformer_cfg_dir"
+    )
+    word = "dog "
+    per = len(tok("dog dog")["input_ids"]) - len(tok("dog")["input_ids"])
+    n = (512 - len(tok("dog")["input_ids"])) // per + 1
+    at_limit = (word * n).strip()
+    assert len(tok(at_limit)["input_ids"]) <= 512
+    over = at_limit + " dog" * (512 - len(tok(at_limit)["input_ids"]) + 1)
+    assert len(tok(over)["input_ids"]) > 512
+    assert check([at_limit, over])[0] is None and check([at_limit, over])[1] is not None
+
+
+def test_the_predictor_refuses_a_long_query_by_name(rvos_dir: Path) -> None:
+    from vbatch.models import load_model
+
+    predictor = load_model("rvos", rvos_dir, device="cpu")
+    frames = np.zeros((2, 32, 40, 3), np.uint8)
+    with pytest.raises(
+        ValueError, match=r"query 1 has \d+ tokens; the text encoder takes at most 512"
+    ):
+        predictor.predict_window(frames, ["a dog", "a dog " * 400])
+
+
+# -- overlays ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("query", "shown"),
+    [
+        ("a person riding a 🚲", "a person riding a [bicycle]"),
+        ("the 🐕‍🦺 on the left 👍🏽", "the [dog][safety vest] on the left [thumbs up sign]"),
+        ("café crème", "cafe creme"),
+        ("猫 near кот", "[U+732B] near [U+043A][U+043E][U+0442]"),
+        ("plain ASCII: (x) 100% ~ok~", "plain ASCII: (x) 100% ~ok~"),
+    ],
+)
+def test_overlay_text_keeps_ascii_and_shows_what_it_cannot_draw(query: str, shown: str) -> None:
+    got = overlay_text(query)
+    assert got == shown
+    assert got.isascii() and all(32 <= ord(c) < 127 for c in got)  # Hershey's repertoire
+    ascii_part = [c for c in query if c.isascii()]
+    it = iter(got)
+    assert all(c in it for c in ascii_part)  # every ASCII character survives, in order
+    assert "?" not in got or "?" in query
