@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(FAISS row -> image_id) and index.json. Without --factory, the index is chosen from the gallery "
             "size and --memory-budget as the FAISS guidelines recommend (flat for small galleries, IVF with a "
             "trained coarse quantizer; when flat vectors do not fit the budget, the largest code that does: "
-            "SQ8, RaBitQ with 7 down to 2 bits per dimension, then PQ). 200k x 1536 under a budget of flat/8: "
-            "IVF2048,RaBitQ3, recall@10 0.954 vs exact search (docs/BENCHMARKS.md)."
+            "SQ8, RaBitQ with 7 down to 2 bits per dimension, then PQ). Measured recall and sizes: "
+            "docs/BENCHMARKS.md."
         ),
     )
     idx.add_argument(
@@ -321,7 +321,7 @@ def _reid(args: argparse.Namespace) -> int:
         print(summary.report())
         return 0
     if args.reid_command in ("index", "add"):
-        from vbatch.operators.faiss_index import add_to_index, build_index
+        from vbatch.operators.index import add_to_index, build_index
 
         if args.reid_command == "index":
             info = build_index(
@@ -336,7 +336,7 @@ def _reid(args: argparse.Namespace) -> int:
         print(info.to_json())
         return 0
     if args.reid_command == "search":
-        from vbatch.operators.faiss_index import GalleryIndex
+        from vbatch.operators.index import GalleryIndex
 
         index = GalleryIndex.open(args.index, storage)
         if args.embeddings:

@@ -97,7 +97,7 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
 
     from vbatch.jobs.publish import read_table
     from vbatch.jobs.reid import query_embeddings_from_table, run_embed, search_table
-    from vbatch.operators.faiss_index import GalleryIndex, build_index
+    from vbatch.operators.index import GalleryIndex, build_index
 
     people = _people(out / "people", 16)
     m = reid_dir(models / "reid")

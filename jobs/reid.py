@@ -2,7 +2,7 @@
 
 * ``embed`` is the image job of :mod:`vbatch.jobs.segment` with the ``reid`` model: one row per manifest
   row with an L2-normalised 1536-d ``embedding`` (null on error rows), under ``<out>/results/``.
-* ``index``/``add`` build and extend the gallery (:mod:`vbatch.operators.faiss_index`).
+* ``index``/``add`` build and extend the gallery (:mod:`vbatch.operators.index`).
 * ``search`` embeds query images with the same model and returns the top-k gallery ids.
 * ``eval`` scores a query table against a gallery table (Market-1501 protocol,
   :mod:`vbatch.operators.reid_eval`).
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +18,7 @@ import pyarrow as pa
 from vbatch.jobs.segment import JobSummary, SegmentConfig, run_segment
 from vbatch.models import load_model
 from vbatch.operators.decode import decode_image
-from vbatch.operators.faiss_index import GalleryIndex
+from vbatch.operators.index import GalleryIndex
 from vbatch.operators.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -29,14 +28,6 @@ def run_embed(cfg: SegmentConfig) -> JobSummary:
     """Embeddings for every row of an image manifest (``cfg.task`` is forced to ``reid``)."""
     cfg.task = "reid"
     return run_segment(cfg)
-
-
-@dataclass
-class SearchHit:
-    query: str
-    rank: int
-    image_id: str | None
-    score: float
 
 
 def embed_images(
