@@ -122,36 +122,113 @@ class EmbeddingBatch:
     ordinals: np.ndarray
 
 
+# A unit vector has norm 1; anything this small is a zero vector that normalisation cannot fix.
+MIN_NORM = 1e-6
+
+
+def vector_problems(vectors: np.ndarray) -> list[str | None]:
+    """Why each row of ``vectors`` cannot be searched or indexed (``None``: it can).
+
+    Args:
+        vectors: (N, D) float32.
+
+    Returns:
+        N entries: ``"non-finite embedding (NaN or inf)"``, ``"zero-norm embedding"`` or ``None``.
+    """
+    finite = np.isfinite(vectors).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(vectors, axis=1)
+    problems: list[str | None] = []
+    for row_finite, norm in zip(finite, norms, strict=True):
+        if not row_finite:
+            problems.append("non-finite embedding (NaN or inf)")
+        elif not np.isfinite(norm):
+            problems.append("embedding too large to normalise")
+        elif norm < MIN_NORM:
+            problems.append("zero-norm embedding")
+        else:
+            problems.append(None)
+    return problems
+
+
+def vectors_from_arrow(
+    embeddings: pa.Array | pa.ChunkedArray, dim: int | None = None
+) -> tuple[np.ndarray, list[str | None], int | None]:
+    """Checked, L2-normalised vectors of a list column, row by row.
+
+    Every row's own length is checked (its list offsets), not only the total number of values:
+    rows of 1535 and 1537 values add up to two rows of 1536 and would silently shift.
+
+    Args:
+        embeddings: ``list<float>`` / ``fixed_size_list<float, D>`` column, nulls allowed.
+        dim: expected dimension; ``None`` takes the first non-null row's length.
+
+    Returns:
+        ``(vectors (N, D) float32 unit rows, problems (N,), dim)``: a problem row's vector is
+        zero and its problem says why (null, wrong length, non-finite, zero norm).
+    """
+    if isinstance(embeddings, pa.ChunkedArray):
+        embeddings = embeddings.combine_chunks()
+    n = len(embeddings)
+    lengths = pc.list_value_length(embeddings).to_numpy(zero_copy_only=False)
+    null = np.asarray(embeddings.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if dim is None:
+        valid_lengths = lengths[~null]
+        dim = int(valid_lengths[0]) if len(valid_lengths) else None
+    if dim is None:
+        return np.zeros((n, 0), np.float32), ["no embedding"] * n, None
+    good = ~null & (np.where(null, -1, lengths) == dim)
+    vectors = np.zeros((n, dim), dtype=np.float32)
+    if good.any():
+        values = embeddings.filter(pa.array(good)).flatten()
+        vectors[good] = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    problems: list[str | None] = [None] * n
+    for row in np.flatnonzero(~good).tolist():
+        problems[row] = (
+            "no embedding"
+            if null[row]
+            else f"embedding has {int(lengths[row])} values, expected {dim}"
+        )
+    for row, problem in enumerate(vector_problems(vectors)):
+        if problems[row] is None and problem is not None:
+            problems[row] = problem
+            vectors[row] = 0
+    # the tables promise unit norm; renormalising is cheap and makes IP == cosine for sure
+    faiss.normalize_L2(vectors)
+    return vectors, problems, dim
+
+
 def iter_embeddings(
     files: Sequence[str], storage: Storage, dim: int, batch_rows: int = 16384
 ) -> Iterator[EmbeddingBatch]:
-    """Stream the ok rows of ``files`` in batches of at most ``batch_rows`` input rows."""
+    """Stream the ok rows of ``files`` in batches of at most ``batch_rows`` input rows.
+
+    Raises:
+        ValueError: an ok row without a valid embedding (null, wrong length, non-finite, zero
+            norm), naming the file, the row and the image_id.
+    """
     ordinal = 0
     for file_uri in files:
         pf = open_parquet(storage, file_uri)
+        file_row = 0
         for batch in pf.iter_batches(
             batch_size=batch_rows, columns=["image_id", "status", "embedding"]
         ):
             ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+            rows = file_row + np.flatnonzero(ok.to_numpy(zero_copy_only=False))
+            file_row += batch.num_rows
             batch = batch.filter(ok)
             if batch.num_rows == 0:
                 continue
-            emb = batch.column("embedding")
-            if emb.null_count:
-                bad = batch.column("image_id").filter(emb.is_null())[0]
-                raise ValueError(f"{file_uri}: row image_id={bad} has status 'ok' but no embedding")
-            values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            if values.size != batch.num_rows * dim:
-                raise ValueError(f"{file_uri}: embeddings are not all of dimension {dim}")
-            # a private, writable copy: Arrow buffers are read-only and normalize_L2 works in place
-            vectors = np.array(values.reshape(batch.num_rows, dim), dtype=np.float32, order="C")
-            if not np.isfinite(vectors).all():
-                row = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+            vectors, problems, _ = vectors_from_arrow(batch.column("embedding"), dim)
+            bad = [i for i, p in enumerate(problems) if p is not None]
+            if bad:
+                i = bad[0]
+                more = f" (and {len(bad) - 1} more rows of this batch)" if len(bad) > 1 else ""
                 raise ValueError(
-                    f"{file_uri}: image_id={batch.column('image_id')[row]} has a non-finite embedding"
+                    f"{file_uri}: row {int(rows[i])} (image_id={batch.column('image_id')[i]}) "
+                    f"has status 'ok' but {problems[i]}{more}"
                 )
-            # the table promises unit norm; renormalising is cheap and makes IP == cosine for sure
-            faiss.normalize_L2(vectors)
             n = batch.num_rows
             yield EmbeddingBatch(
                 batch.column("image_id").cast(pa.string()),

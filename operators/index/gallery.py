@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from vbatch.operators.index.embeddings import vector_problems
 from vbatch.operators.index.indexes import ivf_or_none, search_params
 from vbatch.operators.index.store import IndexInfo, load_faiss, read_id_map, read_info
 from vbatch.operators.storage import Storage
@@ -60,10 +61,23 @@ class GalleryIndex:
             ``(scores (Q, k) float32 cosine similarities, image_ids Q lists of k)``, best first;
             when the index holds fewer than ``k`` reachable vectors the tail is
             ``(-inf, None)``.
+
+        Raises:
+            ValueError: ``k < 1``, ``nprobe < 1``, another dimension, or a query that is not
+                finite or has zero norm (naming its row).
         """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
         x = np.array(embeddings, dtype=np.float32, ndmin=2, copy=True)
         if x.ndim != 2 or x.shape[1] != self.info.dim:
             raise ValueError(f"queries must be (Q, {self.info.dim}), got {np.shape(embeddings)}")
+        bad = [(i, p) for i, p in enumerate(vector_problems(x)) if p is not None]
+        if bad:
+            # faiss would return no hits for NaN and arbitrary ones for a zero vector
+            which = ", ".join(f"{i} ({p})" for i, p in bad[:5])
+            raise ValueError(f"{len(bad)} of {len(x)} queries cannot be searched: row {which}")
         faiss.normalize_L2(x)
         params = self._params if nprobe is None else search_params(self.index, nprobe)
         scores, rows = self.index.search(x, k, params=params)

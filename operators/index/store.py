@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from vbatch.operators.index.embeddings import open_parquet
+from vbatch.operators.index.indexes import METRICS
 from vbatch.operators.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class IndexInfo:
         nprobe: default inverted lists visited per query (``None`` for non-IVF indexes).
         tuned_recall: 10-recall@10 vs exact search measured at build time with ``nprobe``.
         bytes_per_vector: serialized index size / count (codes, ids, quantizers included).
+        index_bytes: size of ``index_file`` (``None`` in manifests written before it was kept);
+            a shorter file is reported as truncated.
         generation: increases with every build or add; names the index file and id part.
         index_file: index file name, relative to ``uri``.
         id_parts: id map Parquet files, relative to ``uri``, in ``faiss_id`` order.
@@ -107,6 +110,7 @@ class IndexInfo:
     vbatch_version: str = ""
     faiss_version: str = ""
     metric: str = "inner_product"
+    index_bytes: int | None = None
     format_version: int = FORMAT_VERSION
     history: list[dict[str, Any]] = field(default_factory=list)
     added: int = 0
@@ -120,11 +124,63 @@ class IndexInfo:
 
     @classmethod
     def from_json(cls, text: str | bytes, uri: str) -> IndexInfo:
-        data = json.loads(text)
+        """Parse and check a manifest; ``uri`` is the index folder (named in every error).
+
+        Raises:
+            ValueError: not JSON, an unsupported format, a missing field or a value no index
+                can have (unknown metric, ``nprobe < 1``, file names outside the layout…).
+        """
+        where = join(uri, MANIFEST_NAME)
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where}: not valid JSON ({err}); the manifest is damaged") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{uri}: unsupported index format {data.get('format_version')!r}")
+            raise ValueError(f"{where}: unsupported index format {data.get('format_version')!r}")
         known = {f for f in cls.__dataclass_fields__ if f not in cls._NOT_STORED}
-        return cls(uri=uri, **{k: v for k, v in data.items() if k in known})
+        required = {
+            name
+            for name, f in cls.__dataclass_fields__.items()
+            if name in known and f.default is MISSING and f.default_factory is MISSING  # type: ignore[misc]
+        }
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}; the manifest is damaged")
+        info = cls(uri=uri, **{k: v for k, v in data.items() if k in known})
+        problem = info._problem()
+        if problem:
+            raise ValueError(f"{where}: {problem}; the manifest is damaged")
+        return info
+
+    def _problem(self) -> str | None:
+        """What makes this manifest impossible (``None``: nothing found)."""
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.metric not in METRICS:
+            return f"unknown metric {self.metric!r} (expected one of {sorted(METRICS)})"
+        if not is_int(self.dim) or self.dim < 1:
+            return f"dim must be a positive integer, got {self.dim!r}"
+        if not is_int(self.count) or self.count < 0:
+            return f"count must be an integer >= 0, got {self.count!r}"
+        if self.nprobe is not None and (not is_int(self.nprobe) or self.nprobe < 1):
+            return f"nprobe must be an integer >= 1 or null, got {self.nprobe!r}"
+        if not is_int(self.generation) or self.generation < 0:
+            return f"generation must be an integer >= 0, got {self.generation!r}"
+        if self.index_bytes is not None and (not is_int(self.index_bytes) or self.index_bytes < 0):
+            return f"index_bytes must be an integer >= 0 or null, got {self.index_bytes!r}"
+        # file names stay inside the index folder (no "../" from a tampered manifest)
+        if not isinstance(self.index_file, str) or not _INDEX_FILE_RE.fullmatch(self.index_file):
+            return f"index_file {self.index_file!r} is not index-NNNNN.faiss"
+        if not isinstance(self.id_parts, list) or not all(
+            isinstance(p, str) and re.fullmatch(rf"{IDS_DIR}/part-\d{{5}}\.parquet", p)
+            for p in self.id_parts
+        ):
+            return f"id_parts {self.id_parts!r} are not a list of ids/part-NNNNN.parquet"
+        return None
 
 
 def read_info(uri: str, storage: Storage) -> IndexInfo:
@@ -159,7 +215,8 @@ def commit(
     remove files that neither the new nor the previous manifest names."""
     local_index = workdir / "index.faiss"
     faiss.write_index(index, str(local_index))
-    info.bytes_per_vector = round(local_index.stat().st_size / max(info.count, 1), 2)
+    info.index_bytes = local_index.stat().st_size
+    info.bytes_per_vector = round(info.index_bytes / max(info.count, 1), 2)
     storage.put_file(local_index, join(info.uri, info.index_file))
     if id_part is not None:
         storage.put_file(id_part, join(info.uri, id_part_name(info.generation)))
@@ -190,12 +247,16 @@ def read_id_map(info: IndexInfo, storage: Storage) -> pa.Table:
     Read with ``ParquetFile`` rather than the dataset API: for a 200k gallery the dataset reader
     left ~75 MB resident (mostly decoding buffers the allocator keeps) against ~30 for this.
     """
-    tables = [
-        open_parquet(storage, join(info.uri, name))
-        .read(columns=_ID_MAP_READ.names)
-        .cast(_ID_MAP_READ)
-        for name in info.id_parts
-    ]
+    tables = []
+    for name in info.id_parts:
+        part_uri = join(info.uri, name)
+        try:
+            part = open_parquet(storage, part_uri).read(columns=_ID_MAP_READ.names)
+            tables.append(part.cast(_ID_MAP_READ))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
+            raise ValueError(
+                f"{part_uri}: unreadable id map part ({err}); rebuild the index"
+            ) from err
     ids = pa.concat_tables(tables).combine_chunks() if tables else _ID_MAP_READ.empty_table()
     expected = np.arange(info.count, dtype=np.int64)
     got = ids.column("faiss_id").to_numpy()
@@ -208,11 +269,29 @@ def read_id_map(info: IndexInfo, storage: Storage) -> pa.Table:
 
 
 def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
-    local = storage.get_file(join(info.uri, info.index_file), workdir / "index.faiss")
-    index = faiss.read_index(str(local))
+    """Download and read the index file of ``info`` (checked against the manifest).
+
+    Raises:
+        ValueError: the file is truncated, not a faiss index, or holds another count or dim;
+            the message names the file's URI (never the local copy).
+    """
+    uri = join(info.uri, info.index_file)
+    local = storage.get_file(uri, workdir / "index.faiss")
+    size = Path(local).stat().st_size
+    if info.index_bytes is not None and size != info.index_bytes:
+        what = "truncated" if size < info.index_bytes else "longer than written"
+        raise ValueError(
+            f"{uri}: {what} ({size} bytes, the manifest says {info.index_bytes}); rebuild the index"
+        )
+    try:
+        index = faiss.read_index(str(local))
+    except RuntimeError as err:
+        # faiss' C++ message names the local temporary copy and a misleading errno
+        reason = "empty file" if size == 0 else "truncated or not a faiss index file"
+        raise ValueError(f"{uri}: cannot read the faiss index ({size} bytes): {reason}") from err
     if index.ntotal != info.count or index.d != info.dim:
         raise ValueError(
-            f"{info.uri}: {info.index_file} holds {index.ntotal} vectors of dim {index.d}, "
+            f"{uri}: holds {index.ntotal} vectors of dim {index.d}, "
             f"the manifest says {info.count} of dim {info.dim}"
         )
     return index
