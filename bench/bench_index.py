@@ -8,7 +8,7 @@ cosine is ~0.56, other identities ~0.11 +- 0.12, and 73 % of a fresh query's exa
 its own identity (rank-1 98 %): neighbours are clustered but not trivially separated.
 
 The gallery is written as an embeddings table (Parquet, like ``reid embed``), indexed with
-:func:`vbatch.operators.faiss_index.build_index` under a memory budget of ``flat / compression`` bytes,
+:func:`vbatch.operators.index.build_index` under a memory budget of ``flat / compression`` bytes,
 and searched with fresh queries of gallery identities. Recall is the 10-recall@10 intersection
 measure against exact inner-product search (``faiss.knn``), as in faiss' benchmarks.
 
@@ -17,28 +17,7 @@ Run::
     OMP_NUM_THREADS=2 python bench/bench_index.py                            # auto choice, 8x budget
     OMP_NUM_THREADS=2 python bench/bench_index.py --factory IVF2048,SQ4      # any other index
 
-Measured on a shared 2-core VM (faiss-cpu 1.15.1, 200k x 1536, 1000 queries):
-
-======================  ========  =======  =========  =======================  =======
-index                   B/vector  vs flat  recall@10  QPS 1 thread / 2 thr.    build
-======================  ========  =======  =========  =======================  =======
-IVF2048,RaBitQ3 (auto)  667       9.2x     0.954      367-497 / 645-943 (256)  82-84 s
-IVF2048,RaBitQ4         859       7.2x     0.965      1357 / 1605 (nprobe 64)  142 s
-IVF2048,PQ512           591       10.4x    0.938      335 / 173 (nprobe 128)   180 s
-IVF2048,SQ4             839       7.3x     0.955      278 / 222 (nprobe 256)   123 s
-PCAR704,IVF2048,SQ8 l2  810       7.6x     0.953      466 / 444 (nprobe 256)   131 s
-exact (faiss.knn)       6144      1x       1          205-357 (2 thr., batch)  -
-======================  ========  =======  =========  =======================  =======
-
-B/vector is the index file over N (codes, ids, coarse centroids, headers); loaded, the RaBitQ3
-index adds 589 B/vector of RSS to a fresh process. build = train incl. sampling + add + nprobe
-tuning; QPS includes the id lookup and uses 8-bit query quantization (RaBitQ); the VM was shared
-with other jobs, so timings vary between runs and thread scaling is not meaningful. With the auto
-choice the target (recall@10 >= 0.95 at >= 8x less memory) is met with 0.004 to spare: recall
-plateaus at 0.9545 from nprobe 512 (the code, not the probing, limits it), because a quarter of
-the exact top-10 are other identities at near-tied similarity. The nprobe tuning at build time
-measures leave-one-out gallery queries, whose near-ties are harder (0.946 at nprobe 256), and
-warns that it stays under 0.95.
+Figures: ``docs/BENCHMARKS.md`` ("Re-ID index").
 """
 
 from __future__ import annotations
@@ -56,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vbatch.operators.faiss_index import GalleryIndex, build_index
+from vbatch.operators.index import GalleryIndex, build_index
 from vbatch.operators.storage import Storage
 
 
@@ -126,17 +105,17 @@ def write_gallery(
 _RSS_SCRIPT = """
 import re, sys, tempfile
 from pathlib import Path
-from vbatch.operators import faiss_index as fi
+from vbatch.operators.index import store
 from vbatch.operators.storage import Storage
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 storage = Storage()
-info = fi.read_info(sys.argv[1], storage)
+info = store.read_info(sys.argv[1], storage)
 before = rss()
 with tempfile.TemporaryDirectory() as tmp:
-    index = fi._load_faiss(info, storage, Path(tmp))
+    index = store.load_faiss(info, storage, Path(tmp))
 middle = rss()
-ids = fi._read_id_map(info, storage)
+ids = store.read_id_map(info, storage)
 print(middle - before, rss() - middle, ids.nbytes)
 """
 

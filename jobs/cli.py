@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
             "(FAISS row -> image_id) and index.json. Without --factory, the index is chosen from the gallery "
             "size and --memory-budget as the FAISS guidelines recommend (flat for small galleries, IVF with a "
             "trained coarse quantizer; when flat vectors do not fit the budget, the largest code that does: "
-            "SQ8, RaBitQ with 7 down to 2 bits per dimension, then PQ). 200k x 1536 under a budget of flat/8: "
-            "IVF2048,RaBitQ3, recall@10 0.954 vs exact search (docs/BENCHMARKS.md)."
+            "SQ8, RaBitQ with 7 down to 2 bits per dimension, then PQ). Measured recall and sizes: "
+            "docs/BENCHMARKS.md."
         ),
     )
     idx.add_argument(
@@ -270,7 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     srch = rsub.add_parser(
         "search",
         help="top-k gallery images for query images",
-        description="Embeds the queries with the same model and searches the index.",
+        description=(
+            "Embeds the queries with the same model (or takes --embeddings) and searches the index. "
+            "Prints and writes query_id, rank, image_id, score, status, error: k rows per query and one "
+            "error row per query that failed (unreadable image, invalid embedding); exit 1 when every "
+            "query failed. Queries of another model_version than the gallery's are refused."
+        ),
     )
     srch.add_argument(
         "--index", required=True, metavar="URI", help="index folder written by `reid index`"
@@ -284,19 +289,37 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument(
         "--model-dir", metavar="URI", help="reid model directory (for --image / --manifest)"
     )
-    srch.add_argument("--k", type=int, default=10, help="hits per query (default 10)")
+    srch.add_argument(
+        "--k", type=_positive_int, default=10, metavar="K", help="hits per query, >= 1 (default 10)"
+    )
     srch.add_argument("--out", metavar="URI", help="also write the hits as Parquet")
+    srch.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="search even if the queries' model_version differs from the gallery's",
+    )
     _common(srch)
     ev = rsub.add_parser(
         "eval",
         help="mAP and CMC (Market-1501 protocol)",
         description=(
-            "mAP and CMC rank-1/5/10 of query embeddings against gallery embeddings; both tables need person_id "
-            "and camera_id. Same-identity same-camera gallery images are excluded per query; identity -1 is junk."
+            "mAP and CMC rank-1/5/10 of query embeddings against gallery embeddings; both tables need "
+            "embedding, person_id (integers or strings of integers such as '0002') and camera_id; a status "
+            "column is optional (rows not 'ok' are ignored). Same-identity same-camera gallery images are "
+            "excluded per query; identity -1 is junk, 0 a distractor. Tables of different model_version, "
+            "and ok rows with an invalid embedding, are refused."
         ),
     )
     ev.add_argument("--query", required=True, metavar="URI")
     ev.add_argument("--gallery", required=True, metavar="URI")
+    ev.add_argument(
+        "--json", action="store_true", help="print the metrics as one JSON object on stdout"
+    )
+    ev.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="score even if query and gallery model_version differ",
+    )
     _common(ev)
 
     env = sub.add_parser(
@@ -354,6 +377,17 @@ def _job_arguments(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in names + pool}
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _reid(args: argparse.Namespace) -> int:
     from vbatch.jobs import reid
     from vbatch.jobs.publish import read_table
@@ -365,7 +399,7 @@ def _reid(args: argparse.Namespace) -> int:
         print(summary.report())
         return 0
     if args.reid_command in ("index", "add"):
-        from vbatch.operators.faiss_index import add_to_index, build_index
+        from vbatch.operators.index import add_to_index, build_index
 
         if args.reid_command == "index":
             info = build_index(
@@ -380,53 +414,63 @@ def _reid(args: argparse.Namespace) -> int:
         print(info.to_json())
         return 0
     if args.reid_command == "search":
-        from vbatch.operators.faiss_index import GalleryIndex
+        from vbatch.operators.index import GalleryIndex
 
         index = GalleryIndex.open(args.index, storage)
         if args.embeddings:
-            ids, vectors = reid.query_embeddings_from_table(read_table(args.embeddings, storage))
+            queries = reid.queries_from_table(read_table(args.embeddings, storage))
+        elif not args.model_dir:
+            raise ValueError("--model-dir is needed to embed query images")
+        elif args.manifest:
+            queries = reid.embed_manifest_queries(
+                args.manifest, args.model_dir, storage, args.s3_endpoint, args.address
+            )
         else:
-            if not args.model_dir:
-                raise ValueError("--model-dir is needed to embed query images")
-            if args.manifest:
-                import tempfile
-
-                from vbatch.jobs.segment import SegmentConfig
-
-                tmp = tempfile.mkdtemp(prefix="vbatch-queries-")
-                reid.run_embed(
-                    SegmentConfig(
-                        "reid",
-                        args.manifest,
-                        args.model_dir,
-                        tmp,
-                        s3_endpoint=args.s3_endpoint,
-                        address=args.address,
-                    )
-                )
-                ids, vectors = reid.query_embeddings_from_table(read_table(tmp, storage))
-            else:
-                ids, vectors = (
-                    list(args.image),
-                    reid.embed_images(args.image, args.model_dir, storage),
-                )
-        hits = reid.search_table(index, ids, vectors, args.k)
+            queries = reid.embed_images(args.image, args.model_dir, storage)
+        reid.check_model_version(queries, index, args.allow_model_mismatch)
+        failed = queries.failed
+        if failed and len(failed) == len(queries.ids):
+            first = "; ".join(f"{q}: {e}" for q, e in failed[:3])
+            raise ValueError(f"all {len(failed)} queries failed, nothing to search ({first})")
+        hits = reid.search_table(index, queries, args.k)
         print(hits.to_pandas().to_string(index=False))
+        print(f"queries: {len(queries.ids) - len(failed)} searched, {len(failed)} failed")
+        for query_id, error in failed[:20]:
+            print(f"  failed {query_id!r}: {error}")
+        if len(failed) > 20:
+            print(f"  … {len(failed) - 20} more failed queries (error rows of the table)")
         if args.out:
             print(f"written: {reid.write_parquet(hits, args.out, storage)}")
         return 0
     if args.reid_command == "eval":
+        import json
+        import math
+
         from vbatch.operators.reid_eval import evaluate
 
-        cols = ["status", "embedding", "person_id", "camera_id"]
         result = evaluate(
-            read_table(args.query, storage, cols), read_table(args.gallery, storage, cols)
+            read_table(args.query, storage),
+            read_table(args.gallery, storage),
+            allow_model_mismatch=args.allow_model_mismatch,
         )
+        if args.json:
+            # NaN (no query could be evaluated) is not JSON: null
+            print(
+                json.dumps(
+                    {
+                        k: (None if isinstance(v, float) and math.isnan(v) else v)
+                        for k, v in result.items()
+                        if k != "cmc"
+                    }
+                    | {"cmc": [None if math.isnan(v) else v for v in result["cmc"]]}
+                )
+            )
+            return 0
         print(
             f"queries: {result['num_valid_query']} evaluated of {result['num_query']}\n"
-            f"mAP     : {result['mAP']:.4f}\n"
+            f"mAP     : {result['mAP']:.6f}\n"
             + "\n".join(
-                f"{k:<8}: {result[k]:.4f}" for k in ("cmc@1", "cmc@5", "cmc@10") if k in result
+                f"{k:<8}: {result[k]:.6f}" for k in ("cmc@1", "cmc@5", "cmc@10") if k in result
             )
         )
         return 0

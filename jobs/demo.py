@@ -96,8 +96,8 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     _segment("matting", m, data, out, address, background="#2a6fdb")
 
     from vbatch.jobs.publish import read_table
-    from vbatch.jobs.reid import query_embeddings_from_table, run_embed, search_table
-    from vbatch.operators.faiss_index import GalleryIndex, build_index
+    from vbatch.jobs.reid import queries_from_table, run_embed, search_table
+    from vbatch.operators.index import GalleryIndex, build_index
 
     people = _people(out / "people", 16)
     m = reid_dir(models / "reid")
@@ -111,12 +111,8 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     storage = Storage()
     info = build_index(str(out / "reid" / "embeddings"), str(out / "reid" / "index"), storage)
     _say(f"index: {info.factory}, {info.count} vectors at {out / 'reid' / 'index'}")
-    ids, vectors = query_embeddings_from_table(
-        read_table(str(out / "reid" / "embeddings"), storage)
-    )
-    hits = search_table(
-        GalleryIndex.open(str(out / "reid" / "index"), storage), ids[:2], vectors[:2], k=3
-    )
+    queries = queries_from_table(read_table(str(out / "reid" / "embeddings"), storage).slice(0, 2))
+    hits = search_table(GalleryIndex.open(str(out / "reid" / "index"), storage), queries, k=3)
     table = hits.to_pandas().to_string(index=False)
     _say("search (first two crops as queries, top 3):", table, "")
 

@@ -2,8 +2,9 @@
 
 * ``embed`` is the image job of :mod:`vbatch.jobs.segment` with the ``reid`` model: one row per manifest
   row with an L2-normalised 1536-d ``embedding`` (null on error rows), under ``<out>/results/``.
-* ``index``/``add`` build and extend the gallery (:mod:`vbatch.operators.faiss_index`).
-* ``search`` embeds query images with the same model and returns the top-k gallery ids.
+* ``index``/``add`` build and extend the gallery (:mod:`vbatch.operators.index`).
+* ``search`` embeds query images with the same model (or takes an embeddings table) and returns
+  the top-k gallery ids per query, and an error row for each query that could not be searched.
 * ``eval`` scores a query table against a gallery table (Market-1501 protocol,
   :mod:`vbatch.operators.reid_eval`).
 """
@@ -11,7 +12,9 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +22,8 @@ import pyarrow as pa
 from vbatch.jobs.segment import JobSummary, SegmentConfig, run_segment
 from vbatch.models import load_model
 from vbatch.operators.decode import decode_image
-from vbatch.operators.faiss_index import GalleryIndex
+from vbatch.operators.index import GalleryIndex
+from vbatch.operators.index.embeddings import vector_problems, vectors_from_arrow
 from vbatch.operators.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -32,56 +36,190 @@ def run_embed(cfg: SegmentConfig) -> JobSummary:
 
 
 @dataclass
-class SearchHit:
-    query: str
-    rank: int
-    image_id: str | None
-    score: float
+class Queries:
+    """Query vectors, one per query, and why a query cannot be searched.
+
+    Attributes:
+        ids: (Q,) query ids (image ids or URIs).
+        vectors: (Q, D) float32, L2-normalised; zero on failed queries.
+        errors: (Q,) ``None`` or what went wrong (unreadable image, invalid embedding…).
+        model_version: the model that embedded the queries (``None``: unknown).
+    """
+
+    ids: list[str]
+    vectors: np.ndarray
+    errors: list[str | None]
+    model_version: str | None
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        """``(query id, error)`` of every failed query, in query order."""
+        return [(q, e) for q, e in zip(self.ids, self.errors, strict=True) if e is not None]
 
 
 def embed_images(
     uris: list[str], model_dir: str, storage: Storage, batch_size: int = 32
-) -> np.ndarray:
-    """Embed a few query images on this machine (no Ray); (Q, D) float32, L2-normalised."""
+) -> Queries:
+    """Embed a few query images on this machine (no Ray); an unreadable image fails alone.
+
+    Args:
+        uris: query image URIs (also the query ids).
+        model_dir: the re-ID model directory.
+        storage: the storage layer.
+        batch_size: images per model call.
+
+    Returns:
+        :class:`Queries` with the model's version; a failed image's error names its URI.
+    """
     predictor = load_model("reid", storage.localize_dir(model_dir))
-    vectors = []
+    errors: list[str | None] = [None] * len(uris)
+    embedded: dict[int, np.ndarray] = {}
     for start in range(0, len(uris), batch_size):
-        images = [decode_image(storage.read_bytes(u)) for u in uris[start : start + batch_size]]
-        vectors.extend(predictor.predict(images))
-    out = np.stack(vectors).astype(np.float32)
-    return out / np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+        images: dict[int, np.ndarray] = {}
+        for i in range(start, min(start + batch_size, len(uris))):
+            try:
+                images[i] = decode_image(storage.read_bytes(uris[i]))
+            except Exception as err:  # an unreadable query is that query's error, not the run's
+                errors[i] = f"cannot read image {uris[i]}: {type(err).__name__}: {err}"
+        if images:
+            predicted = predictor.predict(list(images.values()))
+            embedded.update(zip(images, predicted, strict=True))
+    dim = len(next(iter(embedded.values()))) if embedded else 0
+    vectors = np.zeros((len(uris), dim), dtype=np.float32)
+    for i, vector in embedded.items():
+        vectors[i] = vector
+    for i, problem in enumerate(vector_problems(vectors)):
+        if errors[i] is None and problem is not None:
+            errors[i] = f"{uris[i]}: the model returned a {problem}"
+    bad = [e is not None for e in errors]
+    vectors[bad] = 0
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+    return Queries(list(uris), vectors, errors, predictor.model_version)
 
 
-def search_table(
-    index: GalleryIndex, query_ids: list[str], embeddings: np.ndarray, k: int
-) -> pa.Table:
-    """Top-k hits per query as a long table: ``query_id, rank, image_id, score``."""
-    scores, ids = index.search(embeddings, k=k)
-    rows = [
-        {"query_id": q, "rank": r + 1, "image_id": ids[i][r], "score": float(scores[i, r])}
-        for i, q in enumerate(query_ids)
-        for r in range(len(ids[i]))
-        if ids[i][r] is not None
+def queries_from_table(table: pa.Table) -> Queries:
+    """Every row of an embeddings table (``reid embed`` output) as a query.
+
+    Rows whose ``status`` is not ``ok`` fail with their ``error``; ok rows without a valid
+    embedding (null, another length, non-finite, zero norm) fail saying why.
+
+    Raises:
+        ValueError: a missing column, or ok rows of several model versions.
+    """
+    missing = [c for c in ("image_id", "embedding") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"query embeddings table lacks column(s) {missing}")
+    n = table.num_rows
+    status = table.column("status").to_pylist() if "status" in table.column_names else ["ok"] * n
+    error_col = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
+    vectors, problems, _ = vectors_from_arrow(table.column("embedding"))
+    errors: list[str | None] = []
+    for st, err, problem in zip(status, error_col, problems, strict=True):
+        if st != "ok":
+            errors.append(f"embedding failed ({st}): {err}" if err else f"status {st!r}")
+        else:
+            errors.append(problem)
+    versions: set[str] = set()
+    if "model_version" in table.column_names:
+        versions = {
+            str(v)
+            for v, e in zip(table.column("model_version").to_pylist(), errors, strict=True)
+            if e is None and v is not None
+        }
+    if len(versions) > 1:
+        raise ValueError(f"query embeddings mix model versions {sorted(versions)}")
+    ids = [str(v) for v in table.column("image_id").to_pylist()]
+    return Queries(ids, vectors, errors, next(iter(versions), None))
+
+
+def check_model_version(queries: Queries, index: GalleryIndex, allow_mismatch: bool) -> None:
+    """Refuse queries embedded by another model version than the gallery's.
+
+    Raises:
+        ValueError: the versions differ (and ``allow_mismatch`` is false).
+    """
+    gallery = index.info.model_version
+    if allow_mismatch or queries.model_version is None or gallery is None:
+        return
+    if queries.model_version != gallery:
+        raise ValueError(
+            f"queries come from model_version {queries.model_version!r}, the gallery at "
+            f"{index.info.uri} from {gallery!r}: embeddings of different models are not "
+            "comparable (--allow-model-mismatch to search anyway)"
+        )
+
+
+SEARCH_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("rank", pa.int32()),
+        ("image_id", pa.string()),
+        ("score", pa.float32()),
+        ("status", pa.string()),
+        ("error", pa.string()),
     ]
-    schema = pa.schema(
-        [
-            ("query_id", pa.string()),
-            ("rank", pa.int32()),
-            ("image_id", pa.string()),
-            ("score", pa.float32()),
+)
+
+
+def search_table(index: GalleryIndex, queries: Queries, k: int) -> pa.Table:
+    """Top-k hits per query as a long table, in query order.
+
+    Returns:
+        ``query_id, rank, image_id, score, status, error``: ``k`` rows per searched query (fewer
+        when the gallery is smaller), status ``ok``; one row per failed query, status
+        ``error``, with its error and null rank, image_id and score.
+    """
+    good = [i for i, e in enumerate(queries.errors) if e is None]
+    hits: dict[int, tuple[np.ndarray, list[str | None]]] = {}
+    if good:
+        scores, ids = index.search(queries.vectors[good], k=k)
+        hits = {q: (scores[j], ids[j]) for j, q in enumerate(good)}
+    rows: list[dict[str, Any]] = []
+    for i, query_id in enumerate(queries.ids):
+        if i not in hits:
+            rows.append({"query_id": query_id, "status": "error", "error": queries.errors[i]})
+            continue
+        scores_i, ids_i = hits[i]
+        rows += [
+            {
+                "query_id": query_id,
+                "rank": r + 1,
+                "image_id": image_id,
+                "score": float(scores_i[r]),
+                "status": "ok",
+            }
+            for r, image_id in enumerate(ids_i)
+            if image_id is not None
         ]
-    )
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=SEARCH_SCHEMA)
 
 
-def query_embeddings_from_table(table: pa.Table) -> tuple[list[str], np.ndarray]:
-    """(ids, vectors) of the ``ok`` rows of an embeddings table."""
-    ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
-    vectors = np.stack(ok.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    return ok.column("image_id").to_pylist(), vectors
+def embed_manifest_queries(
+    manifest: str,
+    model_dir: str,
+    storage: Storage,
+    s3_endpoint: str | None = None,
+    address: str | None = None,
+) -> Queries:
+    """Embed the images of a query manifest on Ray; failed images come back as failed queries.
+
+    The embeddings go through a temporary folder of this machine, removed afterwards (a local
+    Ray; on a multi-node cluster the workers would need a shared ``--out``: issue 13 item 4).
+    """
+    from vbatch.jobs.publish import read_table
+
+    with tempfile.TemporaryDirectory(prefix="vbatch-queries-") as tmp:
+        run_embed(
+            SegmentConfig(
+                "reid", manifest, model_dir, tmp, s3_endpoint=s3_endpoint, address=address
+            )
+        )
+        return queries_from_table(read_table(tmp, storage))
 
 
 def write_parquet(table: pa.Table, uri: str, storage: Storage) -> str:
+    """Write ``table`` to ``uri`` (a ``.parquet`` file, else ``<uri>/search.parquet``); returns
+    the file's URI."""
     import io
 
     import pyarrow.parquet as pq

@@ -34,14 +34,54 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vbatch.operators.index.embeddings import vectors_from_arrow
+
 logger = logging.getLogger(__name__)
 
 MARKET1501_JUNK_IDS = (-1,)
 MARKET1501_DISTRACTOR_IDS = (0,)
 
 
+def _row_name(table: pa.Table, i: int) -> str:
+    """``row 7 (image_id=x)`` when the table has image ids, else ``row 7``."""
+    if "image_id" in table.column_names:
+        return f"row {i} (image_id={table.column('image_id')[i].as_py()})"
+    return f"row {i}"
+
+
+def _person_ids(column: pa.ChunkedArray | pa.Array, name: str, table: pa.Table) -> np.ndarray:
+    """``person_id`` as int64: integers as they are, strings of integers (``"0002"``, ``"-1"``,
+    as parsed from Market-1501 file names) cast, so that the junk and distractor rules apply."""
+    if pa.types.is_integer(column.type):
+        if column.null_count:
+            i = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"{name} table: {_row_name(table, i)} has no person_id")
+        return column.to_numpy().astype(np.int64)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise ValueError(
+            f"{name} table: person_id has type {column.type}; expected integers or strings of "
+            "integers such as '0002' or '-1'"
+        )
+    out = np.empty(len(column), dtype=np.int64)
+    for i, value in enumerate(column.to_pylist()):
+        try:
+            out[i] = int(value.strip())
+        except (AttributeError, ValueError):
+            raise ValueError(
+                f"{name} table: {_row_name(table, i)} has person_id {value!r}, which is not an "
+                "integer; the junk (-1) and distractor (0) rules need integer identities"
+            ) from None
+    return out
+
+
 def _columns(table: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(embeddings (N, D) float32 unit-norm, person_id (N,), camera_id (N,)) of the ok rows."""
+    """(embeddings (N, D) float32 unit-norm, person_id (N,) int64, camera_id (N,)) of the ok rows.
+
+    Raises:
+        ValueError: a missing column, an ok row whose embedding is null, of another length,
+            non-finite or zero (naming the row and image_id), or a person_id that is not an
+            integer.
+    """
     if not isinstance(table, pa.Table):
         table = pa.table(table)
     missing = [c for c in ("embedding", "person_id", "camera_id") if c not in table.column_names]
@@ -49,19 +89,54 @@ def _columns(table: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         raise ValueError(f"{name} table lacks column(s) {missing}")
     if "status" in table.column_names:
         table = table.filter(pc.fill_null(pc.equal(table.column("status"), "ok"), False))
-    emb = table.column("embedding").combine_chunks()
-    if emb.null_count:
-        raise ValueError(f"{name} table: {emb.null_count} ok rows without an embedding")
-    n = table.num_rows
-    values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    if n and values.size % n:
-        raise ValueError(f"{name} table: embeddings of different lengths")
-    x = values.reshape(n, -1 if n else 0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = x / np.maximum(norms, 1e-12)
-    pids = table.column("person_id").to_numpy(zero_copy_only=False)
-    cams = table.column("camera_id").to_numpy(zero_copy_only=False)
+    x, problems, _ = vectors_from_arrow(table.column("embedding"))
+    bad = [i for i, p in enumerate(problems) if p is not None]
+    if bad:
+        i = bad[0]
+        more = f" ({len(bad)} such rows in all)" if len(bad) > 1 else ""
+        raise ValueError(f"{name} table: ok {_row_name(table, i)}: {problems[i]}{more}")
+    pids = _person_ids(table.column("person_id").combine_chunks(), name, table)
+    cams = _camera_ids(table.column("camera_id").combine_chunks())
     return x, pids, cams
+
+
+def _camera_ids(column: pa.Array) -> np.ndarray:
+    """``camera_id`` as int64 when it holds integers or strings of integers (``"3"``), else as
+    strings (``"c3"``): only compared for equality, but 3 and ``"3"`` must be equal."""
+    values = column.to_pylist()
+    try:
+        return np.asarray([int(v) for v in values], dtype=np.int64)
+    except (TypeError, ValueError):
+        return np.asarray([None if v is None else str(v) for v in values], dtype=object)
+
+
+def model_versions(table: Any) -> set[str] | None:
+    """The ``model_version`` values of the ok rows (``None``: the table has no such column)."""
+    if not isinstance(table, pa.Table):
+        table = pa.table(table)
+    if "model_version" not in table.column_names:
+        return None
+    if "status" in table.column_names:
+        table = table.filter(pc.fill_null(pc.equal(table.column("status"), "ok"), False))
+    return {str(v) for v in pc.unique(table.column("model_version")).to_pylist() if v is not None}
+
+
+def check_model_versions(query: set[str] | None, gallery: set[str] | None) -> None:
+    """Refuse embeddings of different model versions: their similarities mean nothing.
+
+    ``None`` (no ``model_version`` column) on either side is not checked.
+
+    Raises:
+        ValueError: the two sides differ or one side mixes versions.
+    """
+    if query is None or gallery is None or not query or not gallery:
+        return
+    if query != gallery or len(query) > 1:
+        raise ValueError(
+            f"query embeddings come from model_version {sorted(query)} and the gallery from "
+            f"{sorted(gallery)}: embeddings of different models are not comparable (pass "
+            "--allow-model-mismatch / allow_model_mismatch=True to score them anyway)"
+        )
 
 
 def evaluate(
@@ -71,6 +146,7 @@ def evaluate(
     junk_ids: Sequence[Any] = MARKET1501_JUNK_IDS,
     distractor_ids: Sequence[Any] = MARKET1501_DISTRACTOR_IDS,
     chunk_elements: int = 1 << 22,
+    allow_model_mismatch: bool = False,
 ) -> dict[str, Any]:
     """mAP and CMC of ``query_table`` against ``gallery_table`` (Market-1501 protocol).
 
@@ -78,20 +154,33 @@ def evaluate(
         query_table, gallery_table: embeddings tables (``pyarrow.Table`` or anything
             ``pa.table`` accepts) with ``embedding`` (list of float, length D), ``person_id`` and
             ``camera_id``; rows whose optional ``status`` is not ``"ok"`` are ignored.
+            ``person_id`` may be integers or strings of integers (``"0002"``, ``"-1"``).
         k_max: longest CMC rank reported.
         junk_ids: identities removed from every ranking (Market-1501: -1).
         distractor_ids: identities kept as negatives only (Market-1501: 0).
         chunk_elements: query × gallery similarities held at once (sets the query chunk).
+        allow_model_mismatch: score tables whose optional ``model_version`` columns differ.
 
     Returns:
         ``{"mAP", "cmc@1", "cmc@5", "cmc@10" (those <= k_max), "cmc" (list, ranks 1..k_max),
         "num_query", "num_valid_query"}``; scores are fractions in [0, 1] and NaN when no
         query could be evaluated.
+
+    Raises:
+        ValueError: an invalid ok row (null, wrong-length, non-finite or zero embedding, a
+            person_id that is not an integer), different dimensions or model versions.
     """
+    if not allow_model_mismatch:
+        check_model_versions(model_versions(query_table), model_versions(gallery_table))
     q, q_pid, q_cam = _columns(query_table, "query")
     g, g_pid, g_cam = _columns(gallery_table, "gallery")
     if len(q) and len(g) and q.shape[1] != g.shape[1]:
         raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
+    if len(q) and len(g) and (q_cam.dtype == object) != (g_cam.dtype == object):
+        raise ValueError(
+            "camera_id holds integers on one side and other strings on the other "
+            f"(query {q_cam[0]!r}, gallery {g_cam[0]!r}): same-camera matches could not be removed"
+        )
 
     keep_g = ~np.isin(g_pid, np.asarray(junk_ids, dtype=g_pid.dtype))
     g, g_pid, g_cam = g[keep_g], g_pid[keep_g], g_cam[keep_g]

@@ -99,3 +99,89 @@ def test_distractor_and_junk_queries_are_not_evaluated():
     q, g = embeddings_with_similarities(np.array([[0.9, 0.5], [0.9, 0.5]]))
     result = evaluate(table(q, [0, -1], [1, 1]), table(g, [0, -1], [2, 2]))
     assert (result["num_query"], result["num_valid_query"]) == (2, 0)
+
+
+def _str_table(vectors, pids, cams, **extra) -> pa.Table:
+    cols = {
+        "image_id": [f"img{i}" for i in range(len(pids))],
+        "embedding": pa.array([list(v) for v in vectors], pa.list_(pa.float32())),
+        "person_id": pa.array(pids, pa.string()),
+        "camera_id": pa.array(cams),
+    }
+    return pa.table({**cols, **extra})
+
+
+def test_string_person_ids_follow_the_junk_and_distractor_rules():
+    # the hand-computed case above with ids as Market-1501 file names give them: "0001", "-1"
+    q, g = embeddings_with_similarities(SIMS)
+    gallery = _str_table(g, [f"{p:04d}" if p >= 0 else str(p) for p in GALLERY_PID], GALLERY_CAM)
+    query = _str_table(q, ["0001", "0002", "0003"], QUERY_CAM)
+    result = evaluate(query, gallery)
+    assert result["num_valid_query"] == 2
+    assert result["mAP"] == pytest.approx(7 / 12)  # as strings, "-1"/"0000" were ordinary ids
+    assert result["cmc"][:3] == pytest.approx([0.5, 0.5, 1.0])
+    # string camera ids of integers equal integer ones; "0000" and "-1" queries are not evaluated
+    query = _str_table(q[:2], ["0000", " -1"], ["1", "1"])
+    assert evaluate(query, gallery)["num_valid_query"] == 0
+
+
+def test_person_ids_that_are_not_integers_are_refused():
+    q, g = embeddings_with_similarities(SIMS)
+    gallery = _str_table(g, ["1", "1", "2", "0", "-1", "x2", "4"], GALLERY_CAM)
+    with pytest.raises(
+        ValueError, match=r"gallery table: row 5 \(image_id=img5\) has person_id 'x2'"
+    ):
+        evaluate(_str_table(q, ["1", "2", "3"], QUERY_CAM), gallery)
+    floats = table(g, GALLERY_PID, GALLERY_CAM).set_column(
+        2, "person_id", pa.array([float(p) for p in GALLERY_PID])
+    )
+    with pytest.raises(ValueError, match="person_id has type double"):
+        evaluate(table(q, QUERY_PID, QUERY_CAM), floats)
+
+
+def test_rows_of_shifted_lengths_are_refused():
+    # rows 1 and 2 of 9 and 11 values add up to 2 x 10: the total-size check passed them
+    q, g = embeddings_with_similarities(SIMS)
+    rows = [list(map(float, v)) for v in g]
+    rows[2] = [rows[1][-1], *rows[2]]
+    rows[1] = rows[1][:-1]
+    gallery = table(g, GALLERY_PID, GALLERY_CAM).set_column(
+        1, "embedding", pa.array(rows, pa.list_(pa.float32()))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"gallery table: ok row 1 \(image_id=img1\): embedding has 9 values, expected 10 \(2 such rows",
+    ):
+        evaluate(table(q, QUERY_PID, QUERY_CAM), gallery)
+
+
+@pytest.mark.parametrize(("bad", "message"), [(np.nan, "non-finite"), (0.0, "zero-norm")])
+def test_nan_or_zero_vectors_are_refused_never_scored(bad, message):
+    q, g = embeddings_with_similarities(SIMS)
+    q = q.copy()
+    q[1] = bad  # a query that would otherwise count as evaluated
+    with pytest.raises(ValueError, match=rf"query table: ok row 1 \(image_id=img1\): {message}"):
+        evaluate(table(q, QUERY_PID, QUERY_CAM), table(g, GALLERY_PID, GALLERY_CAM))
+    q, g = embeddings_with_similarities(SIMS)
+    g = g.copy()
+    g[6] = bad
+    with pytest.raises(ValueError, match=rf"gallery table: ok row 6 .*{message}"):
+        evaluate(table(q, QUERY_PID, QUERY_CAM), table(g, GALLERY_PID, GALLERY_CAM))
+    # an error row (status not ok) may hold anything: it is not read
+    g_rows = table(g, GALLERY_PID, GALLERY_CAM, ["ok"] * 6 + ["error"])
+    q, _ = embeddings_with_similarities(SIMS)
+    # without g6: q0 still finds g0 at rank 3 (1/3), q1 finds g2 and g5 at ranks 1 and 2 (1)
+    assert evaluate(table(q, QUERY_PID, QUERY_CAM), g_rows)["mAP"] == pytest.approx(2 / 3)
+
+
+def test_model_versions_must_match():
+    q, g = embeddings_with_similarities(SIMS)
+    query = table(q, QUERY_PID, QUERY_CAM).append_column("model_version", pa.array(["v1"] * 3))
+    gallery = table(g, GALLERY_PID, GALLERY_CAM).append_column(
+        "model_version", pa.array(["v2"] * 7)
+    )
+    with pytest.raises(ValueError, match=r"model_version \['v1'\] and the gallery from \['v2'\]"):
+        evaluate(query, gallery)
+    assert evaluate(query, gallery, allow_model_mismatch=True)["mAP"] == pytest.approx(7 / 12)
+    same = gallery.set_column(4, "model_version", pa.array(["v1"] * 7))
+    assert evaluate(query, same)["mAP"] == pytest.approx(7 / 12)

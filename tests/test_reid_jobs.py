@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,36 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
     assert set(top1) == {f"d2-{i}" for i in range(6)}
     for q, h in top1.items():
         assert h["image_id"] == q and h["score"] == pytest.approx(1.0, abs=1e-4)
+    # the error row of the embeddings table is a failed query, not silently dropped
+    failed = [h for h in hits if h["status"] == "error"]
+    assert [(h["query_id"], h["rank"]) for h in failed] == [("d2-broken", None)]
+    assert "object not found" in failed[0]["error"]
+    capsys.readouterr()
+
+    # a manifest of query images: embedded on Ray, its unreadable image listed and counted, the
+    # driver's temporary folder removed
+    before = set(Path(tempfile.gettempdir()).glob("vbatch-queries-*"))
+    assert (
+        main(
+            [
+                "reid",
+                "search",
+                "--index",
+                index,
+                "--manifest",
+                day2,
+                "--model-dir",
+                model,
+                "--k",
+                "1",
+                *s3,
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "queries: 6 searched, 1 failed" in text and "failed 'd2-broken'" in text
+    assert set(Path(tempfile.gettempdir()).glob("vbatch-queries-*")) == before
 
     # query images embedded on the fly give the same top hit as their table embeddings
     assert (
@@ -174,3 +205,186 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
     )
     text = capsys.readouterr().out
     assert "mAP" in text and "cmc@1" in text
+
+
+# -- the search and eval commands on local files (no Ray) ------------------------------------------
+def _gallery(
+    tmp_path: Path, dim: int = 16, model_version: str = "reid-v1"
+) -> tuple[str, np.ndarray]:
+    from tests.index_data import clustered, write_embeddings
+    from vbatch.operators.index import build_index
+    from vbatch.operators.storage import Storage
+
+    x, _ = clustered(10, 3, dim, seed=11)
+    write_embeddings(tmp_path / "gallery", x, model_version=model_version)
+    build_index(str(tmp_path / "gallery"), str(tmp_path / "index"), Storage())
+    return str(tmp_path / "index"), x
+
+
+def _queries(path: Path, rows: list, model_version: str = "reid-v1") -> str:
+    """An embeddings table of queries: ``rows`` of (image_id, status, embedding or None)."""
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": [r[0] for r in rows],
+                "status": [r[1] for r in rows],
+                "error": [None if r[1] == "ok" else "decode failed" for r in rows],
+                "embedding": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
+                "model_version": [model_version] * len(rows),
+            }
+        ),
+        path,
+    )
+    return str(path)
+
+
+def test_search_reports_every_invalid_query_as_an_error_row(tmp_path: Path, capsys) -> None:
+    index, x = _gallery(tmp_path)
+    shifted_a, shifted_b = list(map(float, x[7][:-1])), [float(x[7][-1]), *map(float, x[8])]
+    queries = _queries(
+        tmp_path / "q.parquet",
+        [
+            ("good-0", "ok", list(map(float, x[0]))),
+            ("nan", "ok", [float("nan")] * 16),
+            ("zero", "ok", [0.0] * 16),
+            ("short", "ok", shifted_a),  # 15 + 17 values: the old total-size check passed them
+            ("long", "ok", shifted_b),
+            ("broken", "error", None),
+            ("good-20", "ok", list(map(float, x[20]))),
+        ],
+    )
+    out = tmp_path / "hits.parquet"
+    args = ["reid", "search", "--index", index, "--embeddings", queries, "--k", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "queries: 2 searched, 5 failed" in text
+    assert (
+        "failed 'nan': non-finite embedding" in text and "failed 'short': embedding has 15" in text
+    )
+    hits = pq.read_table(out).to_pylist()
+    assert [h["query_id"] for h in hits] == [
+        "good-0", "good-0", "nan", "zero", "short", "long", "broken", "good-20", "good-20",
+    ]  # fmt: skip
+    errors = {h["query_id"]: h["error"] for h in hits if h["status"] == "error"}
+    assert errors == {
+        "nan": "non-finite embedding (NaN or inf)",
+        "zero": "zero-norm embedding",
+        "short": "embedding has 15 values, expected 16",
+        "long": "embedding has 17 values, expected 16",
+        "broken": "embedding failed (error): decode failed",
+    }
+    assert all(h["rank"] is None and h["image_id"] is None for h in hits if h["status"] == "error")
+    assert [h["image_id"] for h in hits if h["rank"] == 1] == ["img-000000", "img-000020"]
+
+    # nothing left to search: a clear message and exit 1
+    bad = _queries(tmp_path / "bad.parquet", [("nan", "ok", [float("nan")] * 16)])
+    assert main(["reid", "search", "--index", index, "--embeddings", bad]) == 1
+    assert "all 1 queries failed, nothing to search (nan: non-finite" in capsys.readouterr().err
+
+
+def test_search_refuses_queries_of_another_model_version(tmp_path: Path, capsys) -> None:
+    index, x = _gallery(tmp_path)
+    queries = _queries(
+        tmp_path / "q.parquet", [("q", "ok", list(map(float, x[3])))], model_version="reid-v2"
+    )
+    args = ["reid", "search", "--index", index, "--embeddings", queries, "--k", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "queries come from model_version 'reid-v2'" in err and "'reid-v1'" in err
+    assert "--allow-model-mismatch" in err
+    assert main([*args, "--allow-model-mismatch"]) == 0
+    assert "img-000003" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "two"])
+def test_search_k_must_be_positive(k: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["reid", "search", "--index", "i", "--embeddings", "e", "--k", k])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --k:" in err and (">= 1" in err)
+
+
+def test_search_image_names_a_corrupt_file_and_searches_the_others(
+    tmp_path: Path, reid_dir: Path, capsys
+) -> None:
+    from vbatch.operators.decode import decode_image
+    from vbatch.operators.index import build_index
+    from vbatch.operators.storage import Storage
+
+    predictor = load_model("reid", reid_dir)
+    crops = []
+    for i in range(4):
+        crops.append(tmp_path / f"crop{i}.jpg")
+        crops[-1].write_bytes(encode(person_crop(i, i % 2), quality=95))
+    vectors = predictor.predict([decode_image(c.read_bytes()) for c in crops])
+    (tmp_path / "emb").mkdir()
+    _queries(
+        tmp_path / "emb" / "part.parquet",
+        [(f"crop{i}", "ok", list(map(float, v))) for i, v in enumerate(vectors)],
+        model_version=predictor.model_version,
+    )
+    build_index(str(tmp_path / "emb"), str(tmp_path / "index"), Storage())
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(crops[2].read_bytes()[:200])
+    args = ["reid", "search", "--index", str(tmp_path / "index"), "--model-dir", str(reid_dir)]
+    images = [
+        "--image",
+        str(corrupt),
+        "--image",
+        str(crops[2]),
+        "--image",
+        str(tmp_path / "no.jpg"),
+    ]
+    assert main([*args, *images, "--k", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "queries: 1 searched, 2 failed" in text
+    assert f"failed '{corrupt}': cannot read image {corrupt}" in text
+    assert f"cannot read image {tmp_path / 'no.jpg'}" in text
+    assert "crop2" in text  # the good query still found its own crop
+
+
+def test_eval_json_with_string_ids_and_no_status_column(tmp_path: Path, capsys) -> None:
+    from tests.test_reid_eval import (
+        GALLERY_CAM,
+        GALLERY_PID,
+        QUERY_CAM,
+        SIMS,
+        embeddings_with_similarities,
+    )
+
+    q, g = embeddings_with_similarities(SIMS)
+
+    def write(name, vectors, pids, cams, version="v1"):
+        pq.write_table(
+            pa.table(
+                {
+                    "image_id": [f"{name}{i}" for i in range(len(pids))],
+                    "embedding": pa.array(
+                        [list(map(float, v)) for v in vectors], pa.list_(pa.float32())
+                    ),
+                    "person_id": [f"{p:04d}" if p >= 0 else str(p) for p in pids],
+                    "camera_id": cams,
+                    "model_version": [version] * len(pids),
+                }
+            ),
+            tmp_path / f"{name}.parquet",
+        )
+        return str(tmp_path / f"{name}.parquet")
+
+    query = write("q", q, [1, 2, 3], QUERY_CAM)
+    gallery = write("g", g, GALLERY_PID, GALLERY_CAM)
+    assert main(["reid", "eval", "--query", query, "--gallery", gallery, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mAP"] == pytest.approx(7 / 12) and result["num_valid_query"] == 2
+    assert result["cmc@1"] == pytest.approx(0.5) and result["cmc"][:3] == pytest.approx(
+        [0.5, 0.5, 1]
+    )
+    assert main(["reid", "eval", "--query", query, "--gallery", gallery]) == 0
+    assert "mAP     : 0.583333" in capsys.readouterr().out
+    other = write("o", g, GALLERY_PID, GALLERY_CAM, version="v2")
+    assert main(["reid", "eval", "--query", query, "--gallery", other]) == 1
+    assert "model_version ['v1'] and the gallery from ['v2']" in capsys.readouterr().err
+    assert (
+        main(["reid", "eval", "--query", query, "--gallery", other, "--allow-model-mismatch"]) == 0
+    )

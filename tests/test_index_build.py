@@ -1,4 +1,4 @@
-"""Gallery index: factory choice, build/add/search on local storage, approximate vs exact recall.
+"""Gallery index build/add/search on local storage, approximate vs exact recall.
 
 Approximate search is checked against exact inner-product search (``IndexFlatIP``) with a recall
 threshold, as faiss' own ``tests/test_contrib.py`` does. The storage object is injected, so the
@@ -8,16 +8,14 @@ same tests can run against an S3 server by swapping the fixture.
 from __future__ import annotations
 
 import json
-import math
-import os
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vbatch.operators import faiss_index as fi
+from tests.index_data import clustered, knn_recall, write_embeddings
+from vbatch.operators import index as fi
 from vbatch.operators.storage import Storage
 
 
@@ -26,146 +24,6 @@ def storage() -> Storage:
     return Storage()
 
 
-def clustered(n_ids: int, per_id: int, dim: int, seed: int = 0, noise: float = 0.6, draw_seed=None):
-    """Unit vectors around ``n_ids`` random identity centres (like re-ID embeddings).
-
-    ``draw_seed`` draws fresh images of the same identities (the centres depend on ``seed`` only).
-
-    Returns ``(vectors (n_ids * per_id, dim) float32, identity (n,) int)``.
-    """
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_ids, dim)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    if draw_seed is not None:
-        rng = np.random.default_rng(draw_seed)
-    ident = np.repeat(np.arange(n_ids), per_id)
-    x = centres[ident] + noise * rng.standard_normal((len(ident), dim)).astype(
-        np.float32
-    ) / math.sqrt(dim)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x, ident
-
-
-def write_embeddings(
-    folder,
-    vectors,
-    prefix="img",
-    model_version="reid-v1",
-    n_files=2,
-    error_every=0,
-    start=0,
-    file_name="part",
-) -> list[str]:
-    """Write an embeddings table like ``reid embed`` does (several files, optional error rows).
-
-    Returns the image_ids of the ok rows in file order.
-    """
-    os.makedirs(folder, exist_ok=True)
-    dim = vectors.shape[1]
-    emb_type = pa.list_(pa.float32(), dim)
-    ok_ids: list[str] = []
-    for f, part in enumerate(np.array_split(np.arange(len(vectors)), n_files)):
-        ids, status, embs = [], [], []
-        for i in part:
-            image_id = f"{prefix}-{start + i:06d}"
-            if error_every and i % error_every == 0:
-                ids.append(image_id + "-broken")
-                status.append("error")
-                embs.append(None)
-            ids.append(image_id)
-            status.append("ok")
-            embs.append(vectors[i])
-            ok_ids.append(image_id)
-        table = pa.table(
-            {
-                "image_id": pa.array(ids, pa.string()),
-                "status": pa.array(status, pa.string()),
-                "error": pa.array(
-                    [None if s == "ok" else "decode failed" for s in status], pa.string()
-                ),
-                "embedding": pa.array(
-                    [None if e is None else e.tolist() for e in embs], type=emb_type
-                ),
-                "model_version": pa.array([model_version] * len(ids), pa.string()),
-                "person_id": pa.array([0] * len(ids), pa.int64()),
-            }
-        )
-        pq.write_table(
-            table, os.path.join(folder, f"{file_name}-{f:03d}.parquet"), row_group_size=700
-        )
-    return ok_ids
-
-
-def knn_recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(
-        np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth, strict=True)])
-    )
-
-
-# -- factory choice -------------------------------------------------------------------------------
-def test_parse_bytes():
-    assert fi.parse_bytes("512MB") == 512_000_000
-    assert fi.parse_bytes("2GiB") == 2 * 1024**3
-    assert fi.parse_bytes("1.5g") == 1_500_000_000
-    assert fi.parse_bytes(1000) == 1000
-    assert fi.parse_bytes(None) is None
-    with pytest.raises(ValueError):
-        fi.parse_bytes("lots")
-
-
-def test_small_gallery_is_exact():
-    assert fi.choose_factory(5_000, 1536).factory == "Flat"
-    assert fi.choose_factory(5_000, 1536, memory_budget="100MB").factory == "Flat"
-    # 5k x 1536 x 4 B = 30.7 MB flat: a 10 MB budget needs 2000 B/vector -> SQ8 (1536 B)
-    assert fi.choose_factory(5_000, 1536, memory_budget=10_000_000).factory == "SQ8"
-    # 900 B/vector: RaBitQ with 4 bits per dimension (768 B + 20 B of correction factors)
-    small = fi.choose_factory(5_000, 1536, memory_budget=4_500_000)
-    assert small.factory == "RaBitQ4" and small.bytes_per_vector == 788
-
-
-def test_rabitq_code_bytes_match_faiss_index_files(tmp_path):
-    # the planner's per-vector sizes are what faiss actually writes (minus a fixed header)
-    x, _ = clustered(100, 10, 64, seed=7)
-    for bits in (2, 3, 7):
-        index = faiss.index_factory(64, f"RaBitQ{bits}", faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        sizes = []
-        for n in (500, 1000):
-            index.reset()
-            index.add(x[:n])
-            faiss.write_index(index, str(tmp_path / "i.faiss"))
-            sizes.append(os.path.getsize(tmp_path / "i.faiss"))
-        assert (sizes[1] - sizes[0]) / 500 == fi.rabitq_code_bytes(64, bits) == 64 * bits / 8 + 20
-
-
-def test_large_gallery_tiers_follow_budget():
-    n, d = 200_000, 1536
-    # nlist: power of two in [4, 8] * sqrt(N) = [1789, 3578] -> 2048, and 100k train / 39 >= 2048
-    plan = fi.choose_factory(n, d, None, n_train=100_000)
-    assert plan.factory == "IVF2048,Flat" and plan.nlist == 2048
-    assert 4 * np.sqrt(n) <= plan.nlist <= 16 * np.sqrt(n)
-    # too few training vectors lowers nlist so that each list gets >= 39 of them
-    assert fi.choose_factory(n, d, None, n_train=40_000).nlist == 1024
-    flat = n * d * 4
-    assert fi.choose_factory(n, d, flat * 2, 100_000).factory == "IVF2048,Flat"
-    assert fi.choose_factory(n, d, flat // 2, 100_000).factory == "IVF2048,SQ8"
-    # 1000 B/vector - 8 B id - 63 B centroids leaves 929 B: RaBitQ4 (788 B)
-    assert fi.choose_factory(n, d, n * 1000, 100_000).factory == "IVF2048,RaBitQ4"
-    # 8x smaller than flat: 768 - 8 - 63 = 697 B: RaBitQ3 (596 B); 7 bits under SQ8's size
-    eight = fi.choose_factory(n, d, flat // 8, 100_000)
-    assert eight.factory == "IVF2048,RaBitQ3"
-    assert eight.bytes_per_vector + 2048 * d * 4 / n <= flat / n / 8
-    assert fi.choose_factory(n, d, n * 1480, 100_000).factory == "IVF2048,RaBitQ7"
-    # under 2 bits per dimension (404 B): 8-bit PQ with 256 sub-quantizers (6 dims each) rotated
-    assert fi.choose_factory(n, d, n * 400, 100_000).factory == "OPQ256,IVF2048,PQ256"
-    # very tight: fewer sub-quantizers than dim/4 -> OPQ rotation first
-    tight = fi.choose_factory(n, d, n * 200, 100_000)
-    assert tight.factory == "OPQ96,IVF2048,PQ96"
-    with pytest.raises(ValueError, match="too small"):
-        fi.choose_factory(n, d, n * 10, 100_000)
-
-
-# -- build and search -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("bytes_per_vector", "code"),
     [
@@ -230,7 +88,7 @@ def test_small_build_is_exact_and_id_map_round_trips(tmp_path, storage):
     assert idmap.column("image_id").to_pylist() == ids
 
     gallery = fi.GalleryIndex.open(out, storage)
-    scores, names = fi.search(gallery, 3.0 * x[[0, 123, 299]], k=5)  # unnormalised queries
+    scores, names = gallery.search(3.0 * x[[0, 123, 299]], k=5)  # unnormalised queries
     assert [row[0] for row in names] == [ids[0], ids[123], ids[299]]
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     _, names = gallery.search(x[0], k=400)  # more than the gallery holds

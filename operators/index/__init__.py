@@ -1,0 +1,53 @@
+"""Gallery index for re-ID embeddings: build, extend, persist and search a FAISS index.
+
+The index answers "which gallery images look most like this person" with inner products of
+L2-normalised embeddings (= cosine similarity). One idea per module, as faiss ``contrib/`` and
+autofaiss split an index library:
+
+* :mod:`.plan`: which factory for a gallery size and memory budget (faiss wiki guidelines);
+* :mod:`.embeddings`: streaming and validating ``reid embed`` Parquet tables;
+* :mod:`.store`: ``index.json``, index files by generation, the id map;
+* :mod:`.indexes`: faiss index objects and per-call search parameters;
+* :mod:`.build`: train, add, commit (:func:`build_index`, :func:`add_to_index`);
+* :mod:`.tune`: recall against exact search and the ``nprobe`` that reaches a target;
+* :mod:`.gallery`: :class:`GalleryIndex`, open and search.
+
+Reference implementation: faiss (Johnson, Douze, Jégou, "Billion-scale similarity search with
+GPUs", 2017; Douze et al., "The Faiss library", 2024). Figures: ``docs/BENCHMARKS.md``.
+"""
+
+from vbatch.operators.index.build import add_to_index, build_index
+from vbatch.operators.index.embeddings import (
+    EmbeddingBatch,
+    TableStats,
+    iter_embeddings,
+    sample_embeddings,
+    scan_embeddings,
+)
+from vbatch.operators.index.gallery import GalleryIndex
+from vbatch.operators.index.plan import (
+    IndexPlan,
+    choose_factory,
+    choose_nlist,
+    parse_bytes,
+    rabitq_code_bytes,
+)
+from vbatch.operators.index.store import IndexInfo, read_info
+
+__all__ = [
+    "EmbeddingBatch",
+    "GalleryIndex",
+    "IndexInfo",
+    "IndexPlan",
+    "TableStats",
+    "add_to_index",
+    "build_index",
+    "choose_factory",
+    "choose_nlist",
+    "iter_embeddings",
+    "parse_bytes",
+    "rabitq_code_bytes",
+    "read_info",
+    "sample_embeddings",
+    "scan_embeddings",
+]

@@ -1,0 +1,268 @@
+"""Reading ``reid embed`` tables: a cheap scan, streamed batches and a uniform training sample.
+
+Embeddings come from ``reid embed``: Parquet files (one file or a folder, local or ``s3://``) with
+``image_id``, ``status``, ``embedding`` (``fixed_size_list<float32, D>``, L2-normalised, null on
+error rows) and ``model_version``. Only ``status == "ok"`` rows are indexed. The tables are
+streamed with ``ParquetFile.iter_batches``; at no point is a whole table in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vbatch.operators.storage import Storage
+
+_READ_COLUMNS = ("image_id", "status", "embedding", "model_version")
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """What a first, cheap pass over an embeddings table found.
+
+    Attributes:
+        files: Parquet file URIs, in reading order.
+        count: ``status == "ok"`` rows.
+        error_rows: other rows (never indexed).
+        dim: embedding dimension.
+        model_version: the one model version of the ok rows (``None`` if there are none).
+    """
+
+    files: tuple[str, ...]
+    count: int
+    error_rows: int
+    dim: int
+    model_version: str | None
+
+
+def _embedding_dim(type_: pa.DataType, file_uri: str) -> int | None:
+    if pa.types.is_fixed_size_list(type_):
+        return type_.list_size
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return None  # variable lists: the dimension is read from the values
+    raise ValueError(f"{file_uri}: column 'embedding' has type {type_}, expected a list of float32")
+
+
+def open_parquet(storage: Storage, file_uri: str) -> pq.ParquetFile:
+    fs, path = storage.arrow_fs(file_uri)
+    return pq.ParquetFile(fs.open_input_file(path))
+
+
+def list_parquet(storage: Storage, uri: str) -> list[str]:
+    files = storage.list_files(uri, suffix=".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {uri}")
+    return files
+
+
+def scan_embeddings(uri: str, storage: Storage) -> TableStats:
+    """Count the ok rows, check one dimension and one model version (reads no embeddings).
+
+    Raises:
+        ValueError: a missing column, mixed dimensions or mixed model versions, naming the file.
+        FileNotFoundError: no Parquet file under ``uri``.
+    """
+    files = list_parquet(storage, uri)
+    count = errors = 0
+    dim: int | None = None
+    versions: dict[str, str] = {}  # version -> first file seen in
+    for file_uri in files:
+        pf = open_parquet(storage, file_uri)
+        schema = pf.schema_arrow
+        missing = [c for c in _READ_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(f"{file_uri}: embeddings table lacks column(s) {missing}")
+        file_dim = _embedding_dim(schema.field("embedding").type, file_uri)
+        for batch in pf.iter_batches(batch_size=65536, columns=["status", "model_version"]):
+            ok = pc.equal(batch.column("status"), "ok")
+            ok = pc.fill_null(ok, False)
+            n_ok = pc.sum(ok).as_py() or 0
+            count += n_ok
+            errors += batch.num_rows - n_ok
+            if n_ok:
+                for v in pc.unique(batch.column("model_version").filter(ok)).to_pylist():
+                    versions.setdefault(str(v), file_uri)
+        if file_dim is None and pf.metadata.num_rows:
+            first = next(pf.iter_batches(batch_size=1024, columns=["embedding"]))
+            lengths = pc.list_value_length(first.column("embedding")).drop_null()
+            file_dim = int(lengths[0].as_py()) if len(lengths) else None
+        if file_dim is not None:
+            if dim is not None and file_dim != dim:
+                raise ValueError(f"{file_uri}: embedding dim {file_dim}, other files have {dim}")
+            dim = file_dim
+    if len(versions) > 1:
+        raise ValueError(
+            f"embeddings under {uri} mix model versions {sorted(versions)} "
+            f"(first seen in {sorted(set(versions.values()))}); one index holds one model version"
+        )
+    if dim is None:
+        raise ValueError(f"cannot tell the embedding dimension of {uri} (no rows)")
+    version = next(iter(versions), None)
+    return TableStats(tuple(files), count, errors, dim, version)
+
+
+@dataclass
+class EmbeddingBatch:
+    """``status == "ok"`` rows of one record batch.
+
+    Attributes:
+        image_ids: (B,) string array.
+        vectors: (B, D) float32, L2-normalised.
+        ordinals: (B,) int64 position among all ok rows of the table (stable across passes).
+    """
+
+    image_ids: pa.Array
+    vectors: np.ndarray
+    ordinals: np.ndarray
+
+
+# A unit vector has norm 1; anything this small is a zero vector that normalisation cannot fix.
+MIN_NORM = 1e-6
+
+
+def vector_problems(vectors: np.ndarray) -> list[str | None]:
+    """Why each row of ``vectors`` cannot be searched or indexed (``None``: it can).
+
+    Args:
+        vectors: (N, D) float32.
+
+    Returns:
+        N entries: ``"non-finite embedding (NaN or inf)"``, ``"zero-norm embedding"`` or ``None``.
+    """
+    finite = np.isfinite(vectors).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(vectors, axis=1)
+    problems: list[str | None] = []
+    for row_finite, norm in zip(finite, norms, strict=True):
+        if not row_finite:
+            problems.append("non-finite embedding (NaN or inf)")
+        elif not np.isfinite(norm):
+            problems.append("embedding too large to normalise")
+        elif norm < MIN_NORM:
+            problems.append("zero-norm embedding")
+        else:
+            problems.append(None)
+    return problems
+
+
+def vectors_from_arrow(
+    embeddings: pa.Array | pa.ChunkedArray, dim: int | None = None
+) -> tuple[np.ndarray, list[str | None], int | None]:
+    """Checked, L2-normalised vectors of a list column, row by row.
+
+    Every row's own length is checked (its list offsets), not only the total number of values:
+    rows of 1535 and 1537 values add up to two rows of 1536 and would silently shift.
+
+    Args:
+        embeddings: ``list<float>`` / ``fixed_size_list<float, D>`` column, nulls allowed.
+        dim: expected dimension; ``None`` takes the first non-null row's length.
+
+    Returns:
+        ``(vectors (N, D) float32 unit rows, problems (N,), dim)``: a problem row's vector is
+        zero and its problem says why (null, wrong length, non-finite, zero norm).
+    """
+    if isinstance(embeddings, pa.ChunkedArray):
+        embeddings = embeddings.combine_chunks()
+    n = len(embeddings)
+    lengths = pc.list_value_length(embeddings).to_numpy(zero_copy_only=False)
+    null = np.asarray(embeddings.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if dim is None:
+        valid_lengths = lengths[~null]
+        dim = int(valid_lengths[0]) if len(valid_lengths) else None
+    if dim is None:
+        return np.zeros((n, 0), np.float32), ["no embedding"] * n, None
+    good = ~null & (np.where(null, -1, lengths) == dim)
+    vectors = np.zeros((n, dim), dtype=np.float32)
+    if good.any():
+        values = embeddings.filter(pa.array(good)).flatten()
+        vectors[good] = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    problems: list[str | None] = [None] * n
+    for row in np.flatnonzero(~good).tolist():
+        problems[row] = (
+            "no embedding"
+            if null[row]
+            else f"embedding has {int(lengths[row])} values, expected {dim}"
+        )
+    for row, problem in enumerate(vector_problems(vectors)):
+        if problems[row] is None and problem is not None:
+            problems[row] = problem
+            vectors[row] = 0
+    # the tables promise unit norm; renormalising is cheap and makes IP == cosine for sure
+    faiss.normalize_L2(vectors)
+    return vectors, problems, dim
+
+
+def iter_embeddings(
+    files: Sequence[str], storage: Storage, dim: int, batch_rows: int = 16384
+) -> Iterator[EmbeddingBatch]:
+    """Stream the ok rows of ``files`` in batches of at most ``batch_rows`` input rows.
+
+    Raises:
+        ValueError: an ok row without a valid embedding (null, wrong length, non-finite, zero
+            norm), naming the file, the row and the image_id.
+    """
+    ordinal = 0
+    for file_uri in files:
+        pf = open_parquet(storage, file_uri)
+        file_row = 0
+        for batch in pf.iter_batches(
+            batch_size=batch_rows, columns=["image_id", "status", "embedding"]
+        ):
+            ok = pc.fill_null(pc.equal(batch.column("status"), "ok"), False)
+            rows = file_row + np.flatnonzero(ok.to_numpy(zero_copy_only=False))
+            file_row += batch.num_rows
+            batch = batch.filter(ok)
+            if batch.num_rows == 0:
+                continue
+            vectors, problems, _ = vectors_from_arrow(batch.column("embedding"), dim)
+            bad = [i for i, p in enumerate(problems) if p is not None]
+            if bad:
+                i = bad[0]
+                more = f" (and {len(bad) - 1} more rows of this batch)" if len(bad) > 1 else ""
+                raise ValueError(
+                    f"{file_uri}: row {int(rows[i])} (image_id={batch.column('image_id')[i]}) "
+                    f"has status 'ok' but {problems[i]}{more}"
+                )
+            n = batch.num_rows
+            yield EmbeddingBatch(
+                batch.column("image_id").cast(pa.string()),
+                vectors,
+                np.arange(ordinal, ordinal + n, dtype=np.int64),
+            )
+            ordinal += n
+
+
+def sample_embeddings(
+    files: Sequence[str],
+    storage: Storage,
+    dim: int,
+    count: int,
+    size: int,
+    seed: int = 0,
+    batch_rows: int = 16384,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform sample of ``size`` ok rows, read in one streaming pass.
+
+    Returns:
+        ``(vectors (S, D) float32, ordinals (S,) int64)`` in random order.
+    """
+    size = min(size, count)
+    rng = np.random.default_rng(seed)
+    wanted = np.sort(rng.choice(count, size=size, replace=False))
+    out = np.empty((size, dim), dtype=np.float32)
+    filled = 0
+    for batch in iter_embeddings(files, storage, dim, batch_rows):
+        lo, hi = np.searchsorted(wanted, [batch.ordinals[0], batch.ordinals[-1] + 1])
+        if hi > lo:
+            out[filled : filled + hi - lo] = batch.vectors[wanted[lo:hi] - batch.ordinals[0]]
+            filled += hi - lo
+        if filled == size:
+            break
+    perm = rng.permutation(size)
+    return out[perm], wanted[perm]

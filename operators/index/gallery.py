@@ -1,0 +1,92 @@
+"""Opening a committed gallery index and searching it (cosine similarity, best first)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from vbatch.operators.index.embeddings import vector_problems
+from vbatch.operators.index.indexes import ivf_or_none, search_params
+from vbatch.operators.index.store import IndexInfo, load_faiss, read_id_map, read_info
+from vbatch.operators.storage import Storage
+
+
+class GalleryIndex:
+    """A loaded gallery index: FAISS index, id map and manifest; safe to search from threads.
+
+    Example::
+
+        gallery = GalleryIndex.open("s3://bucket/reid/index", storage)
+        scores, image_ids = gallery.search(query_embeddings, k=10)
+    """
+
+    def __init__(self, index: faiss.Index, image_ids: pa.Array, info: IndexInfo) -> None:
+        self.index = index
+        self.image_ids = image_ids
+        self.info = info
+        # built once: searches with the manifest's nprobe (the common case) reuse it
+        self._params = search_params(index, info.nprobe)
+
+    @classmethod
+    def open(cls, uri: str, storage: Storage) -> GalleryIndex:
+        """Load the index at ``uri`` (the files named by its current manifest)."""
+        info = read_info(uri, storage)
+        with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
+            index = load_faiss(info, storage, Path(tmp))
+        ids = read_id_map(info, storage).column("image_id").combine_chunks()
+        ivf = ivf_or_none(index)
+        if ivf is not None and info.nprobe:
+            ivf.nprobe = info.nprobe
+        return cls(index, ids, info)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(
+        self, embeddings: np.ndarray, k: int = 10, nprobe: int | None = None
+    ) -> tuple[np.ndarray, list[list[str | None]]]:
+        """The ``k`` most similar gallery images of each query.
+
+        Args:
+            embeddings: (Q, D) or (D,) float query embeddings; normalised here (cosine).
+            k: neighbours per query.
+            nprobe: inverted lists to visit (IVF only); default: the tuned value of the manifest.
+
+        Returns:
+            ``(scores (Q, k) float32 cosine similarities, image_ids Q lists of k)``, best first;
+            when the index holds fewer than ``k`` reachable vectors the tail is
+            ``(-inf, None)``.
+
+        Raises:
+            ValueError: ``k < 1``, ``nprobe < 1``, another dimension, or a query that is not
+                finite or has zero norm (naming its row).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        x = np.array(embeddings, dtype=np.float32, ndmin=2, copy=True)
+        if x.ndim != 2 or x.shape[1] != self.info.dim:
+            raise ValueError(f"queries must be (Q, {self.info.dim}), got {np.shape(embeddings)}")
+        bad = [(i, p) for i, p in enumerate(vector_problems(x)) if p is not None]
+        if bad:
+            # faiss would return no hits for NaN and arbitrary ones for a zero vector
+            which = ", ".join(f"{i} ({p})" for i, p in bad[:5])
+            raise ValueError(f"{len(bad)} of {len(x)} queries cannot be searched: row {which}")
+        faiss.normalize_L2(x)
+        params = self._params if nprobe is None else search_params(self.index, nprobe)
+        scores, rows = self.index.search(x, k, params=params)
+        if self.info.metric == "l2":  # squared distance of unit vectors: |x - y|^2 = 2 - 2 cos
+            scores = np.where(rows >= 0, 1.0 - scores / 2.0, -np.inf).astype(np.float32)
+        names = self.image_ids.take(pa.array(np.where(rows < 0, 0, rows).ravel())).to_pylist()
+        flat_rows = rows.ravel()
+        ids = [
+            [names[i * k + j] if flat_rows[i * k + j] >= 0 else None for j in range(k)]
+            for i in range(len(x))
+        ]
+        return scores, ids
