@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import textwrap
 
+from vbatch.jobs.summary import EXIT_USAGE, add_run_arguments, limits_of, run_command
 from vbatch.models import REGISTRY
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
 
@@ -15,6 +17,8 @@ logger = logging.getLogger("vbatch")
 
 _EPILOG = textwrap.dedent(
     """\
+    Exit status: 0 finished (error rows at most --max-error-rate), 3 finished and published with
+    more error rows, 1 failed as a whole (nothing new published), 2 usage error.
     URIs: local paths, file://… or s3://bucket/key. S3 credentials come from the standard AWS
     environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, …); the endpoint from
     --s3-endpoint or AWS_ENDPOINT_URL. Ray: local by default; --address or RAY_ADDRESS joins a cluster.
@@ -76,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one mask per image of a Parquet manifest",
         description=(
             "Run a segmentation model over an image manifest (Parquet: image_id, uri, any other columns "
-            "pass through). Writes <out>/masks/<image_id>.png and <out>/results/*.parquet with one row per "
-            f"manifest row (status ok|error). Tasks: {tasks}."
+            "pass through). Writes <out>/masks/<image_id>.png and <out>/results/ (a committed table: "
+            "results/_LATEST names the generation folder holding its Parquet files) with one row per "
+            f"manifest row (status ok|error, error_class). Tasks: {tasks}."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -121,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _pool(seg)
     _common(seg)
+    add_run_arguments(seg)
 
     vid = sub.add_parser(
         "video",
@@ -129,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Segment the objects that text queries refer to in every frame of the videos of a Parquet "
             "manifest (video_id, uri, queries: list<string>, optional start_s/end_s), streamed window by "
             "window. Writes <out>/frames/<video_id>/<query_index>/<frame_index>.png and "
-            "<out>/results/*.parquet with one row per (video, query, frame) and error rows."
+            "<out>/results/ (a committed table, see README) with one row per (video, query, frame) and "
+            "error rows."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _pool(vid, batch_help="windows (of the model's window_size frames) per model call (default 1)")
     _common(vid)
+    add_run_arguments(vid)
 
     mat = sub.add_parser(
         "matting", help="matting model tools (convert the TensorFlow graph to ONNX)"
@@ -198,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--limit", type=int, metavar="N")
     _pool(emb)
     _common(emb)
+    add_run_arguments(emb)
     idx = rsub.add_parser(
         "index",
         help="build a FAISS gallery index from embeddings",
@@ -223,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 2GB: the index must fit (default: flat if it fits 4 GB)",
     )
     _common(idx)
+    add_run_arguments(idx, rows=False)
     add = rsub.add_parser(
         "add", help="add a new day's embeddings to an existing index (no retraining)"
     )
@@ -236,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the new embeddings (`reid embed` output); image_ids already indexed are skipped",
     )
     _common(add)
+    add_run_arguments(add, rows=False)
     srch = rsub.add_parser(
         "search",
         help="top-k gallery images for query images",
@@ -256,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument("--k", type=int, default=10, help="hits per query (default 10)")
     srch.add_argument("--out", metavar="URI", help="also write the hits as Parquet")
     _common(srch)
+    add_run_arguments(srch, rows=False)
     ev = rsub.add_parser(
         "eval",
         help="mAP and CMC (Market-1501 protocol)",
@@ -267,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--query", required=True, metavar="URI")
     ev.add_argument("--gallery", required=True, metavar="URI")
     _common(ev)
+    add_run_arguments(ev, rows=False)
 
     demo = sub.add_parser(
         "demo",
@@ -291,35 +304,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.SegmentConfig
+def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.ImageJobConfig
     """The image job's configuration from `segment` / `reid embed` arguments (options one lacks keep defaults)."""
-    from vbatch.jobs.segment import SegmentConfig
+    from vbatch.jobs.segment import ImageJobConfig
 
     extra = {
         k: getattr(args, k)
         for k in ("max_pixels", "max_side", "background", "precision")
         if hasattr(args, k)
     }
-    return SegmentConfig(task=task, **_job_arguments(args), **extra)
+    return ImageJobConfig(task=task, **_job_arguments(args), **extra)
 
 
 def _job_arguments(args: argparse.Namespace) -> dict:
     """The arguments every manifest → model → outputs job shares (segment, reid embed, video)."""
     names = ("manifest", "model_dir", "out", "limit", "s3_endpoint", "address")
     pool = ("batch_size", "actors", "gpus_per_actor", "threads_per_actor")
-    return {k: getattr(args, k) for k in names + pool}
+    limits = limits_of(args)
+    return {k: getattr(args, k) for k in names + pool} | {
+        "max_error_rate": limits.max_error_rate,
+        "max_infra_error_rate": limits.max_infra_error_rate,
+    }
 
 
-def _reid(args: argparse.Namespace) -> int:
+def _reid(args: argparse.Namespace, clock) -> dict:
+    """Run a `reid` command; returns its summary (see jobs.summary.run_command)."""
     from vbatch.jobs import reid
     from vbatch.jobs.publish import read_table
     from vbatch.operators.storage import Storage, StorageOptions
 
     storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
     if args.reid_command == "embed":
-        summary = reid.run_embed(_image_job_config(args, "reid"))
+        summary = reid.run_embed(_image_job_config(args, "reid"), clock)
         print(summary.report())
-        return 0
+        return summary.record
     if args.reid_command in ("index", "add"):
         from vbatch.operators.faiss_index import add_to_index, build_index
 
@@ -334,7 +352,7 @@ def _reid(args: argparse.Namespace) -> int:
         else:
             info = add_to_index(args.index, args.embeddings, storage)
         print(info.to_json())
-        return 0
+        return json.loads(info.to_json())
     if args.reid_command == "search":
         from vbatch.operators.faiss_index import GalleryIndex
 
@@ -347,11 +365,11 @@ def _reid(args: argparse.Namespace) -> int:
             if args.manifest:
                 import tempfile
 
-                from vbatch.jobs.segment import SegmentConfig
+                from vbatch.jobs.segment import ImageJobConfig
 
                 tmp = tempfile.mkdtemp(prefix="vbatch-queries-")
                 reid.run_embed(
-                    SegmentConfig(
+                    ImageJobConfig(
                         "reid",
                         args.manifest,
                         args.model_dir,
@@ -368,9 +386,10 @@ def _reid(args: argparse.Namespace) -> int:
                 )
         hits = reid.search_table(index, ids, vectors, args.k)
         print(hits.to_pandas().to_string(index=False))
-        if args.out:
-            print(f"written: {reid.write_parquet(hits, args.out, storage)}")
-        return 0
+        written = reid.write_parquet(hits, args.out, storage) if args.out else None
+        if written:
+            print(f"written: {written}")
+        return {"queries": len(ids), "hits": hits.num_rows, "written": written}
     if args.reid_command == "eval":
         from vbatch.operators.reid_eval import evaluate
 
@@ -385,8 +404,8 @@ def _reid(args: argparse.Namespace) -> int:
                 f"{k:<8}: {result[k]:.4f}" for k in ("cmc@1", "cmc@5", "cmc@10") if k in result
             )
         )
-        return 0
-    return 2
+        return {k: v for k, v in result.items() if isinstance(v, int | float | str)}
+    raise ValueError(f"unknown reid command {args.reid_command!r}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -410,24 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     # Off a terminal (cron, CI) Ray Data logs an 11-line progress snapshot instead of drawing bars;
     # its default of one every 10 s floods the logs of a nightly job. Read at the first execution.
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(NON_TTY_PROGRESS_SECONDS))
+    if args.command in ("segment", "video", "reid"):
+        command = f"reid {args.reid_command}" if args.command == "reid" else args.command
+        try:
+            return run_command(command, args, lambda clock: _job(args, clock))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     try:
-        if args.command == "segment":
-            from vbatch.jobs.segment import run_segment
-
-            summary = run_segment(_image_job_config(args, args.task))
-            print(summary.report())
-            return 0
-        if args.command == "video":
-            from vbatch.jobs.video import VideoConfig, run_video
-
-            print(
-                run_video(
-                    VideoConfig(
-                        render=args.render, precision=args.precision, **_job_arguments(args)
-                    )
-                ).report()
-            )
-            return 0
         if args.command == "matting":
             from vbatch.jobs.matting import run_convert
             from vbatch.operators.storage import Storage, StorageOptions
@@ -439,8 +448,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
-        if args.command == "reid":
-            return _reid(args)
         if args.command == "demo":
             from vbatch.jobs.demo import run_demo
 
@@ -453,7 +460,25 @@ def main(argv: list[str] | None = None) -> int:
             logger.exception("failed")
         print(f"vbatch {args.command}: error: {e}", file=sys.stderr)
         return 1
-    return 2
+    return EXIT_USAGE
+
+
+def _job(args: argparse.Namespace, clock) -> dict:
+    """Run a job command (segment, video, reid …), print its report; returns its summary."""
+    if args.command == "segment":
+        from vbatch.jobs.segment import run_image_job
+
+        summary = run_image_job(_image_job_config(args, args.task), clock)
+        print(summary.report())
+        return summary.record
+    if args.command == "video":
+        from vbatch.jobs.video import VideoConfig, run_video
+
+        cfg = VideoConfig(render=args.render, precision=args.precision, **_job_arguments(args))
+        video = run_video(cfg, clock)
+        print(video.report())
+        return video.record
+    return _reid(args, clock)
 
 
 if __name__ == "__main__":

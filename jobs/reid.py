@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from vbatch.jobs.segment import JobSummary, SegmentConfig, run_segment
+from vbatch.jobs.segment import ImageJobConfig, JobSummary, run_image_job
+from vbatch.jobs.summary import RunClock
 from vbatch.models import load_model
 from vbatch.operators.decode import decode_image
 from vbatch.operators.faiss_index import GalleryIndex
@@ -25,10 +27,10 @@ from vbatch.operators.storage import Storage, join
 logger = logging.getLogger(__name__)
 
 
-def run_embed(cfg: SegmentConfig) -> JobSummary:
-    """Embeddings for every row of an image manifest (``cfg.task`` is forced to ``reid``)."""
-    cfg.task = "reid"
-    return run_segment(cfg)
+def run_embed(cfg: ImageJobConfig, clock: RunClock | None = None) -> JobSummary:
+    """Embeddings for every row of an image manifest: the image job with the ``reid`` model,
+    whatever ``cfg.task`` says (``cfg`` itself is left as it is)."""
+    return run_image_job(dataclasses.replace(cfg, task="reid"), clock, command="reid embed")
 
 
 @dataclass

@@ -26,6 +26,11 @@ class ModelEntry:
     output: str
     modelscope_id: str
     summary: str
+    #: the job options ``load()`` accepts, by name (``threads`` is the actor's share of the cores;
+    #: the others are fields of the job's configuration); the jobs pass exactly these
+    options: tuple[str, ...] = ()
+    #: the job options ``load_transforms()`` accepts, by name
+    transform_options: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -40,12 +45,16 @@ REGISTRY: dict[str, ModelEntry] = {
         "mask",
         "damo/cv_vitb16_segmentation_shop-seg",
         "product segmentation (DenseCLIP, CLIP ViT-B/16 at 1024²)",
+        options=("precision",),
     ),
     "matting": ModelEntry(
         "vbatch.models.matting",
         "rgba",
         "damo/cv_unet_image-matting",
         "portrait matting (ModelScope's TensorFlow graph, run by ONNX Runtime)",
+        # ONNX Runtime has its own thread pool: it gets the actor's share of the cores
+        options=("threads", "max_side"),
+        transform_options=("max_side",),
     ),
     "reid": ModelEntry(
         "vbatch.models.reid",
@@ -58,6 +67,7 @@ REGISTRY: dict[str, ModelEntry] = {
         "video-masks",
         "damo/cv_swin-t_referring_video-object-segmentation",
         "referring video object segmentation (MTTR, video Swin-T + RoBERTa)",
+        options=("precision",),
     ),
 }
 
