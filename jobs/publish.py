@@ -85,7 +85,7 @@ def new_run_id() -> str:
 def _read_text(uri: str, storage: Storage) -> str | None:
     try:
         return storage.read_bytes(uri).decode().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such object; a file, not a folder
         return None
 
 
@@ -93,7 +93,7 @@ def _hidden(path: str, root: str) -> bool:
     """A path below ``root`` with a component starting with ``.`` or ``_`` (staging folders,
     markers, temp files): what pyarrow, Spark and Hive skip too."""
     rel = posixpath.relpath(path.split("://", 1)[-1], root.split("://", 1)[-1].rstrip("/"))
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+    return rel != "." and any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
 def _uncommitted_generation(path: str, root: str) -> bool:
@@ -125,8 +125,6 @@ def results_files(uri: str, storage: Storage) -> list[str]:
         Empty when there is no table.
     """
     uri = normalize(uri)
-    if uri.endswith(".parquet"):
-        return storage.list_files(uri)
     outs = [uri, parent(uri)] if posixpath.basename(uri.rstrip("/")) == RESULTS else [uri]
     for out in outs:
         folder = committed_generation(out, storage)

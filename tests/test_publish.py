@@ -157,3 +157,11 @@ def test_publish_replaces_a_legacy_table_in_one_step(tmp_path) -> None:
     _check_one_complete_table(storage, out, "n", 2)
     assert not (tmp_path / "results" / "old.parquet").exists()
     assert (tmp_path / "results" / run_id / SUCCESS).exists()
+
+
+def test_a_folder_named_like_a_parquet_file_is_a_folder(tmp_path) -> None:
+    storage = Storage()
+    spark = str(tmp_path / "emb.parquet")  # what Spark's df.write.parquet("emb.parquet") makes
+    _write_parquet(storage, join(spark, "part-0.parquet"), pa.table({"image_id": ["s"]}))
+    storage.write_bytes(join(spark, "_SUCCESS"), b"")
+    assert results_files(spark, storage) == [join(spark, "part-0.parquet")]
