@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -10,6 +11,7 @@ import textwrap
 from typing import Any
 
 from vbatch.jobs.failure import describe_failure
+from vbatch.jobs.summary import EXIT_USAGE, add_run_arguments, limits_of, run_command
 from vbatch.models import REGISTRY
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
 from vbatch.operators.storage import DEFAULT_RETRY_SECONDS
@@ -18,6 +20,8 @@ logger = logging.getLogger("vbatch")
 
 _EPILOG = textwrap.dedent(
     """\
+    Exit status: 0 finished (error rows at most --max-error-rate), 3 finished and published with
+    more error rows, 1 failed as a whole (nothing new published), 2 usage error.
     URIs: local paths, file://… or s3://bucket/key. S3 credentials come from the standard AWS
     environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, …); the endpoint from
     --s3-endpoint or AWS_ENDPOINT_URL. Ray: local by default; --address or RAY_ADDRESS joins a cluster.
@@ -99,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one mask per image of a Parquet manifest",
         description=(
             "Run a segmentation model over an image manifest (Parquet: image_id, uri, any other columns "
-            "pass through). Writes <out>/masks/<image_id>.png and <out>/results/*.parquet with one row per "
-            f"manifest row (status ok|error). Tasks: {tasks}."
+            "pass through). Writes <out>/masks/<image_id>.png and <out>/results/ (a committed table: "
+            "results/_LATEST names the generation folder holding its Parquet files) with one row per "
+            f"manifest row (status ok|error, error_class). Tasks: {tasks}."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _pool(seg)
     _common(seg)
+    add_run_arguments(seg)
 
     vid = sub.add_parser(
         "video",
@@ -152,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Segment the objects that text queries refer to in every frame of the videos of a Parquet "
             "manifest (video_id, uri, queries: list<string>, optional start_s/end_s), streamed window by "
             "window. Writes <out>/frames/<video_id>/<query_index>/<frame_index>.png and "
-            "<out>/results/*.parquet with one row per (video, query, frame) and error rows (a bad "
-            "video, or a query longer than the text encoder's 512 tokens, fails alone)."
+            "<out>/results/ (a committed table, see README) with one row per (video, query, frame) and "
+            "error rows (a bad video, or a query longer than the text encoder's 512 tokens, fails "
+            "alone)."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _pool(vid, batch_help="windows (of the model's window_size frames) per model call (default 1)")
     _common(vid)
+    add_run_arguments(vid)
 
     mat = sub.add_parser(
         "matting", help="matting model tools (convert the TensorFlow graph to ONNX)"
@@ -229,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--limit", type=int, metavar="N")
     _pool(emb)
     _common(emb)
+    add_run_arguments(emb)
     idx = rsub.add_parser(
         "index",
         help="build a FAISS gallery index from embeddings",
@@ -254,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 2GB: the index must fit (default: flat if it fits 4 GB)",
     )
     _common(idx)
+    add_run_arguments(idx, rows=False)
     add = rsub.add_parser(
         "add", help="add a new day's embeddings to an existing index (no retraining)"
     )
@@ -267,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the new embeddings (`reid embed` output); image_ids already indexed are skipped",
     )
     _common(add)
+    add_run_arguments(add, rows=False)
     srch = rsub.add_parser(
         "search",
         help="top-k gallery images for query images",
@@ -299,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="search even if the queries' model_version differs from the gallery's",
     )
     _common(srch)
+    add_run_arguments(srch, rows=False)
     ev = rsub.add_parser(
         "eval",
         help="mAP and CMC (Market-1501 protocol)",
@@ -321,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score even if query and gallery model_version differ",
     )
     _common(ev)
+    add_run_arguments(ev, rows=False)
 
     env = sub.add_parser(
         "env",
@@ -358,23 +371,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.SegmentConfig
+def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.ImageJobConfig
     """The image job's configuration from `segment` / `reid embed` arguments (options one lacks keep defaults)."""
-    from vbatch.jobs.segment import SegmentConfig
+    from vbatch.jobs.segment import ImageJobConfig
 
     extra = {
         k: getattr(args, k)
         for k in ("max_pixels", "max_side", "background", "precision")
         if hasattr(args, k)
     }
-    return SegmentConfig(task=task, **_job_arguments(args), **extra)
+    return ImageJobConfig(task=task, **_job_arguments(args), **extra)
 
 
 def _job_arguments(args: argparse.Namespace) -> dict:
     """The arguments every manifest → model → outputs job shares (segment, reid embed, video)."""
     names = ("manifest", "model_dir", "out", "limit", "s3_endpoint", "address")
     pool = ("batch_size", "actors", "gpus_per_actor", "threads_per_actor")
-    return {k: getattr(args, k) for k in names + pool}
+    limits = limits_of(args)
+    return {k: getattr(args, k) for k in names + pool} | {
+        "max_error_rate": limits.max_error_rate,
+        "max_infra_error_rate": limits.max_infra_error_rate,
+    }
 
 
 def _positive_int(text: str) -> int:
@@ -388,16 +405,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _reid(args: argparse.Namespace) -> int:
+def _reid(args: argparse.Namespace, clock) -> dict:
+    """Run a `reid` command; returns its summary (see jobs.summary.run_command)."""
     from vbatch.jobs import reid
     from vbatch.jobs.publish import read_table
     from vbatch.operators.storage import Storage, StorageOptions
 
     storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
     if args.reid_command == "embed":
-        summary = reid.run_embed(_image_job_config(args, "reid"))
+        summary = reid.run_embed(_image_job_config(args, "reid"), clock)
         print(summary.report())
-        return 0
+        return summary.record
     if args.reid_command in ("index", "add"):
         from vbatch.operators.index import add_to_index, build_index
 
@@ -412,7 +430,7 @@ def _reid(args: argparse.Namespace) -> int:
         else:
             info = add_to_index(args.index, args.embeddings, storage)
         print(info.to_json())
-        return 0
+        return json.loads(info.to_json())
     if args.reid_command == "search":
         from vbatch.operators.index import GalleryIndex
 
@@ -439,11 +457,16 @@ def _reid(args: argparse.Namespace) -> int:
             print(f"  failed {query_id!r}: {error}")
         if len(failed) > 20:
             print(f"  … {len(failed) - 20} more failed queries (error rows of the table)")
-        if args.out:
-            print(f"written: {reid.write_parquet(hits, args.out, storage)}")
-        return 0
+        written = reid.write_parquet(hits, args.out, storage) if args.out else None
+        if written:
+            print(f"written: {written}")
+        return {
+            "queries": len(queries.ids),
+            "failed": len(failed),
+            "hits": hits.num_rows,
+            "written": written,
+        }
     if args.reid_command == "eval":
-        import json
         import math
 
         from vbatch.operators.reid_eval import evaluate
@@ -453,19 +476,15 @@ def _reid(args: argparse.Namespace) -> int:
             read_table(args.gallery, storage),
             allow_model_mismatch=args.allow_model_mismatch,
         )
+        # NaN (no query could be evaluated) is not JSON: null
+        metrics = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in result.items()
+            if k != "cmc"
+        } | {"cmc": [None if math.isnan(v) else v for v in result["cmc"]]}
         if args.json:
-            # NaN (no query could be evaluated) is not JSON: null
-            print(
-                json.dumps(
-                    {
-                        k: (None if isinstance(v, float) and math.isnan(v) else v)
-                        for k, v in result.items()
-                        if k != "cmc"
-                    }
-                    | {"cmc": [None if math.isnan(v) else v for v in result["cmc"]]}
-                )
-            )
-            return 0
+            print(json.dumps(metrics))
+            return metrics
         print(
             f"queries: {result['num_valid_query']} evaluated of {result['num_query']}\n"
             f"mAP     : {result['mAP']:.6f}\n"
@@ -473,8 +492,8 @@ def _reid(args: argparse.Namespace) -> int:
                 f"{k:<8}: {result[k]:.6f}" for k in ("cmc@1", "cmc@5", "cmc@10") if k in result
             )
         )
-        return 0
-    return 2
+        return {k: v for k, v in metrics.items() if k != "cmc"}
+    raise ValueError(f"unknown reid command {args.reid_command!r}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -501,24 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "io_retry_seconds", None) is not None:
         # read by StorageOptions on the driver, which ships the value to every worker
         os.environ["VBATCH_IO_RETRY_SECONDS"] = str(args.io_retry_seconds)
+    if args.command in ("segment", "video", "reid"):
+        command = f"reid {args.reid_command}" if args.command == "reid" else args.command
+        try:
+            return run_command(command, args, lambda clock: _job(args, clock))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     try:
-        if args.command == "segment":
-            from vbatch.jobs.segment import run_segment
-
-            summary = run_segment(_image_job_config(args, args.task))
-            print(summary.report())
-            return 0
-        if args.command == "video":
-            from vbatch.jobs.video import VideoConfig, run_video
-
-            print(
-                run_video(
-                    VideoConfig(
-                        render=args.render, precision=args.precision, **_job_arguments(args)
-                    )
-                ).report()
-            )
-            return 0
         if args.command == "matting":
             from vbatch.jobs.matting import run_convert
             from vbatch.operators.storage import Storage, StorageOptions
@@ -530,11 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
-        if args.command == "reid":
-            return _reid(args)
         if args.command == "env":
-            import json
-
             from vbatch.jobs.env import collect_env, format_env
 
             info = collect_env(args.address)
@@ -552,7 +557,25 @@ def main(argv: list[str] | None = None) -> int:
             logger.exception("failed")
         print(f"vbatch {args.command}: error: {describe_failure(e)}", file=sys.stderr)
         return 1
-    return 2
+    return EXIT_USAGE
+
+
+def _job(args: argparse.Namespace, clock) -> dict:
+    """Run a job command (segment, video, reid …), print its report; returns its summary."""
+    if args.command == "segment":
+        from vbatch.jobs.segment import run_image_job
+
+        summary = run_image_job(_image_job_config(args, args.task), clock)
+        print(summary.report())
+        return summary.record
+    if args.command == "video":
+        from vbatch.jobs.video import VideoConfig, run_video
+
+        cfg = VideoConfig(render=args.render, precision=args.precision, **_job_arguments(args))
+        video = run_video(cfg, clock)
+        print(video.report())
+        return video.record
+    return _reid(args, clock)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
         f"  video masks {out / 'rvos' / 'frames'}   overlay {out / 'rvos' / 'renders'}",
         "Look at a results table, e.g.:",
         f"  python -c \"import pandas as pd; print(pd.read_parquet('{out / 'salient' / 'results'}'))\"",
-        f"  duckdb -c \"select status, count(*) from '{out / 'salient' / 'results'}/*.parquet' group by 1\"",
+        f"  duckdb -c \"select status, count(*) from '{out / 'salient' / 'results'}/*/*.parquet' group by 1\"",
         _BANNER,
     )
     return 0

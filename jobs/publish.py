@@ -1,35 +1,235 @@
-"""How every job lands its results table: staged, then published, then recorded.
+"""How every job lands its results table: staged, checked, committed by a pointer, recorded.
 
-Ray writes the results under ``<out>/.staging/<run id>/``; only a complete write replaces
-``<out>/results/`` (a rename locally; copy + delete on S3), so readers never see a half-written
-table and a repeated run never duplicates rows. ``<out>/run.json`` records the run.
+Object stores have no rename and no multi-object transaction, so a table is never replaced in
+place. Each run writes a new *generation* and commits it with one single-object write, the way
+``operators/faiss_index.py`` commits an index (and Iceberg/Delta commit a snapshot)::
+
+    <out>/.staging/<run id>/*.parquet    Ray's output while the job runs; never read
+    <out>/results/<run id>/*.parquet     a generation: written once, never modified
+    <out>/results/<run id>/_SUCCESS      JSON: the generation's files and rows (Hadoop's S3A
+                                         committers write the same kind of manifest)
+    <out>/_LATEST                        ``results/<run id>``, the committed generation: the
+                                         commit point
+    <out>/run.json                       the run's summary (``jobs.summary``)
+    <out>/_SUCCESS                       the same summary, written last; removed first when a
+                                         rerun starts to publish (what Airflow sensors watch)
+
+Publishing, step by step (each step is a fault-injection point, see :func:`fault_point`):
+remove ``<out>/_SUCCESS`` → move the staged files to ``results/<run id>/`` and write its
+``_SUCCESS`` → write ``_LATEST`` (one PUT / ``os.replace``) → delete the other generations
+and every ``.staging/`` folder → write ``run.json`` → write ``<out>/_SUCCESS``. A crash before the
+pointer leaves the previous generation committed; after it, the new one. Readers resolve the table
+with :func:`results_files`, the one listing rule for every reader of job outputs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import posixpath
+import re
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import ray
 
-from vbatch.operators.storage import Storage, join
+from vbatch.operators.storage import Storage, join, normalize, parent
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results"
+STAGING = ".staging"
+POINTER = "_LATEST"
+SUCCESS = "_SUCCESS"
+RUN_RECORD = "run.json"
+
+#: ``VBATCH_FAULT=publish:<step>`` raises :class:`InjectedFault` right after that step (tests)
+FAULT_ENV = "VBATCH_FAULT"
+PUBLISH_STEPS = (
+    "after-stage",
+    "after-unmark",
+    "after-copy",
+    "after-pointer",
+    "after-cleanup",
+    "after-record",
+)
+
+#: run ids, and so generation folder names: UTC time, then a random suffix
+_RUN_ID = re.compile(r"^\d{8}T\d{6}Z?-[0-9a-f]{6}$")
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a publish step named by ``VBATCH_FAULT`` (crash tests)."""
+
+
+def fault_point(step: str) -> None:
+    """Raise :class:`InjectedFault` if ``VBATCH_FAULT`` names ``publish:<step>``.
+
+    Raising here leaves the outputs exactly as a killed driver would: publishing runs no cleanup
+    on errors.
+    """
+    if os.environ.get(FAULT_ENV) == f"publish:{step}":
+        raise InjectedFault(f"injected fault at publish:{step} ({FAULT_ENV})")
+
+
+def new_run_id() -> str:
+    """A sortable, unique id: ``20261129T221500Z-1a2b3c`` (UTC)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def _read_text(uri: str, storage: Storage) -> str | None:
+    try:
+        return storage.read_bytes(uri).decode().strip()
+    except (FileNotFoundError, NotADirectoryError):  # no such object; a file, not a folder
+        return None
+
+
+def _hidden(path: str, root: str) -> bool:
+    """A path below ``root`` with a component starting with ``.`` or ``_`` (staging folders,
+    markers, temp files): what pyarrow, Spark and Hive skip too."""
+    rel = posixpath.relpath(path.split("://", 1)[-1], root.split("://", 1)[-1].rstrip("/"))
+    return rel != "." and any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _uncommitted_generation(path: str, root: str) -> bool:
+    rel = posixpath.relpath(path.split("://", 1)[-1], root.split("://", 1)[-1].rstrip("/"))
+    parts = rel.split("/")
+    # <root>/<run id>/… or <root>/results/<run id>/…
+    return (len(parts) > 1 and bool(_RUN_ID.match(parts[0]))) or (
+        len(parts) > 2 and parts[0] == RESULTS and bool(_RUN_ID.match(parts[1]))
+    )
+
+
+def committed_generation(out: str, storage: Storage) -> str | None:
+    """The committed generation's folder (``<out>/results/<run id>``), ``None`` before the first."""
+    pointer = _read_text(join(out, POINTER), storage)
+    return join(out, pointer) if pointer else None
+
+
+def results_files(uri: str, storage: Storage) -> list[str]:
+    """The Parquet files of the table at ``uri``: the one listing rule for job outputs.
+
+    Args:
+        uri: a job's ``--out``, its ``results/`` folder, a folder of Parquet files, or one file.
+
+    Returns:
+        Sorted file URIs. For a job's output (``<out>/_LATEST`` exists; ``uri`` is ``<out>`` or
+        ``<out>/results``) exactly the files the committed generation's ``_SUCCESS`` lists; otherwise every ``.parquet`` file
+        below ``uri`` except those under a component starting with ``.`` or ``_`` (staging) and
+        those of generations no pointer commits (a first run that crashed while publishing).
+        Empty when there is no table.
+    """
+    uri = normalize(uri)
+    outs = [uri, parent(uri)] if posixpath.basename(uri.rstrip("/")) == RESULTS else [uri]
+    for out in outs:
+        folder = committed_generation(out, storage)
+        if folder is None:
+            continue
+        marker = _read_text(join(folder, SUCCESS), storage)
+        if marker is None:
+            raise FileNotFoundError(f"{folder}: committed by {POINTER} but has no {SUCCESS}")
+        return [join(folder, name) for name in json.loads(marker)["files"]]
+    files = storage.list_files(uri, suffix=".parquet")
+    return [f for f in files if not _hidden(f, uri) and not _uncommitted_generation(f, uri)]
 
 
 def read_table(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:
-    """All Parquet files under ``uri`` (a job's ``--out``, its ``results/``, or one file), staged
-    writes left out."""
-    files = [f for f in storage.list_files(uri, suffix=".parquet") if "/.staging/" not in f]
+    """The table at ``uri`` (see :func:`results_files`), optionally only ``columns``."""
+    files = results_files(uri, storage)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {uri}")
+    return read_files(files, storage, columns)
+
+
+def read_files(files: list[str], storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """One table of Parquet ``files`` (all on the same store)."""
     fs, _ = storage.arrow_fs(files[0])
     return pads.dataset(
         [storage.arrow_fs(f)[1] for f in files], filesystem=fs, format="parquet"
     ).to_table(columns=columns)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def stage(ds: ray.data.Dataset, out: str, storage: Storage, run_id: str) -> list[str]:
+    """Execute ``ds`` into ``<out>/.staging/<run_id>/``; returns the staged Parquet files."""
+    staging = join(out, STAGING, run_id)
+    fs, staging_path = storage.arrow_fs(staging)
+    storage.makedirs(staging)
+    ds.write_parquet(staging_path, filesystem=fs)
+    return staged_files(out, storage, run_id)
+
+
+def staged_files(out: str, storage: Storage, run_id: str) -> list[str]:
+    """The Parquet files staged for ``run_id``, listed from the store rather than from a cached
+    listing (Ray's workers wrote them from other processes)."""
+    staging = join(out, STAGING, run_id)
+    fs, path = storage.fs(staging)
+    fs.invalidate_cache(path)
+    files = storage.list_files(staging, suffix=".parquet")
+    fault_point("after-stage")
+    return files
+
+
+def publish(out: str, storage: Storage, run_id: str, staged: list[str], rows: int) -> str:
+    """Commit the staged files as the generation ``run_id`` of ``<out>/results``.
+
+    Args:
+        out: the job's ``--out``.
+        staged: the files :func:`stage` wrote.
+        rows: the table's row count, recorded in the generation's ``_SUCCESS``.
+
+    Returns:
+        The generation's folder, ``<out>/results/<run_id>``.
+    """
+    staging = join(out, STAGING, run_id)
+    generation = join(out, RESULTS, run_id)
+    # the marker says "the last run here finished": gone while this one publishes
+    storage.delete(join(out, SUCCESS))
+    fault_point("after-unmark")
+    names = [posixpath.relpath(f.split("://", 1)[-1], staging.split("://", 1)[-1]) for f in staged]
+    if staged:
+        # a rename locally; server-side copies on S3. Not visible to pointer readers until the
+        # pointer names it.
+        storage.move(staging, generation)
+    else:
+        storage.makedirs(generation)
+    marker = {"run_id": run_id, "files": sorted(names), "rows": rows}
+    storage.write_bytes(join(generation, SUCCESS), json.dumps(marker, indent=1).encode())
+    fault_point("after-copy")
+    # the commit: one object, replaced whole
+    storage.write_bytes(join(out, POINTER), f"{RESULTS}/{run_id}\n".encode())
+    fault_point("after-pointer")
+    remove_stale(out, storage, run_id)
+    fault_point("after-cleanup")
+    return generation
+
+
+def remove_stale(out: str, storage: Storage, keep: str) -> None:
+    """Delete every generation but ``keep`` (and files of the layout before generations) and
+    every staging folder under ``out``. Only after the pointer moved to ``keep``."""
+    results = join(out, RESULTS)
+    fs, path = storage.fs(results)
+    fs.invalidate_cache()
+    if fs.exists(path):
+        for entry in fs.ls(path, detail=False):
+            name = posixpath.basename(entry.rstrip("/"))
+            if name == keep:
+                continue
+            storage.delete(join(results, name), recursive=True)
+    storage.delete(join(out, STAGING), recursive=True)
+
+
+def write_run_record(out: str, storage: Storage, record: dict[str, Any]) -> None:
+    """``<out>/run.json``, then ``<out>/_SUCCESS`` (the same JSON), the last object a run writes."""
+    data = json.dumps(record, indent=2, default=str).encode()
+    storage.write_bytes(join(out, RUN_RECORD), data)
+    fault_point("after-record")
+    storage.write_bytes(join(out, SUCCESS), data)
 
 
 def report_details(
@@ -49,32 +249,3 @@ def report_details(
         more = error_rows - len(sample_errors)
         lines.append(f"  … {more} more error rows (see the results table)")
     return lines
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def write_and_publish(ds: ray.data.Dataset, out: str, storage: Storage, run_id: str) -> str:
-    """Execute ``ds`` into ``<out>/.staging/<run_id>`` and publish it as ``<out>/results``; returns the latter."""
-    staging = join(out, ".staging", run_id)
-    results = join(out, "results")
-    fs, staging_path = storage.arrow_fs(staging)
-    storage.makedirs(staging)
-    ds.write_parquet(staging_path, filesystem=fs)
-    storage.delete(results, recursive=True)
-    storage.move(staging, results)
-    return results
-
-
-def write_run_record(
-    out: str, storage: Storage, run_id: str, config: Any, summary: Any, files: Any
-) -> None:
-    """``<out>/run.json``: the configuration, the summary and the manifest files of the run."""
-    record = {
-        "config": asdict(config),
-        "summary": asdict(summary),
-        "run_id": run_id,
-        "manifest_files": files,
-    }
-    storage.write_bytes(join(out, "run.json"), json.dumps(record, indent=2, default=str).encode())

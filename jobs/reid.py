@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vbatch.jobs.segment import JobSummary, SegmentConfig, run_segment
+from vbatch.jobs.segment import ImageJobConfig, JobSummary, run_image_job
+from vbatch.jobs.summary import RunClock
 from vbatch.models import load_model
 from vbatch.operators.decode import decode_image
 from vbatch.operators.index import GalleryIndex
@@ -29,10 +31,10 @@ from vbatch.operators.storage import Storage, join
 logger = logging.getLogger(__name__)
 
 
-def run_embed(cfg: SegmentConfig) -> JobSummary:
-    """Embeddings for every row of an image manifest (``cfg.task`` is forced to ``reid``)."""
-    cfg.task = "reid"
-    return run_segment(cfg)
+def run_embed(cfg: ImageJobConfig, clock: RunClock | None = None) -> JobSummary:
+    """Embeddings for every row of an image manifest: the image job with the ``reid`` model,
+    whatever ``cfg.task`` says (``cfg`` itself is left as it is)."""
+    return run_image_job(dataclasses.replace(cfg, task="reid"), clock, command="reid embed")
 
 
 @dataclass
@@ -210,7 +212,7 @@ def embed_manifest_queries(
 
     with tempfile.TemporaryDirectory(prefix="vbatch-queries-") as tmp:
         run_embed(
-            SegmentConfig(
+            ImageJobConfig(
                 "reid", manifest, model_dir, tmp, s3_endpoint=s3_endpoint, address=address
             )
         )

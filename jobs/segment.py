@@ -6,35 +6,48 @@ Stages (Ray Data, streaming)::
     → decode + preprocess (CPU tasks) → model (actor pool, one model per actor, GPU when present)
     → postprocess + write products (CPU tasks) → results Parquet
 
-Results are written to ``<out>/.staging/<run id>/`` and then moved to ``<out>/results/``
-(replacing an earlier run's), so a repeated run never leaves duplicate rows. Every manifest row
-comes out exactly once, ``ok`` or ``error``; the job checks that before it reports success.
+The same job serves every per-image model (``segment``'s tasks and ``reid embed``), configured by
+:class:`ImageJobConfig`. Results are staged under ``<out>/.staging/<run id>/``, counted, and
+committed as a new generation of ``<out>/results/`` (:mod:`vbatch.jobs.publish`), so a repeated run
+never leaves duplicate rows and readers never see a partial table. Every manifest row comes out
+exactly once, ``ok`` or ``error``; the job checks that before it publishes.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 
 from vbatch.jobs.publish import (
-    new_run_id,
-    read_table,
+    publish,
+    read_files,
     report_details,
-    write_and_publish,
+    stage,
     write_run_record,
 )
 from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
+from vbatch.jobs.summary import (
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_INFRA_ERROR_RATE,
+    Counts,
+    JobFailed,
+    Limits,
+    RunClock,
+    check_infrastructure,
+    count_rows,
+    job_record,
+)
 from vbatch.models import check_model_dir, load_transforms, model_entry
+from vbatch.models.registry import ModelEntry
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
 from vbatch.operators.images import decode_and_preprocess, fetch_bytes
 from vbatch.operators.inference import ModelStage
 from vbatch.operators.manifest import read_image_manifest
 from vbatch.operators.outputs import OutputOptions, write_products
-from vbatch.operators.storage import Storage, StorageOptions, normalize, parent
+from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +56,11 @@ logger = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 32
 
 
-@dataclass
-class SegmentConfig:
+@dataclass(frozen=True)
+class ImageJobConfig:
+    """The per-image job (``vbatch segment``, ``vbatch reid embed``): one model over an image
+    manifest. Frozen: a command derives its variant with :func:`dataclasses.replace`."""
+
     task: str
     manifest: str
     model_dir: str
@@ -64,16 +80,30 @@ class SegmentConfig:
     #: shop-seg on GPU: "fp32", "bf16" or "fp16"
     precision: str = "fp32"
     rows_per_block: int = ROWS_PER_BLOCK
+    #: exit 3 above this fraction of error rows (jobs.summary)
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    #: fail, publishing nothing, above this fraction of infrastructure error rows
+    max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
 
 
-def task_options(cfg: SegmentConfig, res: Resources) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(options for ``load_model``, options for ``load_transforms``) of ``cfg.task``."""
-    if cfg.task == "matting":
-        # ONNX Runtime has its own thread pool: give it the actor's share of the cores
-        return {"threads": res.threads, "max_side": cfg.max_side}, {"max_side": cfg.max_side}
-    if cfg.task == "shop-seg":
-        return {"precision": cfg.precision}, {}
-    return {}, {}
+#: kept for callers written before the rename; new code uses ImageJobConfig
+SegmentConfig = ImageJobConfig
+
+
+def task_options(
+    entry: ModelEntry, cfg: Any, res: Resources
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options for ``load_model``, options for ``load_transforms``): the option names the
+    registry entry declares, valued from the job's configuration ``cfg`` (a dataclass) and the
+    actor's resources (``threads``)."""
+    values = {**asdict(cfg), "threads": res.threads}
+    missing = sorted(set(entry.options + entry.transform_options) - set(values))
+    if missing:
+        raise ValueError(f"{entry.module} declares options the job does not have: {missing}")
+    return (
+        {k: values[k] for k in entry.options},
+        {k: values[k] for k in entry.transform_options},
+    )
 
 
 @dataclass
@@ -89,26 +119,51 @@ class JobSummary:
     resources: str
     #: a few (image_id, error) pairs to show
     sample_errors: list[tuple[str | None, str]]
+    #: the machine-readable summary (jobs.summary.job_record), also in <out>/run.json
+    record: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.record.get("exit_code", 0))
 
     def report(self) -> str:
         headline = (
             f"{self.task}: {self.rows} rows — {self.ok} ok, {self.error} error — "
             f"{self.seconds:.1f} s, {self.images_per_second:.2f} images/s ({self.resources})"
         )
+        by_class = self.record.get("by_error_class") or {}
+        classes = (
+            ("errors by class: " + ", ".join(f"{k} {v}" for k, v in sorted(by_class.items())),)
+            if by_class
+            else ()
+        )
         details = report_details(
-            self.results_uri, self.model_version, self.sample_errors, self.error
+            self.results_uri, self.model_version, self.sample_errors, self.error, extra=classes
         )
         return "\n".join([headline, *details])
 
 
-def run_segment(cfg: SegmentConfig) -> JobSummary:
-    """Run the job; returns the summary. Raises on problems with the job as a whole (bad manifest
-    columns, unreadable model directory), never on problems with single images."""
-    started = time.perf_counter()
+def run_image_job(
+    cfg: ImageJobConfig, clock: RunClock | None = None, command: str | None = None
+) -> JobSummary:
+    """Run the job; returns the summary.
+
+    Args:
+        cfg: the job's configuration.
+        clock: the run's id and start time (the CLI's, so that its summary and run.json agree).
+        command: the command named in the summary (default ``"segment"``).
+
+    Raises:
+        Exception: on problems with the job as a whole (bad manifest columns, unreadable model
+            directory, more infrastructure errors than ``cfg.max_infra_error_rate``:
+            :class:`vbatch.jobs.summary.JobFailed`), never on problems with single images.
+            Nothing new is published then.
+    """
+    clock = clock or RunClock()
     entry = model_entry(cfg.task)
     if entry.output not in ("mask", "rgba", "embedding"):
         raise ValueError(
@@ -126,7 +181,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         cfg.threads_per_actor,
         cfg.precision,
     )
-    model_options, transform_options = task_options(cfg, res)
+    model_options, transform_options = task_options(entry, cfg, res)
     # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
     local_model_dir = storage.localize_dir(cfg.model_dir)
     check_model_dir(cfg.task, local_model_dir)
@@ -204,47 +259,62 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         **{**cpu_stage, "batch_size": None},
     )
 
-    run_id = new_run_id()
-    results = write_and_publish(ds, out, storage, run_id)
+    staged = stage(ds, out, storage, clock.run_id)
+    # counted on the staged files, before anything is published: a job that fails its checks
+    # leaves the previous table committed
+    columns = ["image_id", "status", "error", "error_class", "model_version"]
+    table = read_files(staged, storage, columns) if staged else None
+    counts = count_rows(table, "image_id") if table is not None else Counts(0, {}, {}, [])
+    if counts.rows != info.num_rows:
+        raise JobFailed(
+            f"accounting error: the manifest has {info.num_rows} rows but the results have "
+            f"{counts.rows}"
+        )
+    limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
+    check_infrastructure(counts, limits, "images")
+    generation = publish(out, storage, clock.run_id, staged, counts.rows)
+    model_version = _model_version(table)
 
-    summary = summarize(
-        storage, results, cfg.task, info.num_rows, time.perf_counter() - started, res
+    summary = JobSummary(
+        task=cfg.task,
+        rows=counts.rows,
+        ok=counts.by_status.get("ok", 0),
+        error=counts.errors,
+        seconds=clock.seconds(),
+        results_uri=join(out, "results"),
+        out=out,
+        model_version=model_version,
+        resources=res.describe(),
+        sample_errors=counts.sample_errors,
     )
-    write_run_record(out, storage, run_id, cfg, summary, info.files)
+    summary.record = job_record(
+        command or "segment",
+        clock,
+        counts,
+        limits,
+        task=cfg.task,
+        model_version=model_version,
+        images_per_second=summary.images_per_second,
+        out=out,
+        results_uri=summary.results_uri,
+        generation=generation,
+        resources=res.describe(),
+    )
+    write_run_record(
+        out, storage, {**summary.record, "config": asdict(cfg), "manifest_files": info.files}
+    )
     return summary
 
 
-def summarize(
-    storage: Storage, results: str, task: str, expected_rows: int, seconds: float, res: Resources
-) -> JobSummary:
-    """Read the written results back and check the accounting: one row per manifest row."""
-    table = read_table(results, storage, ["image_id", "status", "error", "model_version"])
-    status = table.column("status").to_pylist()
-    ok = sum(s == "ok" for s in status)
-    if table.num_rows != expected_rows:
-        raise RuntimeError(
-            f"accounting error: the manifest has {expected_rows} rows but {results} has {table.num_rows}"
-        )
-    errors = [
-        (i, e)
-        for i, s, e in zip(
-            table.column("image_id").to_pylist(),
-            status,
-            table.column("error").to_pylist(),
-            strict=True,
-        )
-        if s != "ok"
-    ]
-    versions = {v for v in table.column("model_version").to_pylist() if v}
-    return JobSummary(
-        task=task,
-        rows=table.num_rows,
-        ok=ok,
-        error=table.num_rows - ok,
-        seconds=seconds,
-        results_uri=results,
-        out=parent(results),
-        model_version=", ".join(sorted(versions)) or None,
-        resources=res.describe(),
-        sample_errors=errors[:5],
-    )
+#: kept for callers written before the rename; new code uses run_image_job
+run_segment = run_image_job
+
+
+def _model_version(table: Any) -> str | None:
+    """The distinct model versions of the rows (normally one), comma-joined."""
+    if table is None:
+        return None
+    import pyarrow.compute as pc
+
+    versions = pc.unique(table.column("model_version").drop_null()).to_pylist()
+    return ", ".join(sorted(versions)) or None

@@ -8,30 +8,36 @@ Stages (Ray Data, streaming; see :mod:`vbatch.operators.video` for why each is w
 
 Memory is bounded by a window (24 frames) in every stage, whatever the video's length. Outputs:
 ``<out>/frames/<video_id>/<query_index>/<frame_index>.png`` (0/255 masks at the original size),
-``<out>/results/*.parquet`` (one row per video, query and frame; published from a staging folder
-like ``vbatch segment``), ``<out>/renders/<video_id>.mp4`` with ``--render``, and ``run.json``.
+``<out>/results/`` (one row per video, query and frame; staged, counted and committed as a new
+generation like ``vbatch segment``'s, :mod:`vbatch.jobs.publish`), ``<out>/renders/<video_id>.mp4``
+with ``--render``, and ``run.json`` (the summary of :mod:`vbatch.jobs.summary`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from vbatch.jobs.publish import (
-    new_run_id,
-    read_table,
-    report_details,
-    write_and_publish,
-    write_run_record,
-)
+from vbatch.jobs.publish import publish, read_files, report_details, stage, write_run_record
 from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
+from vbatch.jobs.segment import task_options
+from vbatch.jobs.summary import (
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_INFRA_ERROR_RATE,
+    Counts,
+    JobFailed,
+    Limits,
+    RunClock,
+    check_infrastructure,
+    count_rows,
+    job_record,
+)
+from vbatch.models import model_entry
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 from vbatch.operators.video.decode import decode_windows
 from vbatch.operators.video.manifest import read_video_manifest
@@ -64,6 +70,10 @@ class VideoConfig:
     address: str | None = None
     #: on GPU: "fp32" (the reference's), "bf16" or "fp16" autocast
     precision: str = "fp32"
+    #: exit 3 above this fraction of error rows (jobs.summary)
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    #: fail, publishing nothing, above this fraction of infrastructure error rows
+    max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
 
 
 @dataclass
@@ -84,10 +94,18 @@ class VideoSummary:
     renders: int
     #: a few (video_id, error) pairs to show
     sample_errors: list[tuple[str | None, str]]
+    #: the machine-readable summary (jobs.summary.job_record), also in <out>/run.json
+    record: dict[str, Any] = field(default_factory=dict)
+    #: result rows by status and error class
+    counts: Counts = field(default_factory=lambda: Counts(0, {}, {}, []))
 
     @property
     def frames_per_second(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.record.get("exit_code", 0))
 
     def report(self) -> str:
         headline = (
@@ -106,10 +124,15 @@ class VideoSummary:
         return "\n".join([headline, *details])
 
 
-def run_video(cfg: VideoConfig) -> VideoSummary:
+def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
     """Run the job; returns the summary. Raises on problems with the job as a whole (bad manifest
-    columns, unreadable model directory), never on problems with single videos, queries or frames."""
-    started = time.perf_counter()
+    columns, unreadable model directory, too many infrastructure errors), never on problems with
+    single videos, queries or frames; nothing new is published then.
+
+    Args:
+        clock: the run's id and start time (the CLI's, so that its summary and run.json agree).
+    """
+    clock = clock or RunClock()
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
     ensure_ray(cfg.address)
@@ -158,7 +181,7 @@ def run_video(cfg: VideoConfig) -> VideoSummary:
             "storage_options": storage.options,
             "device": res.device,
             "threads": res.threads,
-            "model_options": {"precision": cfg.precision},
+            "model_options": task_options(model_entry("rvos"), cfg, res)[0],
         },
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         batch_size=res.batch_size,
@@ -178,13 +201,39 @@ def run_video(cfg: VideoConfig) -> VideoSummary:
         udf_modifying_row_count=True,
     )
 
-    run_id = new_run_id()
-    results = write_and_publish(ds, out, storage, run_id)
-
-    table = read_table(results, storage)
-    renders = render_all(table, out, storage) if cfg.render else 0
-    summary = summarize(table, info.num_rows, results, time.perf_counter() - started, res, renders)
-    write_run_record(out, storage, run_id, cfg, summary, info.files)
+    staged = stage(ds, out, storage, clock.run_id)
+    # counted and checked on the staged files: a failed check publishes nothing
+    table = read_files(staged, storage) if staged else None
+    if table is None:
+        raise JobFailed(
+            f"accounting error: the job wrote no result rows for {info.num_rows} videos"
+        )
+    summary = summarize(table, info.num_rows, join(out, "results"), clock.seconds(), res)
+    limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
+    check_infrastructure(summary.counts, limits, "result rows")
+    generation = publish(out, storage, clock.run_id, staged, table.num_rows)
+    summary.renders = render_all(table, out, storage) if cfg.render else 0
+    summary.seconds = clock.seconds()
+    summary.record = job_record(
+        "video",
+        clock,
+        summary.counts,
+        limits,
+        task="rvos",
+        model_version=summary.model_version,
+        videos=summary.videos,
+        videos_ok=summary.videos_ok,
+        frames=summary.frames,
+        frames_per_second=summary.frames_per_second,
+        renders=summary.renders,
+        out=out,
+        results_uri=summary.results_uri,
+        generation=generation,
+        resources=res.describe(),
+    )
+    write_run_record(
+        out, storage, {**summary.record, "config": asdict(cfg), "manifest_files": info.files}
+    )
     return summary
 
 
@@ -196,54 +245,47 @@ def summarize(
     res: Resources,
     renders: int = 0,
 ) -> VideoSummary:
-    """Check the accounting and count: every manifest row has rows, no (video, query, frame) twice."""
-    rows = table.select(
-        [
-            "video_id",
-            "manifest_row",
-            "query_index",
-            "frame_index",
-            "status",
-            "error",
-            "model_version",
-        ]
-    ).to_pylist()
-    seen_rows = {r["manifest_row"] for r in rows}
-    if seen_rows != set(range(manifest_rows)):
-        missing = sorted(set(range(manifest_rows)) - seen_rows)[:10]
-        raise RuntimeError(
+    """Check the accounting and count, with Arrow compute (no Python object per row): every
+    manifest row has rows, no (video, query, frame) twice."""
+    rows = table.column("manifest_row")
+    seen = pc.unique(rows.drop_null())
+    in_range = pc.and_(pc.greater_equal(seen, 0), pc.less(seen, manifest_rows))
+    if pc.sum(in_range).as_py() != manifest_rows:
+        missing = sorted(set(range(manifest_rows)) - set(seen.to_pylist()))[:10]
+        raise JobFailed(
             f"accounting error: manifest rows {missing} have no result rows in {results}"
         )
-    keys = [
-        (r["manifest_row"], r["query_index"], r["frame_index"])
-        for r in rows
-        if r["frame_index"] is not None
-    ]
-    if len(keys) != len(set(keys)):
-        raise RuntimeError(f"accounting error: a (video, query, frame) appears twice in {results}")
-    bad_videos = {r["manifest_row"] for r in rows if r["status"] != "ok"}
-    frames_ok: dict[tuple[int, int], bool] = defaultdict(lambda: True)
-    for r in rows:
-        if r["frame_index"] is not None:
-            key = (r["manifest_row"], r["frame_index"])
-            frames_ok[key] = frames_ok[key] and r["status"] == "ok"
-    errors = [(r["video_id"], r["error"]) for r in rows if r["status"] != "ok"]
-    versions = {r["model_version"] for r in rows if r["model_version"]}
-    return VideoSummary(
+    framed = table.filter(pc.is_valid(table.column("frame_index")))
+    keys = ["manifest_row", "query_index", "frame_index"]
+    if framed.group_by(keys).aggregate([]).num_rows != framed.num_rows:
+        raise JobFailed(f"accounting error: a (video, query, frame) appears twice in {results}")
+    is_ok = pc.equal(table.column("status"), "ok")
+    bad_videos = len(pc.unique(table.filter(pc.invert(is_ok)).column("manifest_row")))
+    # a frame counts when every query's row of it is ok
+    frames = (
+        framed.append_column("ok", pc.equal(framed.column("status"), "ok"))
+        .group_by(["manifest_row", "frame_index"])
+        .aggregate([("ok", "all")])
+    )
+    counts = count_rows(table, "video_id")
+    versions = pc.unique(table.column("model_version").drop_null()).to_pylist()
+    summary = VideoSummary(
         videos=manifest_rows,
-        videos_ok=manifest_rows - len(bad_videos),
-        videos_error=len(bad_videos),
-        frames=sum(frames_ok.values()),
-        rows_ok=len(rows) - len(errors),
-        rows_error=len(errors),
+        videos_ok=manifest_rows - bad_videos,
+        videos_error=bad_videos,
+        frames=int(pc.sum(frames.column("ok_all")).as_py() or 0),
+        rows_ok=counts.by_status.get("ok", 0),
+        rows_error=counts.errors,
         seconds=seconds,
         results_uri=results,
         out=results.rsplit("/", 1)[0],
         model_version=", ".join(sorted(versions)) or None,
         resources=res.describe(),
         renders=renders,
-        sample_errors=errors[:5],
+        sample_errors=counts.sample_errors,
     )
+    summary.counts = counts
+    return summary
 
 
 @ray.remote(num_cpus=1)

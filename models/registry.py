@@ -31,6 +31,11 @@ class ModelEntry:
     required_files: tuple[str, ...] = ()
     #: the ``torch.save`` state dict among them, opened (not loaded) on the driver
     checkpoint: str | None = None
+    #: the job options ``load()`` accepts, by name (``threads`` is the actor's share of the cores;
+    #: the others are fields of the job's configuration); the jobs pass exactly these
+    options: tuple[str, ...] = ()
+    #: the job options ``load_transforms()`` accepts, by name
+    transform_options: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, ModelEntry] = {
@@ -52,12 +57,16 @@ REGISTRY: dict[str, ModelEntry] = {
             "bpe_simple_vocab_16e6.txt.gz",
         ),
         checkpoint="pytorch_model.bin",
+        options=("precision",),
     ),
     "matting": ModelEntry(
         "vbatch.models.matting",
         "rgba",
         "damo/cv_unet_image-matting",
         "portrait matting (ModelScope's TensorFlow graph, run by ONNX Runtime)",
+        # ONNX Runtime has its own thread pool: it gets the actor's share of the cores
+        options=("threads", "max_side"),
+        transform_options=("max_side",),
     ),
     "reid": ModelEntry(
         "vbatch.models.reid",
@@ -77,6 +86,7 @@ REGISTRY: dict[str, ModelEntry] = {
             "configuration.json",
         ),
         checkpoint="pytorch_model.pt",
+        options=("precision",),
     ),
 }
 

@@ -26,6 +26,7 @@ from vbatch.operators.images import BYTES
 from vbatch.operators.inference import OUTPUT
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.storage import Storage, join
+from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
     COMMON_RESULT_FIELDS,
     INTERNAL_PREFIX,
@@ -194,6 +195,7 @@ def write_products(
         "task": pa.array([options.task] * n, pa.string()),
         "status": pa.array([STATUS_OK if e is None else STATUS_ERROR for e in errors], pa.string()),
         "error": pa.array(errors, pa.string()),
+        "error_class": classify_errors(pa.array(errors, pa.string())),
         "width": batch.column("width"),
         "height": batch.column("height"),
         "model_version": batch.column("model_version"),

@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vbatch.schemas.errors import ERROR_CLASSES
+
 IMAGE_MANIFEST = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -32,6 +34,8 @@ COMMON_RESULT_FIELDS: list[pa.Field] = [
     pa.field("task", pa.string()),
     pa.field("status", pa.string()),  # "ok" | "error"
     pa.field("error", pa.string()),  # null when ok
+    # null when ok; else one of vbatch.schemas.errors.ERROR_CLASSES ("infrastructure": a rerun may fix it)
+    pa.field("error_class", pa.string()),
     pa.field("width", pa.int32()),  # of the original image; null when it could not be decoded
     pa.field("height", pa.int32()),
     pa.field("model_version", pa.string()),  # short sha256 of the checkpoint file
@@ -212,10 +216,19 @@ def validate_image_results(table: pa.Table, output: str, embedding_dim: int | No
             raise ValueError(
                 f"results: column {field.name!r} is {table.schema.field(field.name).type}, expected {field.type}"
             )
-    for row, (status, error) in enumerate(
-        zip(table.column("status").to_pylist(), table.column("error").to_pylist(), strict=True)
+    for row, (status, error, error_class) in enumerate(
+        zip(
+            table.column("status").to_pylist(),
+            table.column("error").to_pylist(),
+            table.column("error_class").to_pylist(),
+            strict=True,
+        )
     ):
         if status not in (STATUS_OK, STATUS_ERROR):
             raise ValueError(f"results row {row}: status {status!r} is neither 'ok' nor 'error'")
         if (status == STATUS_ERROR) != (error is not None):
             raise ValueError(f"results row {row}: status {status!r} with error {error!r}")
+        if (error is None) != (error_class is None) or (
+            error_class is not None and error_class not in ERROR_CLASSES
+        ):
+            raise ValueError(f"results row {row}: error {error!r} with error_class {error_class!r}")

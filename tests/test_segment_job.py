@@ -7,18 +7,27 @@ check the results table row by row, the written masks against the Python API, an
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from vbatch.jobs.cli import main
 from vbatch.jobs.demo_data import encode, product_image
-from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.jobs.publish import (
+    FAULT_ENV,
+    POINTER,
+    SUCCESS,
+    InjectedFault,
+    read_table,
+    results_files,
+)
+from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.models import load_model
 from vbatch.models.checkpoint import file_version
 from vbatch.operators.decode import decode_image
@@ -131,8 +140,20 @@ def _write_inputs(storage: Storage, root: str) -> tuple[str, list]:
 
 
 def _read_results(storage: Storage, out: str) -> pa.Table:
-    fs, path = storage.arrow_fs(join(out, "results"))
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    return read_table(out, storage)  # the committed table, as every reader finds it
+
+
+#: the error class of each error case, by a fragment of its message
+ERROR_CLASSES = {
+    "corrupt or truncated": "decode",
+    "empty file (0 bytes)": "decode",
+    "object not found": "not_found",
+    "not a recognised image format": "decode",
+    "exceeds the cap of 5,000,000": "too_large",
+    "duplicate image_id 'good-jpeg'": "manifest",
+    "image_id is null": "manifest",
+    "uri is empty": "manifest",
+}
 
 
 WEIGHTS = {"salient": "pytorch_model.pt", "shop-seg": "pytorch_model.bin"}
@@ -155,9 +176,10 @@ def _check(storage: Storage, out: str, cases: list, model_dir: Path, task: str =
         assert row["status"] == status, (image_id, row["error"])
         if status == "error":
             assert fragment in row["error"], row["error"]
+            assert row["error_class"] == ERROR_CLASSES[fragment], row["error"]
             assert row["mask_uri"] is None
             continue
-        assert row["error"] is None
+        assert row["error"] is None and row["error_class"] is None
         image = decode_image(data)
         assert (row["height"], row["width"]) == image.shape[:2]
         assert row["mask_uri"] == join(out, "masks", safe_name(image_id) + ".png")
@@ -172,21 +194,34 @@ def _check(storage: Storage, out: str, cases: list, model_dir: Path, task: str =
         assert diff.max() <= 1 and diff.mean() < 0.02, (image_id, diff.max(), diff.mean())
 
 
-def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path) -> None:
+def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path, capsys) -> None:
     storage = Storage()
     manifest, cases = _write_inputs(storage, str(tmp_path / "in"))
     out = str(tmp_path / "out")
-    summary = run_segment(
-        SegmentConfig(
-            "salient", manifest, str(salient_dir), out, batch_size=3, max_pixels=5_000_000
-        )
-    )
-    assert (summary.rows, summary.ok, summary.error) == (len(cases), 7, 8)
-    report = summary.report().splitlines()
+    argv = ["segment", "--task", "salient", "--manifest", manifest, "--model-dir", str(salient_dir)]
+    argv += ["--out", out, "--batch-size", "3", "--max-pixels", "5000000", "--summary-json", "-"]
+    # 8 of 15 rows are bad: over the default --max-error-rate of 1 %, published, exit 3
+    assert main(argv) == 3
+    stdout = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(stdout[-1])  # the last line is the summary
+    assert (record["exit_code"], record["status"], record["rows"]) == (3, "too_many_errors", 15)
+    assert record["by_status"] == {"ok": 7, "error": 8}
+    assert record["by_error_class"] == {"decode": 3, "not_found": 1, "too_large": 1, "manifest": 3}
+    assert record["model_version"] == file_version(salient_dir / WEIGHTS["salient"])
+    assert record["command"] == "segment" and record["task"] == "salient"
+    assert record["versions"]["ray"] and record["started_at"] <= record["ended_at"]
+    # run.json and _SUCCESS hold the same summary (run.json also the configuration)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert {k: v for k, v in run.items() if k not in ("config", "manifest_files")} == record
+    assert json.loads((tmp_path / "out" / SUCCESS).read_text()) == run
+    assert (tmp_path / "out" / POINTER).read_text().strip() == f"results/{record['run_id']}"
+
+    report = stdout[:-1]
     assert report[0].startswith(f"salient: {len(cases)} rows — 7 ok, 8 error")
-    assert report[1] == f"results: {summary.results_uri}"
+    assert report[1] == f"results: {join(out, 'results')}"
+    assert report[2] == "errors by class: decode 3, manifest 3, not_found 1, too_large 1"
     shown = [line for line in report if line.startswith("  error ")]
-    assert len(shown) == len(summary.sample_errors) and report[-1].endswith(
+    assert len(shown) == 5 and report[-1].endswith(
         f"{8 - len(shown)} more error rows (see the results table)"
     )
     _check(storage, out, cases, salient_dir)
@@ -205,7 +240,7 @@ def test_segment_on_s3_and_rerun_replaces(ray_session, s3_server, salient_dir: P
     for f in salient_dir.iterdir():
         storage.put_file(f, join(model_uri, f.name))
     out = join(bucket, "out")
-    cfg = SegmentConfig(
+    cfg = ImageJobConfig(
         "salient",
         manifest,
         model_uri,
@@ -214,13 +249,26 @@ def test_segment_on_s3_and_rerun_replaces(ray_session, s3_server, salient_dir: P
         max_pixels=5_000_000,
         s3_endpoint=s3_server.endpoint,
     )
-    run_segment(cfg)
+    run_image_job(cfg)
     _check(storage, out, cases, salient_dir)
-    first_files = storage.list_files(join(out, "results"))
-    run_segment(cfg)  # a repeated run replaces the results instead of adding to them
+    first_files = results_files(out, storage)
+    # a rerun crashed after copying its generation, before the commit: the first table stands
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, "publish:after-copy")
+        with pytest.raises(InjectedFault):
+            run_image_job(cfg)
+    _check(storage, out, cases, salient_dir)
+    assert results_files(out, storage) == first_files
+    assert not storage.exists(join(out, SUCCESS))
+    summary = run_image_job(cfg)  # a repeated run replaces the results instead of adding to them
     _check(storage, out, cases, salient_dir)
     assert len(storage.list_files(join(out, "masks"))) == 7
-    assert not set(first_files) & set(storage.list_files(join(out, "results")))
+    assert not set(first_files) & set(results_files(out, storage))
+    # one generation left, no staged files, the run marker back
+    parts = storage.list_files(join(out, "results"), suffix=".parquet")
+    assert set(parts) == set(results_files(out, storage))
+    assert not storage.list_files(join(out, ".staging"), suffix=".parquet")
+    assert json.loads(storage.read_bytes(join(out, SUCCESS)))["run_id"] == summary.record["run_id"]
 
 
 def test_limit_and_folder_manifest(ray_session, tmp_path: Path, salient_dir: Path) -> None:
@@ -239,9 +287,17 @@ def test_limit_and_folder_manifest(ray_session, tmp_path: Path, salient_dir: Pat
             folder / f"part-{part}.parquet",
         )
     out = tmp_path / "out"
-    summary = run_segment(
-        SegmentConfig("salient", str(folder), str(salient_dir), str(out), limit=4)
-    )
+    cfg = ImageJobConfig("salient", str(folder), str(salient_dir), str(out), limit=4)
+    # the first run is killed right after its commit: its table is complete and found, the run
+    # marker is not there yet, and the rerun replaces the table
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, "publish:after-pointer")
+        with pytest.raises(InjectedFault):
+            run_image_job(cfg)
+    assert _read_results(storage, str(out)).num_rows == 4
+    assert not (out / SUCCESS).exists()
+    summary = run_image_job(cfg)
+    assert (out / SUCCESS).exists() and len(list((out / "results").iterdir())) == 1
     table = _read_results(storage, str(out))
     assert summary.ok == 4 and sorted(table.column("image_id").to_pylist()) == [
         "p0-0",
@@ -254,14 +310,14 @@ def test_limit_and_folder_manifest(ray_session, tmp_path: Path, salient_dir: Pat
 def test_manifest_missing_column_fails_fast(ray_session, tmp_path: Path, salient_dir: Path) -> None:
     pq.write_table(pa.table({"image_id": ["a"], "url": ["x.jpg"]}), tmp_path / "m.parquet")
     with pytest.raises(ManifestError, match=r"m\.parquet: missing required column 'uri'"):
-        run_segment(
-            SegmentConfig(
+        run_image_job(
+            ImageJobConfig(
                 "salient", str(tmp_path / "m.parquet"), str(salient_dir), str(tmp_path / "o")
             )
         )
     with pytest.raises(ManifestError, match="not found"):
-        run_segment(
-            SegmentConfig(
+        run_image_job(
+            ImageJobConfig(
                 "salient", str(tmp_path / "nope.parquet"), str(salient_dir), str(tmp_path / "o")
             )
         )
@@ -279,8 +335,8 @@ def test_shop_seg_on_s3(ray_session, s3_server, tmp_path: Path) -> None:
     for f in model_dir.iterdir():
         storage.put_file(f, join(model_uri, f.name))
     out = join(bucket, "out")
-    summary = run_segment(
-        SegmentConfig(
+    summary = run_image_job(
+        ImageJobConfig(
             "shop-seg",
             manifest,
             model_uri,
