@@ -22,7 +22,7 @@ import torch
 
 from vbatch.jobs.demo_data import SIZES, encode, product_image
 from vbatch.jobs.runtime import decide_resources, ensure_ray
-from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.models import load_model
 
 
@@ -98,8 +98,8 @@ def main() -> None:
         manifest = work / f"manifest-{n}.parquet"
         pq.write_table(pq.read_table(work / "manifest.parquet").slice(0, n), manifest)
         t0 = time.perf_counter()
-        summary = run_segment(
-            SegmentConfig(
+        summary = run_image_job(
+            ImageJobConfig(
                 args.task,
                 str(manifest),
                 str(model_dir),

@@ -68,13 +68,25 @@ def _pool(
     g = p.add_argument_group("actor pool (defaults depend on the hardware; see README)")
     g.add_argument("--batch-size", type=int, metavar="N", help=batch_help)
     g.add_argument(
-        "--actors", type=int, metavar="N", help="model replicas (default: one per GPU, else 1)"
+        "--actors",
+        type=int,
+        metavar="N",
+        help="model replicas at most (default: one per GPU the cluster can have, else 1)",
     )
     g.add_argument(
         "--gpus-per-actor",
         type=float,
         metavar="G",
-        help="GPUs per replica (default: 1 when GPUs exist, else 0)",
+        help="GPUs per replica (default: 1 on a GPU device, else 0)",
+    )
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help=(
+            "auto: GPUs when the cluster has them or its autoscaler can start them, else CPU; "
+            "cuda: GPU actors even before a GPU node is up (default auto)"
+        ),
     )
     g.add_argument(
         "--threads-per-actor",
@@ -386,7 +398,7 @@ def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.I
 def _job_arguments(args: argparse.Namespace) -> dict:
     """The arguments every manifest → model → outputs job shares (segment, reid embed, video)."""
     names = ("manifest", "model_dir", "out", "limit", "s3_endpoint", "address")
-    pool = ("batch_size", "actors", "gpus_per_actor", "threads_per_actor")
+    pool = ("batch_size", "actors", "gpus_per_actor", "threads_per_actor", "device")
     limits = limits_of(args)
     return {k: getattr(args, k) for k in names + pool} | {
         "max_error_rate": limits.max_error_rate,

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vbatch.jobs.demo_data import encode, person_crop, write_demo_images
-from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.operators.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ def _say(*lines: str) -> None:
 def _segment(
     task: str, model_dir: Path, data: Path, out: Path, address: str | None, **kw: object
 ) -> None:
-    summary = run_segment(
-        SegmentConfig(
+    summary = run_image_job(
+        ImageJobConfig(
             task=task,
             manifest=str(data / "manifest.parquet"),
             model_dir=str(model_dir),
@@ -103,7 +103,7 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
     m = reid_dir(models / "reid")
     _say(f"[reid] PASS ViT-B/16, full size, random weights: {m}")
     summary = run_embed(
-        SegmentConfig(
+        ImageJobConfig(
             "reid", str(people), str(m), str(out / "reid" / "embeddings"), address=address
         )
     )

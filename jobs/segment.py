@@ -73,6 +73,8 @@ class ImageJobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     s3_endpoint: str | None = None
     address: str | None = None
+    #: "auto" (GPUs when the cluster has or can get them), "cpu" or "cuda"
+    device: str = "auto"
     #: matting: images with a longer side run downscaled to it (the model card's working range)
     max_side: int = 2000
     #: matting: composite cut-outs over this colour or image URI
@@ -84,10 +86,6 @@ class ImageJobConfig:
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     #: fail, publishing nothing, above this fraction of infrastructure error rows
     max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
-
-
-#: kept for callers written before the rename; new code uses ImageJobConfig
-SegmentConfig = ImageJobConfig
 
 
 def task_options(
@@ -180,6 +178,7 @@ def run_image_job(
         cfg.gpus_per_actor,
         cfg.threads_per_actor,
         cfg.precision,
+        cfg.device,
     )
     model_options, transform_options = task_options(entry, cfg, res)
     # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
@@ -233,7 +232,7 @@ def run_image_job(
             "threads": res.threads,
             "model_options": model_options,
         },
-        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
         batch_size=res.batch_size,
         batch_format="pyarrow",
         num_gpus=res.gpus_per_actor or None,
@@ -304,10 +303,6 @@ def run_image_job(
         out, storage, {**summary.record, "config": asdict(cfg), "manifest_files": info.files}
     )
     return summary
-
-
-#: kept for callers written before the rename; new code uses run_image_job
-run_segment = run_image_job
 
 
 def _model_version(table: Any) -> str | None:

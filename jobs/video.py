@@ -37,7 +37,7 @@ from vbatch.jobs.summary import (
     count_rows,
     job_record,
 )
-from vbatch.models import model_entry
+from vbatch.models import check_model_dir, model_entry
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 from vbatch.operators.video.decode import decode_windows
 from vbatch.operators.video.manifest import read_video_manifest
@@ -68,6 +68,8 @@ class VideoConfig:
     render: bool = False
     s3_endpoint: str | None = None
     address: str | None = None
+    #: "auto" (GPUs when the cluster has or can get them), "cpu" or "cuda"
+    device: str = "auto"
     #: on GPU: "fp32" (the reference's), "bf16" or "fp16" autocast
     precision: str = "fp32"
     #: exit 3 above this fraction of error rows (jobs.summary)
@@ -142,9 +144,11 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         cfg.actors,
         cfg.gpus_per_actor,
         cfg.threads_per_actor,
+        device=cfg.device,
     )
     # checked on the driver before any worker starts: a wrong model directory fails in seconds
     local_model_dir = storage.localize_dir(cfg.model_dir)
+    check_model_dir("rvos", local_model_dir)
     # queries the text encoder cannot take fail alone, here, not every query of their video later
     query_check = rvos_query_check(local_model_dir)
     ds, info = read_video_manifest(cfg.manifest, storage, cfg.limit, query_check=query_check)
@@ -183,7 +187,7 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
             "threads": res.threads,
             "model_options": task_options(model_entry("rvos"), cfg, res)[0],
         },
-        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
         batch_size=res.batch_size,
         batch_format="pyarrow",
         num_gpus=res.gpus_per_actor or None,

@@ -15,6 +15,7 @@ write (a ``.pth`` file in site-packages runs at interpreter start-up).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -140,9 +141,8 @@ def localize_dir(storage: Storage, uri: str, root: str | Path | None = None) -> 
         for key, rel in rels.items():
             local = _inside(tmp, rel)
             local.parent.mkdir(parents=True, exist_ok=True)
-            with_retries(
-                lambda k=key, dst=str(local): fs.get_file(k, dst), f"download {key}", budget
-            )
+            get = functools.partial(fs.get_file, key, str(local))
+            with_retries(get, f"download {key}", budget)
         os.replace(tmp, target)
     except OSError:
         if not target.is_dir():  # a failed download, not a lost race

@@ -21,6 +21,7 @@ overwrites instead of duplicating.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import posixpath
@@ -430,7 +431,7 @@ class Storage:
             return
         for key in self._retry("list", lambda: fs.find(spath), src):
             target = dpath + "/" + posixpath.relpath(key, spath.rstrip("/"))
-            self._retry("copy", lambda k=key, t=target: fs.copy(k, t), src)
+            self._retry("copy", functools.partial(fs.copy, key, target), src)
         self._retry("delete", lambda: fs.rm(spath, recursive=True), src)
 
     # -- whole files -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vbatch.jobs.demo_data import encode, product_image
-from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.models import load_model
 from vbatch.operators.outputs import safe_name
 from vbatch.schemas.images import validate_image_results
@@ -45,8 +45,8 @@ def test_matting_job(ray_session, tmp_path: Path, matting_dir: Path) -> None:
     )
     out = tmp_path / "out"
     # max_side 64: "large" (150 px) runs downscaled and its alpha is resized back
-    summary = run_segment(
-        SegmentConfig(
+    summary = run_image_job(
+        ImageJobConfig(
             "matting", str(manifest), str(matting_dir), str(out), max_side=64, background="#00ff00"
         )
     )

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vbatch.jobs.demo_data import encode, product_image
-from vbatch.jobs.segment import SegmentConfig, run_segment
+from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.operators.storage import (
     Storage,
     StorageUnavailableError,
@@ -154,8 +154,8 @@ def test_http_uris_and_unsupported_schemes_are_rows(
         tmp_path / "manifest.parquet",
     )
     monkeypatch.setenv("VBATCH_IO_RETRY_SECONDS", "3")  # the 500s give up quickly
-    run_segment(
-        SegmentConfig(
+    run_image_job(
+        ImageJobConfig(
             "salient", str(tmp_path / "manifest.parquet"), str(salient_dir), str(tmp_path / "out")
         )
     )
@@ -208,8 +208,8 @@ def test_job_survives_s3_outage(ray_session, s3_server, tmp_path: Path, salient_
     start = time.monotonic()
     thread.start()
     try:
-        summary = run_segment(
-            SegmentConfig(
+        summary = run_image_job(
+            ImageJobConfig(
                 "salient",
                 str(tmp_path / "manifest.parquet"),
                 str(salient_dir),

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vbatch.operators.storage import Storage
+from vbatch.operators.tables import results_files
 
 _READ_COLUMNS = ("image_id", "status", "embedding", "model_version")
 
@@ -55,7 +56,9 @@ def open_parquet(storage: Storage, file_uri: str) -> pq.ParquetFile:
 
 
 def list_parquet(storage: Storage, uri: str) -> list[str]:
-    files = storage.list_files(uri, suffix=".parquet")
+    """The Parquet files of an embeddings table: a job's committed generation when ``uri`` is a
+    job's output (never its staging or uncommitted files), else every visible file below it."""
+    files = results_files(uri, storage)
     if not files:
         raise FileNotFoundError(f"no Parquet files under {uri}")
     return files

@@ -27,13 +27,8 @@ def rvos_query_check(model_dir: Path) -> QueryCheck:
         A function giving, per query, ``"query has N tokens; the text encoder takes at most M"`` or
         ``None``. Counted on the normalised query, as the predictor tokenises it.
     """
-    from vbatch.models.rvos.config import TEXT_DIR
-    from vbatch.models.rvos.text import (
-        load_tokenizer,
-        max_query_tokens,
-        normalize_query,
-        read_text_config,
-    )
+    from vbatch.models.rvos.config import TEXT_DIR, read_text_config
+    from vbatch.models.rvos.text import load_tokenizer, max_query_tokens, normalize_query
 
     text_dir = Path(model_dir) / TEXT_DIR
     tokenizer = load_tokenizer(text_dir)
