@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -31,7 +30,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         ``path`` as a :class:`Path`.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _sibling(path)
+    # os.open with 0o666, not mkstemp (0o600): the file gets the permissions a plain write would
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -80,4 +81,11 @@ def staging_dir(final: str | Path) -> Path:
     """A fresh empty folder next to ``final`` to write a new version of it into (see :func:`replace_dir`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    staged = _sibling(final)
+    staged.mkdir()  # not mkdtemp (0o700): the folder gets the permissions a plain mkdir would
+    return staged
+
+
+def _sibling(path: Path) -> Path:
+    """A hidden, unique name next to ``path`` (same folder, so same file system as ``path``)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")

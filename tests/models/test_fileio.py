@@ -19,6 +19,17 @@ def test_atomic_write_bytes_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_written_with_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a", b"x")
+        staged = staging_dir(tmp_path / "d")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o644
+    assert staged.stat().st_mode & 0o777 == 0o755
+
+
 def test_atomic_write_bytes_failure_keeps_the_old_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
