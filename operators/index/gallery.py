@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from vbatch.operators.index.embeddings import vector_problems
 from vbatch.operators.index.indexes import ivf_or_none, search_params
-from vbatch.operators.index.store import IndexInfo, load_faiss, read_id_map, read_info
+from vbatch.operators.index.store import IndexInfo, load_faiss, map_faiss, read_id_map, read_info
 from vbatch.operators.storage import Storage
 
 
@@ -32,11 +32,33 @@ class GalleryIndex:
         self._params = search_params(index, info.nprobe)
 
     @classmethod
-    def open(cls, uri: str, storage: Storage) -> GalleryIndex:
-        """Load the index at ``uri`` (the files named by its current manifest)."""
+    def open(
+        cls,
+        uri: str,
+        storage: Storage,
+        mmap: bool = True,
+        cache_root: str | Path | None = None,
+    ) -> GalleryIndex:
+        """Open the index at ``uri`` (the files named by its current manifest).
+
+        Args:
+            uri: index folder (local or ``s3://``).
+            storage: the storage layer.
+            mmap: memory-map the index file read-only from a node-local copy (cached under
+                ``cache_root``, ``$VBATCH_CACHE`` or ``~/.cache/vbatch``; a local index is mapped
+                in place), so that its codes live in the shared page cache, not in this process's
+                heap; ``False`` reads it into memory.
+            cache_root: cache folder for downloaded index files.
+
+        Returns:
+            The opened gallery; searches give the same results either way.
+        """
         info = read_info(uri, storage)
-        with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
-            index = load_faiss(info, storage, Path(tmp))
+        if mmap:
+            index = map_faiss(info, storage, cache_root)
+        else:
+            with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
+                index = load_faiss(info, storage, Path(tmp))
         ids = read_id_map(info, storage).column("image_id").combine_chunks()
         ivf = ivf_or_none(index)
         if ivf is not None and info.nprobe:

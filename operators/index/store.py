@@ -17,8 +17,10 @@ removes; a repeated run therefore never duplicates anything (the habits of faiss
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,7 +33,7 @@ import pyarrow as pa
 
 from vbatch.operators.index.embeddings import open_parquet
 from vbatch.operators.index.indexes import METRICS
-from vbatch.operators.storage import Storage, join
+from vbatch.operators.storage import Storage, is_remote, join
 
 logger = logging.getLogger(__name__)
 
@@ -268,25 +270,18 @@ def read_id_map(info: IndexInfo, storage: Storage) -> pa.Table:
     return ids
 
 
-def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
-    """Download and read the index file of ``info`` (checked against the manifest).
-
-    Raises:
-        ValueError: the file is truncated, not a faiss index, or holds another count or dim;
-            the message names the file's URI (never the local copy).
-    """
-    uri = join(info.uri, info.index_file)
-    local = storage.get_file(uri, workdir / "index.faiss")
-    size = Path(local).stat().st_size
+def _read_checked(local: Path, uri: str, info: IndexInfo, io_flags: int = 0) -> faiss.Index:
+    """``faiss.read_index`` of a local copy of ``uri``, checked against the manifest."""
+    size = local.stat().st_size
     if info.index_bytes is not None and size != info.index_bytes:
         what = "truncated" if size < info.index_bytes else "longer than written"
         raise ValueError(
             f"{uri}: {what} ({size} bytes, the manifest says {info.index_bytes}); rebuild the index"
         )
     try:
-        index = faiss.read_index(str(local))
+        index = faiss.read_index(str(local), io_flags)
     except RuntimeError as err:
-        # faiss' C++ message names the local temporary copy and a misleading errno
+        # faiss' C++ message names the local copy and a misleading errno
         reason = "empty file" if size == 0 else "truncated or not a faiss index file"
         raise ValueError(f"{uri}: cannot read the faiss index ({size} bytes): {reason}") from err
     if index.ntotal != info.count or index.d != info.dim:
@@ -295,3 +290,70 @@ def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
             f"the manifest says {info.count} of dim {info.dim}"
         )
     return index
+
+
+def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
+    """Download and read the index file of ``info`` into memory (an index to modify).
+
+    Raises:
+        ValueError: the file is truncated, not a faiss index, or holds another count or dim;
+            the message names the file's URI (never the local copy).
+    """
+    uri = join(info.uri, info.index_file)
+    return _read_checked(storage.get_file(uri, workdir / "index.faiss"), uri, info)
+
+
+def cached_index_file(
+    info: IndexInfo, storage: Storage, cache_root: str | Path | None = None
+) -> Path:
+    """A local file holding the index file of ``info``: itself when local, else a copy
+    downloaded once per node into the cache (like model directories, :meth:`Storage.localize_dir`).
+
+    The cache key is the file's URI, size and ETag. Older copies of the same index are removed
+    when a new generation is cached: a process that still maps one keeps its pages (POSIX
+    unlink semantics), and the next open maps the new file.
+    """
+    uri = join(info.uri, info.index_file)
+    fs, path = storage.fs(uri)
+    if not is_remote(uri):
+        return Path(path)
+    meta = fs.info(path)
+    folder = hashlib.sha256(info.uri.encode()).hexdigest()[:16]
+    stamp = hashlib.sha256(repr((uri, meta.get("size"), meta.get("ETag"))).encode()).hexdigest()
+    cache = Path(cache_root or os.environ.get("VBATCH_CACHE") or Path.home() / ".cache" / "vbatch")
+    target = cache / "indexes" / folder / f"{stamp[:16]}-{info.index_file}"
+    if target.is_file() and target.stat().st_size == meta.get("size"):
+        return target
+    storage.get_file(uri, target)  # atomic: a temporary name, then a rename
+    for old in target.parent.glob("*.faiss"):
+        if old != target:
+            old.unlink(missing_ok=True)
+    logger.info("index %s cached at %s", uri, target)
+    return target
+
+
+# IO_FLAG_MMAP_IFC maps the arrays of faiss' in-memory format (flat codes, inverted lists) from
+# the file instead of copying them to the heap; READ_ONLY because the mapping is shared with other
+# processes and the page cache (measured per index type in docs/BENCHMARKS.md)
+MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+
+
+def map_faiss(
+    info: IndexInfo, storage: Storage, cache_root: str | Path | None = None
+) -> faiss.Index:
+    """The index file of ``info`` memory-mapped read-only from a node-local copy: opening a
+    gallery costs page cache (shared, evictable), not private memory.
+
+    Falls back to reading into memory (with a log line) for an index type faiss cannot map.
+
+    Raises:
+        ValueError: as :func:`load_faiss`.
+    """
+    uri = join(info.uri, info.index_file)
+    local = cached_index_file(info, storage, cache_root)
+    try:
+        return _read_checked(local, uri, info, MMAP_FLAGS)
+    except ValueError:
+        index = _read_checked(local, uri, info)  # a damaged file raises here again
+        logger.info("%s: faiss cannot memory-map this index type; read into memory", uri)
+        return index
