@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from vbatch.operators.storage import Storage, is_remote, normalize
+from vbatch.operators.storage import Storage, is_remote, normalize, scheme_of
 
 logger = logging.getLogger(__name__)
 
@@ -221,9 +221,10 @@ def localize_video(storage: Storage, uri: str) -> str:
     info = fs.info(path)  # FileNotFoundError when missing
     if info.get("type") == "directory":
         raise IsADirectoryError(uri)
-    # the cached name is a hash, so no key can leave the cache; such keys are refused anyway, by
-    # the same rule as everywhere else (they are almost certainly a mistake or an attack)
-    check_key(path.split("/", 1)[1] if "/" in path else "", f"video {uri}")
+    if scheme_of(uri) in ("s3", "s3a"):
+        # the cached name is a hash, so no key can leave the cache; such object keys are refused
+        # anyway, by the same rule as model directories' (a mistake or an attack, never a video)
+        check_key(path.split("/", 1)[1] if "/" in path else "", f"video {uri}")
     stamp = hashlib.sha256(repr((uri, info.get("size"), info.get("ETag"))).encode()).hexdigest()
     root = cache_root() / "videos"
     target = root / (stamp[:24] + Path(path).suffix[:8])
