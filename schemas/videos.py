@@ -15,6 +15,9 @@ column. A bad *row* never stops the job: null/empty/duplicate id, empty uri, no 
 ``start_s >= end_s`` make the whole video an error (one error row per query, or one row with a null
 ``query_index`` when the video has no queries); an empty query makes only that query an error (the
 video's other queries still run). For a duplicate id, the first occurrence in manifest order runs.
+The uri is checked here only as a non-empty string: a scheme the job cannot read, a missing or
+unreadable file, or a query the model cannot take becomes that video's (or query's) error rows in
+the job.
 """
 
 from __future__ import annotations

@@ -172,3 +172,22 @@ def test_overlay_text_keeps_ascii_and_shows_what_it_cannot_draw(query: str, show
     it = iter(got)
     assert all(c in it for c in ascii_part)  # every ASCII character survives, in order
     assert "?" not in got or "?" in query
+
+
+def test_pngs_still_decode_after_a_video_was_opened(bad_videos: dict[str, Path]) -> None:
+    """In a fresh process (as a reused Ray worker): open a video, then read a mask PNG."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from vbatch.operators.video.container import probe_video\n"
+        "probe_video(sys.argv[1])\n"
+        "import cv2\n"
+        "ok, png = cv2.imencode('.png', np.full((4, 4), 255, np.uint8))\n"
+        "assert ok and cv2.imdecode(png, cv2.IMREAD_GRAYSCALE) is not None, 'PNG broken'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(bad_videos["good"])], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -35,6 +35,10 @@ _TS_PACKET = 188
 
 def open_video(path: str):
     """A ``decord.VideoReader`` on a local file, decoding on one thread."""
+    # OpenCV first: decord's FFmpeg brings its own zlib, and when it is loaded first every PNG that
+    # OpenCV reads or writes later in the process fails ("libpng error: bad parameters to zlib").
+    # Ray reuses worker processes, so a plan task's decord would break a later render's masks.
+    import cv2  # noqa: F401
     import decord  # imported here: only the video stages need it
 
     # one decoding thread: Ray runs one task per CPU; FFmpeg's own threads would oversubscribe
