@@ -14,35 +14,61 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically.
+@contextlib.contextmanager
+def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
+    """A temporary name next to ``path`` to write to; moved over ``path`` when the block succeeds.
+
+    The one temp-then-rename of vbatch: files written by the models layer, the storage layer's
+    local writes and downloads, and the node caches all go through it.
+
+    Args:
+        path: the file to create or replace; its folder must exist.
+        durable: ``fsync`` the file before the rename (a model file a later run trusts); not for
+            per-image products, whose atomic visibility is what matters and which a rerun rewrites.
+
+    Yields:
+        The temporary path; the block writes the whole file there. On an error it is removed and
+        ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = _sibling(path)
+    try:
+        yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`).
 
     Args:
         path: the file to create or replace; its folder must exist.
         data: the whole content.
+        durable: ``fsync`` before the rename.
 
     Returns:
         ``path`` as a :class:`Path`.
     """
     path = Path(path)
-    tmp = _sibling(path)
-    # os.open with 0o666, not mkstemp (0o600): the file gets the permissions a plain write would
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
+    with atomic_path(path, durable) as tmp:
+        # os.open with 0o666, not mkstemp (0o600): the file gets the permissions a plain write would
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -22,9 +22,9 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
+from vbatch.models.fileio import atomic_path
 from vbatch.operators.storage import Storage, is_http, is_remote, normalize, with_retries
 
 logger = logging.getLogger(__name__)
@@ -239,11 +239,8 @@ def localize_video(storage: Storage, uri: str) -> str:
     except FileNotFoundError:
         pass
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{target.name}.{uuid.uuid4().hex[:8]}"
-    try:
-        with_retries(lambda: fs.get_file(path, str(tmp)), f"download {uri}", budget)
-        os.replace(tmp, target)  # another task may have finished first: same content
-    finally:
-        tmp.unlink(missing_ok=True)
+    # another task may have finished first: same content, replaced atomically
+    with atomic_path(target) as tmp:
+        with_retries(functools.partial(fs.get_file, path, str(tmp)), f"download {uri}", budget)
     evict_videos(root, _video_cache_limit())
     return str(target)

@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,8 @@ from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
+
+from vbatch.models.fileio import atomic_path, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -376,14 +377,7 @@ class Storage:
             self._retry("write", lambda: fs.pipe_file(path, data), uri)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, data, durable=False)
 
     def makedirs(self, uri: str) -> None:
         """Local folders are created; S3 has no folders (a no-op there)."""
@@ -440,12 +434,8 @@ class Storage:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         fs, path = self.fs(uri)
-        tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_path(local) as tmp:
             self._retry("download", lambda: fs.get_file(path, str(tmp)), uri)
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
         return local
 
     def put_file(self, local: str | Path, uri: str) -> None:
@@ -456,9 +446,8 @@ class Storage:
             self._retry("upload", lambda: fs.put_file(str(local), path), uri)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(local, tmp)
 
     def localize_dir(self, uri: str, cache_root: str | Path | None = None) -> Path:
         """A local folder with the contents of ``uri`` (see :func:`vbatch.operators.cache.localize_dir`)."""
