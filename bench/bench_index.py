@@ -105,37 +105,53 @@ def write_gallery(
 _RSS_SCRIPT = """
 import re, sys, tempfile
 from pathlib import Path
-from vbatch.operators.index import store
+import numpy as np
+from vbatch.operators.index import GalleryIndex, read_info
+from vbatch.operators.index.store import load_faiss, map_faiss, read_id_map
 from vbatch.operators.storage import Storage
-def rss():
-    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+def mem():
+    text = open("/proc/self/smaps_rollup").read()
+    kb = lambda k: int(re.search(rf"^{k}:\\s+(\\d+) kB", text, re.M).group(1)) * 1024
+    return kb("Anonymous"), kb("Rss") - kb("Anonymous")
+queries = np.load(sys.argv[3])
 storage = Storage()
-info = store.read_info(sys.argv[1], storage)
-before = rss()
+info = read_info(sys.argv[1], storage)
+a0, f0 = mem()
 with tempfile.TemporaryDirectory() as tmp:
-    index = store.load_faiss(info, storage, Path(tmp))
-middle = rss()
-ids = store.read_id_map(info, storage)
-print(middle - before, rss() - middle, ids.nbytes)
+    index = map_faiss(info, storage) if sys.argv[2] == "mmap" else load_faiss(info, storage, Path(tmp))
+a1, f1 = mem()
+ids = read_id_map(info, storage).column("image_id").combine_chunks()  # same in both modes
+a1b, f1b = mem()
+GalleryIndex(index, ids, info).search(queries, k=10)
+a2, f2 = mem()
+# the id map's share (a1b - a1) is left out of the search figures
+print(a1 - a0, f1 - f0, a2 - a0 - (a1b - a1), f2 - f0 - (f1b - f1), ids.nbytes)
 """
 
 
-def gallery_rss(index_dir: str) -> tuple[int, int, int] | None:
-    """Resident memory that loading the FAISS index, then the id map, adds to a fresh process,
-    and the id map's Arrow size, in bytes; ``None`` where ``/proc`` is missing. Measured in a
-    subprocess so that memory freed by the build (and reused by the allocator) hides nothing.
-    The id map's RSS includes Parquet decoding buffers that the Arrow allocator keeps."""
-    if not os.path.exists("/proc/self/status"):
+def gallery_memory(index_dir: str, queries: np.ndarray, mmap: bool) -> dict[str, int] | None:
+    """Memory that opening the gallery's faiss index, then searching ``queries``, adds to a
+    fresh process (the id map, the same in both modes, left out), from ``/proc/self/smaps_rollup``; ``None`` where it is missing.
+
+    ``anon``: anonymous (heap) memory, private to the process; ``file``: file-backed resident
+    pages, i.e. the page cache of a memory-mapped index, shared between processes and evictable.
+    Measured in a subprocess so that memory freed by the build (and reused by the allocator)
+    hides nothing.
+    """
+    if not os.path.exists("/proc/self/smaps_rollup"):
         return None
+    qfile = os.path.join(index_dir, "..", "bench-queries.npy")
+    np.save(qfile, queries)
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, index_dir],
+        [sys.executable, "-c", _RSS_SCRIPT, index_dir, "mmap" if mmap else "heap", qfile],
         capture_output=True,
         text=True,
         check=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
-    index_rss, ids_rss, ids_arrow = map(int, out.stdout.strip().splitlines()[-1].split())
-    return index_rss, ids_rss, ids_arrow
+    values = list(map(int, out.stdout.strip().splitlines()[-1].split()))
+    keys = ("open_anon", "open_file", "search_anon", "search_file", "ids_arrow")
+    return dict(zip(keys, values, strict=True))
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -201,7 +217,10 @@ def main() -> None:
         )
         gallery = GalleryIndex.open(os.path.join(tmp, "index"), storage)
         ids_bytes = sum(os.path.getsize(os.path.join(tmp, "index", p)) for p in info.id_parts)
-        rss = gallery_rss(os.path.join(tmp, "index"))
+        memory = {
+            mode: gallery_memory(os.path.join(tmp, "index"), xq, mmap=mode == "mmap")
+            for mode in ("heap", "mmap")
+        }
 
         found, qps_all = timed_search(gallery, xq, threads, None)
         _, qps_one = timed_search(gallery, xq[:200], 1, None)
@@ -215,12 +234,16 @@ def main() -> None:
             f"-> {flat_bytes / info.bytes_per_vector:.1f}x smaller than flat; id map "
             f"{ids_bytes / n:.1f} B/vector on disk"
         )
-        if rss is not None:
-            print(
-                f"resident memory    FAISS index {rss[0] / n:.1f} B/vector (RSS growth of a fresh "
-                f"process, -> {flat_bytes / (rss[0] / n):.1f}x smaller than flat); id map "
-                f"{rss[2] / n:.1f} B/vector as Arrow, {rss[1] / n:.1f} B/vector RSS"
-            )
+        for mode, mem in memory.items():
+            if mem is not None:
+                print(
+                    f"index memory ({mode}) open: {mem['open_anon'] / n:.1f} B/vector private "
+                    f"(anonymous) + {mem['open_file'] / n:.1f} B/vector page cache; after "
+                    f"{len(xq)} queries: {mem['search_anon'] / n:.1f} + "
+                    f"{mem['search_file'] / n:.1f} B/vector ({mem['search_anon'] / 2**20:.0f} MiB "
+                    f"+ {mem['search_file'] / 2**20:.0f} MiB); id map {mem['ids_arrow'] / n:.1f} "
+                    "B/vector as Arrow"
+                )
         print(f"nprobe             {info.nprobe} (tuned at build: recall@10 {info.tuned_recall})")
         print(
             f"recall@10          {recall_at(found, truth, 10):.4f}   recall 1@1 "

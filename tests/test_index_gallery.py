@@ -17,7 +17,9 @@ def _mapped_files() -> str:
     return Path("/proc/self/maps").read_text() if os.path.exists("/proc/self/maps") else ""
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,SQ8", "IVF16,RaBitQ3", "SQ8"])
+@pytest.mark.parametrize(
+    "factory", ["Flat", "IVF16,Flat", "IVF16,SQ8", "IVF16,RaBitQ3", "SQ8", "OPQ8,IVF16,PQ8", "PQ8"]
+)
 def test_mmap_open_searches_like_an_index_in_memory(tmp_path, factory):
     storage = Storage()
     x, _ = clustered(100, 10, 32, seed=8)
