@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run a segmentation model over an image manifest (Parquet: image_id, uri, any other columns "
             "pass through). Writes <out>/masks/<image_id>.png and <out>/results/ (a committed table: "
-            "results/_LATEST names the generation folder holding its Parquet files) with one row per "
+            "<out>/_LATEST names the generation folder results/<run id> holding its Parquet files) with one row per "
             f"manifest row (status ok|error, error_class). Tasks: {tasks}."
         ),
         epilog=_EPILOG,

@@ -76,9 +76,10 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
                     join(bucket, f"emb{day}"),
                     "--batch-size",
                     "4",
-                    # day 1 holds one broken row of 13: over the default 1 % (exit 3)
+                    # each day holds one missing image (1 of 7 rows on day 2): over the
+                    # default --max-error-rate of 1 %, which would exit 3
                     "--max-error-rate",
-                    "0.1",
+                    "0.2",
                     *s3,
                 ]
             )
