@@ -128,6 +128,12 @@ def test_queries_longer_than_the_text_encoder_fail_alone(rvos_dir: Path) -> None
     assert errors[0][1] is not None and "the text encoder takes at most 512" in errors[0][1]
     assert errors[1] == [errors[0][1]] and errors[2] == [] and errors[3] == [None]
     assert valid_queries(["a dog", long, ""], errors[0]) == [(0, "a dog")]
+    # a manifest without a single runnable query is no problem for the check
+    assert check([]) == [] and all_query_errors([[""], None, [None]], check) == [
+        ["query is empty"],
+        [],
+        ["query is null"],
+    ]
     # exactly at the limit runs, one token more does not (<s> and </s> count)
     tok = __import__("vbatch.models.rvos.text", fromlist=["load_tokenizer"]).load_tokenizer(
         rvos_dir / "transformer_cfg_dir"

@@ -35,13 +35,21 @@ def rvos_query_check(model_dir: Path) -> QueryCheck:
     limit = max_query_tokens(read_text_config(text_dir))
 
     def check(queries: Sequence[str]) -> list[str | None]:
-        texts = sorted({normalize_query(q) for q in queries})  # catalogs repeat their queries
-        counts = dict(zip(texts, (len(ids) for ids in tokenizer(texts)["input_ids"]), strict=True))
+        # A byte-level BPE token covers at least one UTF-8 byte, plus <s> and </s>: only a query of
+        # more than limit - 2 bytes can be too long, and only those are tokenised (a manifest of
+        # 100k ordinary queries costs nothing here).
+        texts = [normalize_query(q) for q in queries]
+        suspects = sorted({t for t in texts if len(t.encode()) > limit - 2})
+        counts = (
+            dict(zip(suspects, (len(i) for i in tokenizer(suspects)["input_ids"]), strict=True))
+            if suspects  # (the tokenizer fails on an empty batch)
+            else {}
+        )
         return [
             None
-            if (n := counts[normalize_query(q)]) <= limit
+            if (n := counts.get(t, 0)) <= limit
             else f"query has {n} tokens; the text encoder takes at most {limit} (shorten it)"
-            for q in queries
+            for t in texts
         ]
 
     return check
