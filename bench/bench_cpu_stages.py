@@ -32,11 +32,17 @@ import torch
 from vbatch.jobs.demo_data import encode, person_crop, product_image
 from vbatch.models.base import Transforms
 from vbatch.operators.columns import decode_array, encode_array
-from vbatch.operators.decode import decode_image
-from vbatch.operators.images import decode_and_preprocess, fetch_bytes
+from vbatch.operators.decode import decode_image, open_image
+from vbatch.operators.images import _PIL_INPUT, decode_and_preprocess, fetch_bytes, network_size
 from vbatch.operators.inference import OUTPUT
 from vbatch.operators.manifest import ERROR
-from vbatch.operators.outputs import OutputOptions, encode_jpeg, encode_png, write_products
+from vbatch.operators.outputs import (
+    OutputOptions,
+    encode_jpeg,
+    encode_png,
+    model_resolution_mask,
+    write_products,
+)
 from vbatch.operators.storage import Storage, StorageOptions
 
 #: megapixels → (width, height) of the generated photos (4:3)
@@ -66,7 +72,7 @@ class Timer:
         return out
 
 
-def build_transforms(task: str, mask_size: str = "full") -> Transforms | None:
+def build_transforms(task: str) -> Transforms | None:
     """The task's transforms from its released configuration (no model directory needed)."""
     if task == "salient":
         from vbatch.models.salient.config import DEFAULT_SIZE
@@ -89,7 +95,9 @@ def build_transforms(task: str, mask_size: str = "full") -> Transforms | None:
     return None  # rvos: per-frame functions of operators.video / models.rvos
 
 
-def standin_output(task: str, net_input: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def standin_output(
+    task: str, net_input: np.ndarray, rng: np.random.Generator, embed_dim: int = 1536
+) -> np.ndarray:
     """What the network would return for ``net_input``, at the network's output size."""
     if task == "salient":
         h, w = net_input.shape[:2]
@@ -102,7 +110,7 @@ def standin_output(task: str, net_input: np.ndarray, rng: np.random.Generator) -
         alpha = (_blob(h, w, rng) * 255).astype(np.uint8)
         return np.concatenate([net_input, alpha[..., None]], axis=-1)
     if task == "reid":
-        return rng.standard_normal(768).astype(np.float32)
+        return rng.standard_normal(embed_dim).astype(np.float32)
     raise ValueError(task)
 
 
@@ -134,14 +142,26 @@ def one_image(
     if task == "rvos":
         return _one_frame(t, blob, out_dir, storage, rng)
     assert transforms is not None and output_options is not None
-    image = t.run("decode", decode_image, blob, **decode_kw)
-    size = image.shape[:2]
+    # the stages of operators.images._decode_for, split for timing
+    fast = decode_kw.get("decode", "exact") == "fast"
+    decoded = t.run(
+        "decode",
+        open_image,
+        blob,
+        min_size=(lambda hw: network_size(transforms, hw)) if fast else None,
+    )
+    pil_ok = isinstance(transforms, _PIL_INPUT) and not isinstance(decoded.image, np.ndarray)
+    image = decoded.image if pil_ok else t.run("decode", decoded.array)
+    size = decoded.size
     shipped = t.run("preprocess", lambda: encode_array(transforms.preprocess(image)))
     net_input = decode_array(shipped)
     raw = encode_array(standin_output(task, net_input, rng))  # the model actor's column
+    model_size = output_options.mask_size == "model" and output_options.output == "mask"
 
     def post() -> np.ndarray:
         output = decode_array(raw)
+        if model_size:
+            return model_resolution_mask(transforms, output, size)
         if task == "matting" and output.shape[:2] != size:
             original = decode_image(blob)  # the write stage decodes the original again
             return transforms.postprocess(output, size, image=original)  # type: ignore[call-arg]
@@ -230,20 +250,143 @@ def operators_per_image(
     return ((t1 - t0) + (t3 - t2)) * 1e3 / n
 
 
+def textured_image(seed: int, size: tuple[int, int]) -> np.ndarray:
+    """A product photo overlaid with fine texture (1–3 px stripes and grain): what DCT scaling and
+    resizing disagree on most."""
+    w, h = size
+    img = product_image(seed, size).astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = 2.0 + seed % 3
+    stripes = 25.0 * np.sin(2 * np.pi * (xx + 0.5 * yy) / period)
+    grain = np.random.default_rng(seed).normal(0, 12, (h, w))
+    return np.clip(img + (stripes + grain)[..., None], 0, 255).astype(np.uint8)
+
+
+def compare_modes(tasks: list[str], n: int, mp: float) -> None:
+    """Fast vs exact decode, per task, through a random-weight network where one is cheap enough
+    on a CPU (salient full size; shop-seg and reid TINY): mask grey-level difference, IoU,
+    embedding cosine, and the network inputs' mean absolute difference. Random weights make this
+    a weak proxy for trained models; the input difference does not depend on the weights."""
+    from vbatch.models import load_model
+
+    w, h = SIZES[mp]
+    photos = [encode(product_image(s, (w, h)), "JPEG", quality=90) for s in range(n)]
+    photos += [encode(textured_image(s, (w, h)), "JPEG", quality=90) for s in range(n)]
+    crops = [
+        encode(person_crop(s, s % 5, (round((w * h / 2) ** 0.5),) * 2), "JPEG", quality=90)
+        for s in range(n)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in tasks:
+            predictor = None
+            if task == "salient":
+                from vbatch.models.salient import write_random_model_dir
+
+                predictor = load_model(task, write_random_model_dir(Path(tmp) / task), "cpu")
+            elif task == "shop-seg":
+                from vbatch.models.shop_seg import TINY
+                from vbatch.models.shop_seg import write_random_model_dir as write_shop
+
+                predictor = load_model(task, write_shop(Path(tmp) / task, config=TINY), "cpu")
+            elif task == "reid":
+                from vbatch.models.reid import TINY as REID_TINY
+                from vbatch.models.reid import write_random_model_dir as write_reid
+
+                predictor = load_model(task, write_reid(Path(tmp) / task, REID_TINY), "cpu")
+            transforms = predictor.transforms if predictor else build_transforms(task)
+            if transforms is None:
+                continue
+            blobs = crops if task == "reid" else photos
+            batch = {
+                m: decode_and_preprocess(_table(blobs), transforms=transforms, decode=m)
+                for m in ("exact", "fast")
+            }
+            x = {
+                m: [decode_array(v) for v in batch[m].column("_vb_input").to_pylist()]
+                for m in batch
+            }
+            sizes = list(
+                zip(
+                    batch["exact"].column("height").to_pylist(),
+                    batch["exact"].column("width").to_pylist(),
+                    strict=True,
+                )
+            )
+            inp = [
+                np.abs(a.astype(np.float64) - b).mean()
+                for a, b in zip(x["exact"], x["fast"], strict=True)
+            ]
+            line = f"{task:>9} {mp:g} MP: input |Δ| mean {np.mean(inp):.2f} max-of-means {np.max(inp):.2f}"
+            if predictor is not None:
+                with torch.inference_mode():
+                    out = {m: predictor.forward(x[m]) for m in x}
+                prod = {
+                    m: [transforms.postprocess(o, sz) for o, sz in zip(out[m], sizes, strict=True)]
+                    for m in out
+                }
+                if task == "salient":
+                    d = [
+                        np.abs(a.astype(np.int16) - b)
+                        for a, b in zip(prod["exact"], prod["fast"], strict=True)
+                    ]
+                    line += f"; mask |Δ| mean {np.mean([v.mean() for v in d]):.2f} max {max(v.max() for v in d)}"
+                elif task == "shop-seg":
+                    iou = [
+                        ((a > 0) & (b > 0)).sum() / max(1, ((a > 0) | (b > 0)).sum())
+                        for a, b in zip(prod["exact"], prod["fast"], strict=True)
+                    ]
+                    line += f"; IoU mean {np.mean(iou):.4f} min {np.min(iou):.4f}"
+                else:
+                    cos = [
+                        float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+                        for a, b in zip(prod["exact"], prod["fast"], strict=True)
+                    ]
+                    line += f"; cosine mean {np.mean(cos):.5f} min {np.min(cos):.5f}"
+            print(line, flush=True)
+
+
+def _table(blobs: list[bytes]) -> pa.Table:
+    n = len(blobs)
+    return pa.table(
+        {
+            "image_id": pa.array([str(i) for i in range(n)]),
+            ERROR: pa.array([None] * n, pa.string()),
+            "_vb_bytes": pa.array(blobs, pa.large_binary()),
+        }
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--sizes", nargs="+", type=float, default=list(SIZES), choices=list(SIZES))
     p.add_argument("--repeats", type=int, default=5, help="runs per figure; the median is shown")
     p.add_argument("--batch", type=int, default=4, help="images per operator-total run")
+    p.add_argument("--decode", choices=["exact", "fast"], default="exact")
+    p.add_argument("--mask-size", choices=["full", "model"], default="full")
+    p.add_argument(
+        "--compare",
+        type=int,
+        metavar="N",
+        help="instead: fast vs exact decode on N photos + N textured images (or N crops) per task",
+    )
     args = p.parse_args()
+    if args.compare:
+        torch.set_num_threads(1)
+        for mp in args.sizes:
+            compare_modes(args.tasks, args.compare, mp)
+        return
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     storage = Storage(StorageOptions())
     rng = np.random.default_rng(0)
     header = ["task", "MP", *STAGES, "sum", "operators"]
-    print(f"CPU ms per image (median of {args.repeats}), one thread")
+    decode_kw = {"decode": args.decode}
+    print(
+        f"CPU ms per image (median of {args.repeats}), one thread, --decode {args.decode}, "
+        f"--mask-size {args.mask_size}"
+    )
     print(" | ".join(f"{h:>11}" for h in header))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -257,7 +400,8 @@ def main() -> None:
                     task=task,
                     output=output_kind(task),
                     background="#ffffff" if task == "matting" else None,
-                    embedding_dim=768 if task == "reid" else None,
+                    embedding_dim=getattr(transforms, "embed_dim", None),
+                    mask_size=args.mask_size if output_kind(task) == "mask" else "full",
                 )
             )
             for mp in args.sizes:
@@ -267,7 +411,7 @@ def main() -> None:
                     path.write_bytes(make_image(task, mp, seed=i))
                     paths.append(path)
                 runs = [
-                    one_image(task, paths[0], root, storage, transforms, rng, {}, options)
+                    one_image(task, paths[0], root, storage, transforms, rng, decode_kw, options)
                     for _ in range(args.repeats + 1)
                 ][1:]  # the first run warms caches and lazy imports
                 med = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STAGES}
@@ -276,7 +420,7 @@ def main() -> None:
                 if transforms is not None and options is not None:
                     ops = statistics.median(
                         operators_per_image(
-                            task, paths, root, storage, transforms, rng, options, {}
+                            task, paths, root, storage, transforms, rng, options, decode_kw
                         )
                         for _ in range(max(1, args.repeats // 2))
                     )

@@ -64,6 +64,10 @@ class SegmentConfig:
     #: shop-seg on GPU: "fp32", "bf16" or "fp16"
     precision: str = "fp32"
     rows_per_block: int = ROWS_PER_BLOCK
+    #: "exact" (reference preprocessing) or "fast" (DCT-scaled JPEG decode, area resize)
+    decode: str = "exact"
+    #: masks: "full" (original size) or "model" (network resolution; results keep the original size)
+    mask_size: str = "full"
 
 
 def task_options(cfg: SegmentConfig, res: Resources) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -113,6 +117,10 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
     if entry.output not in ("mask", "rgba", "embedding"):
         raise ValueError(
             f"--task {cfg.task} produces {entry.output}s; it has its own command (see vbatch --help)"
+        )
+    if cfg.mask_size != "full" and entry.output != "mask":
+        raise ValueError(
+            f"--mask-size {cfg.mask_size} is for mask tasks; {cfg.task} writes {entry.output}s"
         )
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
@@ -165,6 +173,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
             "transforms": transforms,
             "max_pixels": cfg.max_pixels,
             "keep_bytes": entry.output == "rgba",
+            "decode": cfg.decode,
         },
         **cpu_stage,
     )
@@ -196,6 +205,7 @@ def run_segment(cfg: SegmentConfig) -> JobSummary:
         output=entry.output,
         background=cfg.background,
         embedding_dim=getattr(transforms, "embed_dim", None),
+        mask_size=cfg.mask_size,
     )
     ds = ds.map_batches(
         write_products,  # type: ignore[arg-type]
