@@ -21,7 +21,7 @@ from vbatch.operators.decode import decode_image, open_image
 from vbatch.operators.images import BYTES, INPUT, decode_and_preprocess
 from vbatch.operators.inference import OUTPUT
 from vbatch.operators.manifest import ERROR
-from vbatch.operators.outputs import OutputOptions, write_products
+from vbatch.operators.outputs import OutputOptions, encode_png, write_products
 from vbatch.operators.storage import Storage, StorageOptions
 
 
@@ -222,3 +222,12 @@ def test_cli_options_reach_the_job_config() -> None:
     args = build_parser().parse_args([*base, "--decode", "fast", "--mask-size", "model"])
     cfg = _image_job_config(args, "salient")
     assert (cfg.decode, cfg.mask_size) == ("fast", "model")
+
+
+def test_png_settings_are_lossless() -> None:
+    rng = np.random.default_rng(1)
+    grey = cv2.resize(rng.integers(0, 256, (40, 30), dtype=np.uint8), (333, 250))
+    rgba = np.dstack([product_image(2, (333, 250)), grey])
+    for image in (grey, np.where(grey > 127, 255, 0).astype(np.uint8), rgba):
+        back = np.asarray(Image.open(io.BytesIO(encode_png(image))))
+        np.testing.assert_array_equal(back, image)
