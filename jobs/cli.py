@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COLOR|URI",
         help="matting: also write <out>/composites/<id>.jpg over this colour (#RRGGBB or r,g,b) or image",
     )
+    g.add_argument(
+        "--decode",
+        choices=["exact", "fast"],
+        default="exact",
+        help="exact (default): the reference preprocessing, bit for bit; fast: JPEGs decoded at a reduced DCT scale + area resize (approximate, a fraction of the CPU)",
+    )
+    g.add_argument(
+        "--mask-size",
+        choices=["full", "model"],
+        default="full",
+        help="salient/shop-seg: full (default) writes masks at the image's size; model at the network's resolution (width/height in the results stay the original's)",
+    )
     _pool(seg)
     _common(seg)
     add_run_arguments(seg)
@@ -389,7 +401,7 @@ def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.I
 
     extra = {
         k: getattr(args, k)
-        for k in ("max_pixels", "max_side", "background", "precision")
+        for k in ("max_pixels", "max_side", "background", "precision", "decode", "mask_size")
         if hasattr(args, k)
     }
     return ImageJobConfig(task=task, **_job_arguments(args), **extra)

@@ -86,6 +86,10 @@ class ImageJobConfig:
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     #: fail, publishing nothing, above this fraction of infrastructure error rows
     max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
+    #: "exact" (reference preprocessing) or "fast" (DCT-scaled JPEG decode, area resize)
+    decode: str = "exact"
+    #: masks: "full" (original size) or "model" (network resolution; results keep the original size)
+    mask_size: str = "full"
 
 
 def task_options(
@@ -167,6 +171,10 @@ def run_image_job(
         raise ValueError(
             f"--task {cfg.task} produces {entry.output}s; it has its own command (see vbatch --help)"
         )
+    if cfg.mask_size != "full" and entry.output != "mask":
+        raise ValueError(
+            f"--mask-size {cfg.mask_size} is for mask tasks; {cfg.task} writes {entry.output}s"
+        )
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
 
@@ -219,6 +227,7 @@ def run_image_job(
             "transforms": transforms,
             "max_pixels": cfg.max_pixels,
             "keep_bytes": entry.output == "rgba",
+            "decode": cfg.decode,
         },
         **cpu_stage,
     )
@@ -250,6 +259,7 @@ def run_image_job(
         output=entry.output,
         background=cfg.background,
         embedding_dim=getattr(transforms, "embed_dim", None),
+        mask_size=cfg.mask_size,
     )
     ds = ds.map_batches(
         write_products,  # type: ignore[arg-type]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,15 +39,50 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode one encoded image.
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image, before any copy into an array.
+
+    ``image`` is a Pillow image in mode ``"RGB"`` when the file decodes to RGB (most JPEGs): the
+    PIL-based preprocessing resizes it directly instead of going ndarray → PIL again, two full-size
+    copies saved. Anything else (grey, palette, 16-bit, CMYK…) is already converted to an array.
+    """
+
+    image: Image.Image | np.ndarray
+    #: (height, width) of the image at full resolution, orientation applied (the results' size)
+    size: tuple[int, int]
+
+    def array(self) -> np.ndarray:
+        """(h, w, 3) uint8 RGB (smaller than ``size`` when decoded with ``min_size``)."""
+        if isinstance(self.image, np.ndarray):
+            return self.image
+        return np.asarray(self.image, dtype=np.uint8).copy()
+
+
+#: EXIF orientations that swap width and height (transpose, rotate 90/270, transverse)
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
+def open_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    min_size: tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int] | None] | None = None,
+) -> Decoded:
+    """Decode one encoded image, keeping an RGB result as a Pillow image (no copy).
 
     Args:
         data: the file's bytes (JPEG, PNG, WebP, TIFF, BMP, GIF — whatever Pillow reads).
         max_pixels: refuse images with more pixels than this (decompression bombs, huge scans).
+        min_size: (height, width) the caller needs at least, orientation applied. A JPEG is then
+            decoded at the smallest DCT scale (1/2, 1/4, 1/8) that is at least this large in both
+            dimensions (``Image.draft``): approximate pixels, a fraction of the work. Other formats
+            ignore it and decode at full size. A function is called with the full-resolution
+            (height, width) from the header and returns it (or ``None``). ``None`` (the
+            default): full size, exact.
 
     Returns:
-        (H, W, 3) uint8 RGB, EXIF orientation applied.
+        The decoded image and its full-resolution (height, width).
 
     Raises:
         DecodeError: empty, truncated, not an image, or over the pixel cap.
@@ -65,7 +102,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
                     f"image too large: {width}x{height} = {width * height:,} pixels exceeds the cap of "
                     f"{max_pixels:,} (--max-pixels)"
                 )
-            oriented = ImageOps.exif_transpose(img)  # also decodes
+            orientation = img.getexif().get(0x0112, 1)
+            swaps = orientation in _SWAPS_AXES
+            size = (width, height) if swaps else (height, width)
+            need = min_size(size) if callable(min_size) else min_size
+            if need is not None:
+                need_h, need_w = need[::-1] if swaps else need
+                # a no-op for formats other than JPEG; never upscales (size stays ≥ the request)
+                img.draft(None, (max(1, int(need_w)), max(1, int(need_h))))
+            img.load()
+            # exif_transpose copies the whole image even when there is nothing to do: only call it
+            # when there is an orientation to apply (the pixels are the same either way)
+            oriented = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -81,13 +129,37 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         # pixel format, struct.error, IndexError, ZeroDivisionError, …): that row's error
         raise DecodeError(f"cannot decode: {type(e).__name__}: {_first_line(e)}") from None
 
+    if oriented.mode == "RGB":
+        return Decoded(oriented, size)
     try:
-        return _to_rgb(oriented)
+        return Decoded(_to_rgb(oriented), size)
     except (OSError, ValueError) as e:
         raise DecodeError(f"corrupt or truncated image: {e}") from None
     except MemoryError:
         raise
     except Exception as e:
+        raise DecodeError(f"cannot decode: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one encoded image at full size.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, WebP, TIFF, BMP, GIF — whatever Pillow reads).
+        max_pixels: refuse images with more pixels than this (decompression bombs, huge scans).
+
+    Returns:
+        (H, W, 3) uint8 RGB, EXIF orientation applied.
+
+    Raises:
+        DecodeError: empty, truncated, not an image, or over the pixel cap.
+    """
+    decoded = open_image(data, max_pixels)
+    try:
+        return decoded.array()
+    except MemoryError:
+        raise
+    except Exception as e:  # pixels Pillow could not hand over
         raise DecodeError(f"cannot decode: {type(e).__name__}: {_first_line(e)}") from None
 
 

@@ -10,11 +10,16 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 
 from vbatch.models.base import Transforms
+from vbatch.models.matting.transforms import MattingTransforms, fit_long_side
+from vbatch.models.reid.transforms import ReidTransforms
+from vbatch.models.salient.transforms import SalientTransforms
+from vbatch.models.shop_seg.transforms import ShopSegTransforms, crop_size
 from vbatch.operators.columns import encode_array, set_column
-from vbatch.operators.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from vbatch.operators.decode import DEFAULT_MAX_PIXELS, DecodeError, open_image
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.storage import Storage, describe_read_error, resolve
 from vbatch.schemas.images import INTERNAL_PREFIX
@@ -23,6 +28,50 @@ logger = logging.getLogger(__name__)
 
 BYTES = f"{INTERNAL_PREFIX}bytes"  # large_binary: the fetched file
 INPUT = f"{INTERNAL_PREFIX}input"  # large_binary: one preprocessed network input, .npy encoded
+
+#: decode modes: "exact" = full-size decode and the model's own (reference) resize, the default;
+#: "fast" = JPEGs decoded at a reduced DCT scale (approximate), then the same resize
+DECODE_MODES = ("exact", "fast")
+
+#: transforms whose preprocessing resizes a Pillow image: they take the decoded image as it is
+_PIL_INPUT = (SalientTransforms, ShopSegTransforms, ReidTransforms)
+
+
+def network_size(transforms: Transforms, size: tuple[int, int]) -> tuple[int, int] | None:
+    """(height, width) the image of ``size`` is resized to before the network, or ``None`` when
+    the model does not say (then it is decoded at full size).
+
+    Args:
+        transforms: the model's transforms.
+        size: (height, width) of the original image.
+    """
+    if isinstance(transforms, SalientTransforms):
+        return transforms.norm_size
+    if isinstance(transforms, ShopSegTransforms):
+        return crop_size(size[0], size[1], transforms.image_size)
+    if isinstance(transforms, ReidTransforms):
+        return (int(transforms.image_size[0]), int(transforms.image_size[1]))
+    if isinstance(transforms, MattingTransforms):
+        return fit_long_side(size[0], size[1], transforms.max_side)
+    return None
+
+
+def _decode_for(
+    blob: bytes, transforms: Transforms, max_pixels: int, mode: str
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(network input, original (H, W)) of one file, decoded in ``mode``.
+
+    Both modes then run the model's own resize: in fast mode it starts from the DCT-scaled JPEG,
+    at most 2× (per side) the network's size below 8× reduction, so it costs a fraction of the full
+    one — about what an OpenCV area resize costs, and closer to the reference's pixels (measured,
+    docs/BENCHMARKS.md).
+    """
+    min_size = (lambda hw: network_size(transforms, hw)) if mode == "fast" else None
+    decoded = open_image(blob, max_pixels, min_size=min_size)
+    pil_ok = isinstance(transforms, _PIL_INPUT) and not isinstance(decoded.image, np.ndarray)
+    # Pillow-resizing models get the decoded Pillow image: same pixels, two full-size copies fewer
+    image = decoded.image if pil_ok else decoded.array()
+    return transforms.preprocess(image), decoded.size  # type: ignore[arg-type]
 
 
 def _fetch_one(storage: Storage, uri: str, base_uri: str) -> tuple[bytes | None, str | None]:
@@ -59,13 +108,20 @@ def decode_and_preprocess(
     transforms: Transforms,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_bytes: bool = False,
+    decode: str = "exact",
 ) -> pa.Table:
     """Decode ``_vb_bytes`` to RGB, record the original size, preprocess into ``_vb_input``.
 
     Drops ``_vb_bytes`` unless ``keep_bytes`` (a product that needs the original pixels, such as a
     full-resolution cut-out, decodes the file again in the write stage rather than shipping
     decoded pixels, ~10× larger, through the object store).
+
+    ``decode="fast"`` decodes JPEGs at the smallest DCT scale at least as large as the network's
+    input, then resizes as exact mode does: approximate network inputs for a fraction of the CPU
+    (see docs/BENCHMARKS.md for the deviation per task); other formats decode exactly as in "exact".
     """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     errors = batch.column(ERROR).to_pylist()
     blobs = batch.column(BYTES).to_pylist()
     widths: list[int | None] = [None] * len(errors)
@@ -75,24 +131,17 @@ def decode_and_preprocess(
         if err is not None:
             continue
         try:
-            image = decode_image(blob, max_pixels=max_pixels)
+            net_input, (heights[i], widths[i]) = _decode_for(blob, transforms, max_pixels, decode)
         except DecodeError as e:
             errors[i] = str(e)
             continue
         except MemoryError:
             raise
-        except Exception as e:  # decode_image maps every failure it knows; this is a safety net
-            logger.exception("decode failed")
-            errors[i] = f"cannot decode: {type(e).__name__}: {e}"
-            continue
-        heights[i], widths[i] = image.shape[:2]
-        try:
-            inputs[i] = encode_array(transforms.preprocess(image))
-        except MemoryError:
-            raise
         except Exception as e:  # a model's preprocessing refusing an image is a row error
             logger.exception("preprocess failed")
             errors[i] = f"preprocess failed: {type(e).__name__}: {e}"
+            continue
+        inputs[i] = encode_array(net_input)
     if not keep_bytes:
         batch = batch.drop_columns([BYTES])
     batch = set_column(batch, "width", pa.array(widths, pa.int32()))

@@ -55,14 +55,64 @@ def safe_name(image_id: str) -> str:
     return name
 
 
+#: PNG settings chosen by measurement (docs/BENCHMARKS.md, "CPU stages"). Masks: zlib level 1,
+#: UP filter, RLE strategy — as fast as OpenCV's default (level 1, SUB, RLE), the fastest tried,
+#: and 20–25 % smaller; higher levels cost 2×, Pillow 2× for the same size. RGBA cut-outs (photo
+#: pixels, hardly compressible): Huffman-only coding, ~13 % faster than RLE at the same size.
+PNG_MASK_PARAMS = (
+    cv2.IMWRITE_PNG_COMPRESSION, 1,
+    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+)  # fmt: skip
+PNG_RGBA_PARAMS = (
+    cv2.IMWRITE_PNG_COMPRESSION, 1,
+    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
+    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+)  # fmt: skip
+
+#: mask sizes: "full" = the original image's size; "model" = the network's resolution
+MASK_SIZES = ("full", "model")
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    """8-bit grey (H, W) or RGBA (H, W, 4) → PNG bytes."""
+    """8-bit grey (H, W) or RGBA (H, W, 4) → PNG bytes (lossless: decodes to the same pixels)."""
     if image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
-    ok, buf = cv2.imencode(".png", image)
+        params = PNG_RGBA_PARAMS
+    else:
+        params = PNG_MASK_PARAMS
+    ok, buf = cv2.imencode(".png", image, list(params))
     if not ok:
         raise ValueError(f"PNG encoding failed for an array of shape {image.shape}")
     return buf.tobytes()
+
+
+def model_resolution_mask(
+    transforms: Transforms, output: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
+    """The final mask at the network's resolution (``--mask-size model``).
+
+    Upsampling it to ``size`` gives exactly the full-size mask: salient with
+    ``cv2.resize(mask, (W, H), interpolation=cv2.INTER_LINEAR)``; shop-seg with Pillow's bilinear
+    ``Image.resize((W, H), Image.BILINEAR)`` then ``255 where >= 128, else 0``.
+
+    Args:
+        transforms: the model's transforms (salient or shop-seg).
+        output: the network's raw output for one image.
+        size: (H, W) of the original image.
+
+    Returns:
+        (h, w) uint8 mask: salient ``norm_size``; shop-seg the resized image's area of the canvas.
+    """
+    from vbatch.models.salient.transforms import SalientTransforms
+    from vbatch.models.shop_seg.transforms import ShopSegTransforms, crop_size
+
+    if isinstance(transforms, SalientTransforms):
+        return transforms.postprocess(output, output.shape[:2])
+    if isinstance(transforms, ShopSegTransforms):
+        ch, cw = crop_size(int(size[0]), int(size[1]), transforms.image_size)
+        return np.where(output[:ch, :cw] != 0, 255, 0).astype(np.uint8)
+    raise ValueError(f"--mask-size model is not available for {type(transforms).__name__}")
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
@@ -85,6 +135,9 @@ class OutputOptions:
     background: str | None = None
     #: "embedding" only: the vector length
     embedding_dim: int | None = None
+    #: "mask" only: "full" (original size) or "model" (the network's resolution, see
+    #: :func:`model_resolution_mask`); the results' width/height stay the original's
+    mask_size: str = "full"
 
 
 def is_color(value: str) -> bool:
@@ -157,6 +210,8 @@ def write_products(
         internal columns are dropped. One row out per row in.
     """
     writer = WRITERS[options.output]
+    if options.mask_size not in MASK_SIZES:
+        raise ValueError(f"mask_size must be one of {MASK_SIZES}, got {options.mask_size!r}")
     n = batch.num_rows
     errors = batch.column(ERROR).to_pylist()
     raw = batch.column(OUTPUT).to_pylist()
@@ -176,7 +231,9 @@ def write_products(
         try:
             output, size = decode_array(raw[i]), (heights[i], widths[i])
             blob = blobs[i]
-            if blob is not None and output.shape[:2] != size:
+            if options.mask_size == "model" and options.output == "mask":
+                product = model_resolution_mask(transforms, output, size)
+            elif blob is not None and output.shape[:2] != size:
                 # the network ran on a downscaled copy: products keep the original's pixels
                 original = decode_image(blob, max_pixels=size[0] * size[1])
                 product = transforms.postprocess(output, size, image=original)  # type: ignore[call-arg]

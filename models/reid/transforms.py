@@ -22,8 +22,12 @@ class ReidTransforms(Transforms):
         self.image_size = image_size
         self.embed_dim = embed_dim
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """Args: image: (H, W, 3) uint8 RGB. Returns: (h, w, 3) uint8 at the configured size."""
+    def preprocess(self, image: np.ndarray | Image.Image) -> np.ndarray:
+        """Args: image: (H, W, 3) uint8 RGB, or a Pillow image in mode "RGB" (resized as it is).
+        Returns: (h, w, 3) uint8 at the configured size."""
+        h, w = self.image_size
+        if isinstance(image, Image.Image) and image.mode == "RGB" and min(image.size) > 0:
+            return np.asarray(image.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
         if (
             not isinstance(image, np.ndarray)
             or image.dtype != np.uint8
@@ -40,7 +44,6 @@ class ReidTransforms(Transforms):
             )
         if min(image.shape[:2]) == 0:
             raise ValueError(f"empty image {image.shape}")
-        h, w = self.image_size
         resized = Image.fromarray(np.ascontiguousarray(image)).resize(
             (w, h), Image.Resampling.BILINEAR
         )

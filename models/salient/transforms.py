@@ -27,14 +27,18 @@ class SalientTransforms(Transforms):
         """Args: norm_size: (height, width) of the network input."""
         self.norm_size = (int(norm_size[0]), int(norm_size[1]))
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """Args: image: (H, W, 3) uint8 RGB. Returns: (h, w, 3) uint8, (h, w) = ``norm_size``."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
-            )
+    def preprocess(self, image: np.ndarray | Image.Image) -> np.ndarray:
+        """Args: image: (H, W, 3) uint8 RGB, or a Pillow image in mode "RGB" (resized as it is,
+        without the array round trip). Returns: (h, w, 3) uint8, (h, w) = ``norm_size``."""
         h, w = self.norm_size
-        pil = Image.fromarray(np.ascontiguousarray(image))
+        if isinstance(image, Image.Image) and image.mode == "RGB":
+            pil = image
+        elif not isinstance(image, np.ndarray) or (
+            image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8
+        ):
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {_describe(image)}")
+        else:
+            pil = Image.fromarray(np.ascontiguousarray(image))
         # PIL returns a copy when the size already matches, as torchvision's Resize does then too
         return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR))
 
@@ -54,3 +58,9 @@ class SalientTransforms(Transforms):
             norm = (((data - lo) / (hi - lo)) * np.float32(255)).astype(np.uint8)
         height, width = int(size[0]), int(size[1])
         return cv2.resize(norm, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _describe(image: object) -> str:
+    if isinstance(image, np.ndarray):
+        return f"{image.shape} {image.dtype}"
+    return f"a {getattr(image, 'mode', '')} {type(image).__name__}"

@@ -32,22 +32,27 @@ class ShopSegTransforms(Transforms):
     def __init__(self, image_size: int = 1024) -> None:
         self.image_size = image_size
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
+    def preprocess(self, image: np.ndarray | Image.Image) -> np.ndarray:
         """
         Args:
-            image: (H, W, 3) uint8 RGB.
+            image: (H, W, 3) uint8 RGB, or a Pillow image in mode "RGB" (resized as it is).
 
         Returns:
             (S, S, 4) uint8: the resized image at the top left, zeros elsewhere; channel 3 is 255 where
             the image is and 0 on the padding.
         """
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
-            )
+        if isinstance(image, Image.Image) and image.mode == "RGB":
+            pil = image
+        elif not isinstance(image, np.ndarray) or (
+            image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8
+        ):
+            got = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image)
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {got}")
+        else:
+            pil = Image.fromarray(image)
         s = self.image_size
-        ch, cw = crop_size(image.shape[0], image.shape[1], s)
-        resized = np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR))
+        ch, cw = crop_size(pil.height, pil.width, s)
+        resized = np.asarray(pil.resize((cw, ch), Image.Resampling.BILINEAR))
         out = np.zeros((s, s, 4), dtype=np.uint8)
         out[:ch, :cw, :3] = resized
         out[:ch, :cw, 3] = 255

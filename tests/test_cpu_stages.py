@@ -1,0 +1,233 @@
+"""The cheaper CPU stages: exact mode unchanged, ``decode="fast"`` close, ``mask_size="model"`` exact
+when upsampled as documented. No Ray: the stage functions run on pyarrow tables directly."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from vbatch.jobs.cli import _image_job_config, build_parser
+from vbatch.jobs.demo_data import encode, person_crop, product_image
+from vbatch.models.reid.transforms import ReidTransforms
+from vbatch.models.salient.transforms import SalientTransforms
+from vbatch.models.shop_seg.transforms import ShopSegTransforms
+from vbatch.operators.columns import decode_array, encode_array
+from vbatch.operators.decode import decode_image, open_image
+from vbatch.operators.images import BYTES, INPUT, decode_and_preprocess
+from vbatch.operators.inference import OUTPUT
+from vbatch.operators.manifest import ERROR
+from vbatch.operators.outputs import OutputOptions, encode_png, write_products
+from vbatch.operators.storage import Storage, StorageOptions
+
+
+def _rotated_jpeg(image: np.ndarray) -> bytes:
+    pil = Image.fromarray(image)
+    exif = pil.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    buf = io.BytesIO()
+    pil.save(buf, "JPEG", exif=exif.tobytes(), quality=92)
+    return buf.getvalue()
+
+
+def _files() -> dict[str, bytes]:
+    photo = product_image(3, (1000, 700))
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    return {
+        "jpeg": encode(photo, "JPEG", quality=90),
+        "png": encode(photo, "PNG"),
+        "grey-jpeg": encode(grey, "JPEG"),
+        "rgba-png": encode(np.dstack([photo, np.full(photo.shape[:2], 200, np.uint8)]), "PNG"),
+        "rotated-jpeg": _rotated_jpeg(photo),
+        "small-jpeg": encode(product_image(4, (200, 150)), "JPEG"),
+    }
+
+
+def _batch(blobs: list[bytes]) -> pa.Table:
+    n = len(blobs)
+    return pa.table(
+        {
+            "image_id": pa.array([f"i{k}" for k in range(n)]),
+            "uri": pa.array([f"i{k}.jpg" for k in range(n)]),
+            "model_version": pa.array(["v"] * n),
+            ERROR: pa.array([None] * n, pa.string()),
+            BYTES: pa.array(blobs, pa.large_binary()),
+        }
+    )
+
+
+TRANSFORMS = {
+    "salient": SalientTransforms((320, 320)),
+    "shop-seg": ShopSegTransforms(256),
+    "reid": ReidTransforms((256, 128), 8),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TRANSFORMS))
+def test_exact_mode_gives_the_reference_inputs(task: str) -> None:
+    """Decoding straight into Pillow's resize changes no value: same as array decode + preprocess."""
+    transforms = TRANSFORMS[task]
+    files = _files()
+    out = decode_and_preprocess(_batch(list(files.values())), transforms=transforms)
+    assert out.column(ERROR).to_pylist() == [None] * len(files)
+    for k, (name, blob) in enumerate(files.items()):
+        reference = decode_image(blob)
+        got = decode_array(out.column(INPUT)[k].as_py())
+        np.testing.assert_array_equal(got, transforms.preprocess(reference), err_msg=name)
+        size = (out.column("height")[k].as_py(), out.column("width")[k].as_py())
+        assert size == reference.shape[:2], name
+
+
+def test_fast_decode_scales_jpegs_only() -> None:
+    """draft() decodes a JPEG at the smallest DCT scale still covering the request; PNG at full size."""
+    files = _files()
+    jpeg = open_image(files["jpeg"], min_size=(160, 160))
+    assert jpeg.size == (700, 1000)
+    assert jpeg.array().shape[:2] == (175, 250)  # 1/4: 1/8 would be 88 px high, below 160
+    png = open_image(files["png"], min_size=(160, 160))
+    np.testing.assert_array_equal(png.array(), decode_image(files["png"]))
+    rotated = open_image(files["rotated-jpeg"], min_size=(320, 200))
+    assert rotated.size == (1000, 700)
+    h, w = rotated.array().shape[:2]
+    assert (h, w) == (500, 350)  # 1/2 in the shown orientation, ≥ (320, 200)
+
+
+@pytest.mark.parametrize("task", sorted(TRANSFORMS))
+def test_fast_mode_is_close_and_falls_back_for_other_formats(task: str) -> None:
+    transforms = TRANSFORMS[task]
+    files = _files()
+    blobs = list(files.values())
+    exact = decode_and_preprocess(_batch(blobs), transforms=transforms)
+    fast = decode_and_preprocess(_batch(blobs), transforms=transforms, decode="fast")
+    assert fast.column(ERROR).to_pylist() == [None] * len(files)
+    for col in ("width", "height"):  # the original's size, not the reduced decode's
+        assert fast.column(col).to_pylist() == exact.column(col).to_pylist()
+    for k, name in enumerate(files):
+        a = decode_array(exact.column(INPUT)[k].as_py()).astype(np.float64)
+        b = decode_array(fast.column(INPUT)[k].as_py()).astype(np.float64)
+        assert a.shape == b.shape, name
+        if name.endswith("png"):  # not a JPEG: decoded at full size, exactly as in exact mode
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            assert np.abs(a - b).mean() < 3.0, name
+    assert not np.array_equal(
+        decode_array(exact.column(INPUT)[0].as_py()), decode_array(fast.column(INPUT)[0].as_py())
+    ), "fast mode did not change the decode path"
+
+
+def test_fast_mode_salient_mask_within_two_grey_levels() -> None:
+    """End to end with a smooth stand-in network (a blur of the input's darkness): the final masks of
+    the two modes differ by < 2 grey levels on average."""
+    transforms = TRANSFORMS["salient"]
+    blobs = [encode(product_image(s, (1600, 1200)), "JPEG", quality=90) for s in range(3)]
+    masks = {}
+    for mode in ("exact", "fast"):
+        out = decode_and_preprocess(_batch(blobs), transforms=transforms, decode=mode)
+        masks[mode] = []
+        for k in range(len(blobs)):
+            x = decode_array(out.column(INPUT)[k].as_py()).astype(np.float32)
+            saliency = cv2.GaussianBlur(255.0 - x.mean(axis=2), (0, 0), 4)
+            masks[mode].append(transforms.postprocess(saliency, (1200, 1600)).astype(np.float64))
+    diff = np.abs(np.stack(masks["exact"]) - np.stack(masks["fast"]))
+    assert diff.mean() < 2.0
+
+
+def test_decode_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="decode must be one of"):
+        decode_and_preprocess(_batch([b""]), transforms=TRANSFORMS["salient"], decode="quick")
+
+
+def _write(tmp_path, task: str, mask_size: str, blobs: list[bytes]) -> tuple[pa.Table, list]:
+    transforms = TRANSFORMS[task]
+    batch = decode_and_preprocess(_batch(blobs), transforms=transforms)
+    rng = np.random.default_rng(0)
+    outputs = []
+    for k in range(batch.num_rows):
+        x = decode_array(batch.column(INPUT)[k].as_py())
+        if task == "salient":
+            out = cv2.GaussianBlur(x.mean(axis=2).astype(np.float32), (0, 0), 3)
+        else:
+            out = (rng.random(x.shape[:2]) > 0.5).astype(np.uint8)
+        outputs.append(out)
+    batch = batch.drop_columns([INPUT]).append_column(
+        OUTPUT, pa.array([encode_array(o) for o in outputs], pa.large_binary())
+    )
+    options = OutputOptions(out_uri=str(tmp_path / mask_size), task=task, output="mask")
+    options = OutputOptions(**{**options.__dict__, "mask_size": mask_size})
+    storage = Storage(StorageOptions())
+    return write_products(batch, transforms=transforms, options=options, storage=storage), outputs
+
+
+@pytest.mark.parametrize("task", ["salient", "shop-seg"])
+def test_model_size_masks_upsample_to_the_full_masks(tmp_path, task: str) -> None:
+    blobs = [
+        encode(product_image(s, size), "JPEG") for s, size in enumerate([(640, 480), (333, 500)])
+    ]
+    full, _ = _write(tmp_path, task, "full", blobs)
+    small, _ = _write(tmp_path, task, "model", blobs)
+    assert small.column("status").to_pylist() == ["ok", "ok"]
+    for k in range(2):
+        h, w = small.column("height")[k].as_py(), small.column("width")[k].as_py()
+        assert (h, w) == (full.column("height")[k].as_py(), full.column("width")[k].as_py())
+        big = cv2.imread(full.column("mask_uri")[k].as_py(), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(small.column("mask_uri")[k].as_py(), cv2.IMREAD_UNCHANGED)
+        assert big.shape == (h, w)
+        if task == "salient":
+            assert mask.shape == (320, 320)
+            up = cv2.resize(mask, (w, h), interpolation=cv2.INTER_LINEAR)
+        else:
+            s = TRANSFORMS[task].image_size
+            assert max(mask.shape) == s and mask.shape[0] / mask.shape[1] == pytest.approx(
+                h / w, rel=0.01
+            )
+            up = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.BILINEAR))
+            up = np.where(up >= 128, 255, 0).astype(np.uint8)
+        np.testing.assert_array_equal(up, big)  # the documented upsampling gives the full mask
+
+
+def test_mask_size_model_refused_for_embeddings(tmp_path) -> None:
+    blobs = [encode(person_crop(0, 0), "JPEG")]
+    batch = decode_and_preprocess(_batch(blobs), transforms=TRANSFORMS["reid"])
+    batch = batch.drop_columns([INPUT]).append_column(
+        OUTPUT, pa.array([encode_array(np.ones(8, np.float32))], pa.large_binary())
+    )
+    options = OutputOptions(
+        out_uri=str(tmp_path), task="reid", output="embedding", embedding_dim=8, mask_size="huge"
+    )
+    with pytest.raises(ValueError, match="mask_size must be one of"):
+        write_products(
+            batch, transforms=TRANSFORMS["reid"], options=options, storage=Storage(StorageOptions())
+        )
+
+
+def test_cli_options_reach_the_job_config() -> None:
+    base = [
+        "segment",
+        "--task",
+        "salient",
+        "--manifest",
+        "m.parquet",
+        "--model-dir",
+        "d",
+        "--out",
+        "o",
+    ]
+    args = build_parser().parse_args(base)
+    cfg = _image_job_config(args, "salient")
+    assert (cfg.decode, cfg.mask_size) == ("exact", "full")
+    args = build_parser().parse_args([*base, "--decode", "fast", "--mask-size", "model"])
+    cfg = _image_job_config(args, "salient")
+    assert (cfg.decode, cfg.mask_size) == ("fast", "model")
+
+
+def test_png_settings_are_lossless() -> None:
+    rng = np.random.default_rng(1)
+    grey = cv2.resize(rng.integers(0, 256, (40, 30), dtype=np.uint8), (333, 250))
+    rgba = np.dstack([product_image(2, (333, 250)), grey])
+    for image in (grey, np.where(grey > 127, 255, 0).astype(np.uint8), rgba):
+        back = np.asarray(Image.open(io.BytesIO(encode_png(image))))
+        np.testing.assert_array_equal(back, image)
