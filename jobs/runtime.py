@@ -74,7 +74,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         except Exception as e:
             raise ClusterConnectError(address, e) from e
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine
+        # (without it, ray.init() joins that cluster: /tmp/ray/ray_current_cluster)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
 
 
 def cluster_gpus() -> int:

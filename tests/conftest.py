@@ -123,7 +123,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # address="local": never join a `ray start` cluster another test (or a developer) left up
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
