@@ -67,7 +67,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address:
+    if address and address != "local":
         kwargs["runtime_env"] = {"py_modules": [package_for_workers()]}
         try:
             ray.init(address=address, **kwargs)
