@@ -216,7 +216,8 @@ def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path, cap
     assert json.loads((tmp_path / "out" / SUCCESS).read_text()) == run
     assert (tmp_path / "out" / POINTER).read_text().strip() == f"results/{record['run_id']}"
 
-    report = stdout[:-1]
+    # (Ray's raylet may print a warning on stdout before the report)
+    report = stdout[next(i for i, line in enumerate(stdout) if line.startswith("salient: ")) : -1]
     assert report[0].startswith(f"salient: {len(cases)} rows — 7 ok, 8 error")
     assert report[1] == f"results: {join(out, 'results')}"
     assert report[2] == "errors by class: decode 3, manifest 3, not_found 1, too_large 1"
