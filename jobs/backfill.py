@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -142,7 +143,7 @@ def run_backfill(
         else:
             logger.info("backfill %s: running %s", date, " ".join(partition_argv(job_argv, date)))
             command = f"reid {args.reid_command}" if args.command == "reid" else args.command
-            record = run_record(command, args, lambda clock, a=args: run_job(a, clock))
+            record = run_record(command, args, functools.partial(run_job, args))
             skipped = False
         partitions.append(
             {

@@ -124,7 +124,9 @@ def previous_attempt(out: str, storage: Storage, key: str) -> PreviousAttempt:
     for uri in storage.list_files(staging, suffix=".parquet"):
         afs, apath = storage.arrow_fs(uri)
         try:
-            table = pq.read_table(apath, filesystem=afs, columns=["image_id", "error", "error_class"])
+            table = pq.read_table(
+                apath, filesystem=afs, columns=["image_id", "error", "error_class"]
+            )
         except Exception as e:  # no footer: the writer died mid-file (local disks only)
             logger.warning("resume: dropping the incomplete staged file %s (%s)", uri, e)
             storage.delete(uri)

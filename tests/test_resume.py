@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from vbatch.jobs.demo_data import encode, product_image
-from vbatch.jobs.publish import FAULT_ENV, InjectedFault, read_table
-from vbatch.jobs.resume import drop_done, previous_attempt, run_key
+from vbatch.jobs.publish import FAULT_ENV, read_table
+from vbatch.jobs.resume import drop_done, run_key
 from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.operators.manifest import ERROR, ROW, id_hashes
 from vbatch.operators.storage import Storage, join
@@ -66,7 +66,8 @@ def _staged_rows(storage: Storage, out: str) -> list[dict]:
 def _crash_then_resume(storage: Storage, cfg: ImageJobConfig, crash_row: int) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FAULT_ENV, f"rows:{crash_row}")
-        with pytest.raises(InjectedFault):
+        # Ray wraps the UDF's InjectedFault in its own task error
+        with pytest.raises(Exception, match="injected fault at manifest row"):
             run_image_job(cfg)
     staged = _staged_rows(storage, cfg.out)
     assert 0 < len(staged) < ROWS, "the crashed run staged nothing or everything"
@@ -92,10 +93,52 @@ def _crash_then_resume(storage: Storage, cfg: ImageJobConfig, crash_row: int) ->
     assert not storage.list_files(join(cfg.out, STAGING), suffix=".parquet")
 
 
-def test_resume_after_crash_local(ray_session, tmp_path: Path, salient_dir: Path) -> None:
-    storage = Storage()
-    manifest = _write_manifest(storage, str(tmp_path / "in"))
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_resume_after_crash(
+    request: pytest.FixtureRequest, ray_session, tmp_path: Path, salient_dir: Path, where: str
+) -> None:
+    if where == "local":
+        storage, root, endpoint = Storage(), str(tmp_path), None
+    else:
+        server = request.getfixturevalue("s3_server")
+        storage, root, endpoint = server.storage(), server.new_bucket(), server.endpoint
+    manifest = _write_manifest(storage, join(root, "in"))
     cfg = ImageJobConfig(
-        "salient", manifest, str(salient_dir), str(tmp_path / "out"), batch_size=4, rows_per_block=4
+        "salient",
+        manifest,
+        str(salient_dir),
+        join(root, "out"),
+        batch_size=4,
+        rows_per_block=4,
+        s3_endpoint=endpoint,
     )
     _crash_then_resume(storage, cfg, crash_row=ROWS // 2)
+
+
+def test_drop_done_keeps_rows_not_staged() -> None:
+    batch = pa.table(
+        {
+            "image_id": pa.array(["a", "b", "c", "a", None], pa.string()),
+            ROW: pa.array([0, 1, 2, 3, 4], pa.int64()),
+            ERROR: pa.array(
+                [None, None, None, "manifest row 3: duplicate", "manifest row 4: null"]
+            ),
+        }
+    )
+    done_ids = np.sort(id_hashes(pa.array(["a", "c"])))
+    kept = drop_done(batch, done_ids, np.array([4], np.int64))
+    # "a" and "c" were staged; the duplicate of "a" (row 3) was not, the null id (row 4) was
+    assert kept.column(ROW).to_pylist() == [1, 3]
+    assert drop_done(batch, np.empty(0, np.uint64), np.empty(0, np.int64)).num_rows == 5
+
+
+def test_run_key_ignores_pool_settings_only() -> None:
+    config = {"task": "salient", "manifest": "m", "batch_size": 4, "actors": 2, "max_side": 2000}
+    base = run_key(config, [["m", 10, "t"]], [["w.pt", 5, 1]])
+    assert (
+        run_key({**config, "batch_size": 8, "actors": 1}, [["m", 10, "t"]], [["w.pt", 5, 1]])
+        == base
+    )
+    assert run_key({**config, "max_side": 1000}, [["m", 10, "t"]], [["w.pt", 5, 1]]) != base
+    assert run_key(config, [["m", 11, "t"]], [["w.pt", 5, 1]]) != base  # manifest changed
+    assert run_key(config, [["m", 10, "t"]], [["w.pt", 5, 2]]) != base  # weights rewritten
