@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import gc
 import json
 import logging
 from collections.abc import Callable
@@ -145,6 +146,9 @@ def run_backfill(
             command = f"reid {args.reid_command}" if args.command == "reid" else args.command
             record = run_record(command, args, functools.partial(run_job, args))
             skipped = False
+            # a dataset that failed keeps its actor pool until its executor is collected: free
+            # the pool's CPUs/GPUs for the next partition
+            gc.collect()
         partitions.append(
             {
                 "date": date,

@@ -10,7 +10,9 @@ Which rows the rerun processed is read from the results themselves: a resumed ro
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,20 @@ def _write_manifest(storage: Storage, root: str, rows: int = ROWS) -> str:
     return join(root, "manifest.parquet")
 
 
+def _wait_for_released_actors(timeout: float = 120) -> None:
+    """A failed dataset's actors are killed when its executor is collected; a killed driver loses
+    them at once. On the tests' 2-CPU Ray a lingering model actor would starve the rerun."""
+    import ray
+
+    gc.collect()
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            break
+        gc.collect()
+        time.sleep(0.5)
+
+
 def _staged_rows(storage: Storage, out: str) -> list[dict]:
     rows: list[dict] = []
     for f in storage.list_files(join(out, STAGING), suffix=".parquet"):
@@ -69,6 +85,7 @@ def _crash_then_resume(storage: Storage, cfg: ImageJobConfig, crash_row: int) ->
         # Ray wraps the UDF's InjectedFault in its own task error
         with pytest.raises(Exception, match="injected fault at manifest row"):
             run_image_job(cfg)
+    _wait_for_released_actors()
     staged = _staged_rows(storage, cfg.out)
     assert 0 < len(staged) < ROWS, "the crashed run staged nothing or everything"
     rerun_start = dt.datetime.now(dt.timezone.utc)
