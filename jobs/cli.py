@@ -359,6 +359,43 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev)
     add_run_arguments(ev, rows=False)
 
+    bf = sub.add_parser(
+        "backfill",
+        help="run an image job over many date partitions in one Ray session",
+        description=(
+            "Run `segment` or `reid embed` once per date, in one Ray session: every {date} in the "
+            "job's arguments (after --) becomes the partition's date (YYYY-MM-DD). Each partition is "
+            "published atomically to its own --out with its own run.json and _SUCCESS; a rerun skips "
+            "the partitions whose _SUCCESS records a finished run (exit 0 or 3) of the same "
+            "configuration, and a partition that crashed resumes. Partitions run one after another "
+            "(each starts its own actor pool). Exit status: the worst partition's (1 > 3 > 0)."
+        ),
+        epilog="example: vbatch backfill --dates 2026-10-01..2026-10-10 -- segment --task salient "
+        "--manifest 's3://cat/{date}.parquet' --model-dir s3://models/salient --out 's3://cat/masks/{date}'",
+    )
+    bf.add_argument(
+        "--dates",
+        required=True,
+        metavar="SPEC",
+        help="FIRST..LAST (inclusive) or a comma-separated list of ISO dates",
+    )
+    bf.add_argument(
+        "--force", action="store_true", help="also redo partitions that finished before"
+    )
+    bf.add_argument(
+        "--summary-json",
+        metavar="PATH|-",
+        help="write the backfill's summary (every partition's status) as JSON to PATH, or as the "
+        "last line of stdout with -",
+    )
+    bf.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bf.add_argument(
+        "job",
+        nargs=argparse.REMAINDER,
+        metavar="-- JOB ARGS",
+        help="the job command line: segment … or reid embed …, with {date} in --manifest and --out",
+    )
+
     env = sub.add_parser(
         "env",
         help="versions, GPUs, faiss and ONNX Runtime providers (for bug reports)",
@@ -551,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+    if args.command == "backfill":
+        try:
+            return _backfill(args)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     try:
         if args.command == "matting":
             from vbatch.jobs.matting import run_convert
@@ -582,6 +625,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vbatch {args.command}: error: {describe_failure(e)}", file=sys.stderr)
         return 1
     return EXIT_USAGE
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    """``vbatch backfill``: the job per date in one session; exit status the worst partition's."""
+    from dataclasses import asdict
+
+    from vbatch.jobs.backfill import parse_dates, report, run_backfill
+    from vbatch.jobs.summary import emit
+
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    parser = build_parser()
+    if not job or job[0] not in ("segment", "reid") or (job[0] == "reid" and job[1:2] != ["embed"]):
+        parser.error("backfill: give the job after --: segment … or reid embed …")
+    try:
+        dates = parse_dates(args.dates)
+    except ValueError as e:
+        parser.error(str(e))
+
+    def config_of(a: argparse.Namespace) -> dict:
+        return asdict(_image_job_config(a, "reid" if a.command == "reid" else a.task))
+
+    try:
+        summary = run_backfill(dates, job, parser.parse_args, _job, config_of, force=args.force)
+    except Exception as e:  # before any partition ran (bad templates, no Ray)
+        if args.verbose:
+            logger.exception("failed")
+        print(f"vbatch backfill: error: {describe_failure(e)}", file=sys.stderr)
+        return 1
+    print(report(summary))
+    emit(summary, args.summary_json)
+    return int(summary["exit_code"])
 
 
 def _job(args: argparse.Namespace, clock) -> dict:

@@ -4,7 +4,8 @@ Object stores have no rename and no multi-object transaction, so a table is neve
 place. Each run writes a new *generation* and commits it with one single-object write, the way
 ``operators/faiss_index.py`` commits an index (and Iceberg/Delta commit a snapshot)::
 
-    <out>/.staging/<run id>/*.parquet    Ray's output while the job runs; never read
+    <out>/.staging/<run id>/*.parquet    Ray's output while the job runs; never read by readers
+                                         (the image jobs name it by run key: ``jobs.resume``)
     <out>/results/<run id>/*.parquet     a generation: written once, never modified
     <out>/results/<run id>/_SUCCESS      JSON: the generation's files and rows (Hadoop's S3A
                                          committers write the same kind of manifest)
@@ -98,7 +99,8 @@ def read_files(files: list[str], storage: Storage, columns: list[str] | None = N
 
 # -- writing ---------------------------------------------------------------------------------------
 def stage(ds: ray.data.Dataset, out: str, storage: Storage, run_id: str) -> list[str]:
-    """Execute ``ds`` into ``<out>/.staging/<run_id>/``; returns the staged Parquet files."""
+    """Execute ``ds`` into ``<out>/.staging/<run_id>/``; returns every Parquet file staged there
+    (with those of an earlier, unfinished attempt with the same ``run_id``: ``jobs.resume``)."""
     staging = join(out, STAGING, run_id)
     fs, staging_path = storage.arrow_fs(staging)
     storage.makedirs(staging)
@@ -117,18 +119,27 @@ def staged_files(out: str, storage: Storage, run_id: str) -> list[str]:
     return files
 
 
-def publish(out: str, storage: Storage, run_id: str, staged: list[str], rows: int) -> str:
+def publish(
+    out: str,
+    storage: Storage,
+    run_id: str,
+    staged: list[str],
+    rows: int,
+    staging_name: str | None = None,
+) -> str:
     """Commit the staged files as the generation ``run_id`` of ``<out>/results``.
 
     Args:
         out: the job's ``--out``.
         staged: the files :func:`stage` wrote.
         rows: the table's row count, recorded in the generation's ``_SUCCESS``.
+        staging_name: the staging folder under ``<out>/.staging/`` (default ``run_id``; the image
+            jobs stage under their run key so that a rerun can resume, see ``jobs.resume``).
 
     Returns:
         The generation's folder, ``<out>/results/<run_id>``.
     """
-    staging = join(out, STAGING, run_id)
+    staging = join(out, STAGING, staging_name or run_id)
     generation = join(out, RESULTS, run_id)
     # the marker says "the last run here finished": gone while this one publishes
     storage.delete(join(out, SUCCESS))

@@ -7,7 +7,8 @@ Stages (Ray Data, streaming)::
     → postprocess + write products (CPU tasks) → results Parquet
 
 The same job serves every per-image model (``segment``'s tasks and ``reid embed``), configured by
-:class:`ImageJobConfig`. Results are staged under ``<out>/.staging/<run id>/``, counted, and
+:class:`ImageJobConfig`. Results are staged under ``<out>/.staging/<run key>/`` (a rerun after a
+crash resumes from there: :mod:`vbatch.jobs.resume`), counted, and
 committed as a new generation of ``<out>/results/`` (:mod:`vbatch.jobs.publish`), so a repeated run
 never leaves duplicate rows and readers never see a partial table. Every manifest row comes out
 exactly once, ``ok`` or ``error``; the job checks that before it publishes.
@@ -16,17 +17,28 @@ exactly once, ``ok`` or ``error``; the job checks that before it publishes.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 
 from vbatch.jobs.publish import (
+    FAULT_ENV,
     publish,
     read_files,
     report_details,
     stage,
     write_run_record,
+)
+from vbatch.jobs.resume import (
+    drop_done,
+    fault_row,
+    file_fingerprints,
+    model_dir_fingerprint,
+    previous_attempt,
+    raise_from_row,
+    run_key,
 )
 from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
 from vbatch.jobs.summary import (
@@ -123,6 +135,8 @@ class JobSummary:
     sample_errors: list[tuple[str | None, str]]
     #: the machine-readable summary (jobs.summary.job_record), also in <out>/run.json
     record: dict[str, Any] = field(default_factory=dict)
+    #: rows taken from the staged files of a crashed attempt of the same run (jobs.resume)
+    resumed_rows: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -143,8 +157,17 @@ class JobSummary:
             if by_class
             else ()
         )
+        resumed = (
+            (f"resumed: {self.resumed_rows} rows staged by an unfinished earlier attempt",)
+            if self.resumed_rows
+            else ()
+        )
         details = report_details(
-            self.results_uri, self.model_version, self.sample_errors, self.error, extra=classes
+            self.results_uri,
+            self.model_version,
+            self.sample_errors,
+            self.error,
+            extra=classes + resumed,
         )
         return "\n".join([headline, *details])
 
@@ -215,6 +238,20 @@ def run_image_job(
         "batch_size": cfg.rows_per_block,
         "udf_modifying_row_count": False,
     }
+    # staged under a key of what decides the results: the rerun of a crashed run finds its files
+    # and skips their rows before anything is fetched (jobs.resume)
+    key = run_key(
+        asdict(cfg),
+        file_fingerprints(list(info.files), storage),
+        model_dir_fingerprint(local_model_dir),
+    )
+    previous = previous_attempt(out, storage, key)
+    if previous.rows:
+        ds = ds.map_batches(
+            drop_done,  # type: ignore[arg-type]
+            fn_kwargs={"done_ids": previous.done_ids, "done_rows": previous.done_rows},
+            **{**cpu_stage, "udf_modifying_row_count": True},
+        )
     # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
     ds = ds.map_batches(
         fetch_bytes,  # type: ignore[arg-type]
@@ -261,6 +298,13 @@ def run_image_job(
         embedding_dim=getattr(transforms, "embed_dim", None),
         mask_size=cfg.mask_size,
     )
+    crash_row = fault_row(os.environ.get(FAULT_ENV))
+    if crash_row is not None:
+        ds = ds.map_batches(
+            raise_from_row,  # type: ignore[arg-type]
+            fn_kwargs={"row": crash_row},
+            **{**cpu_stage, "batch_size": None},
+        )
     ds = ds.map_batches(
         write_products,  # type: ignore[arg-type]
         fn_kwargs={"transforms": transforms, "options": options, "storage": storage},
@@ -268,7 +312,7 @@ def run_image_job(
         **{**cpu_stage, "batch_size": None},
     )
 
-    staged = stage(ds, out, storage, clock.run_id)
+    staged = stage(ds, out, storage, key)
     # counted on the staged files, before anything is published: a job that fails its checks
     # leaves the previous table committed
     columns = ["image_id", "status", "error", "error_class", "model_version"]
@@ -281,7 +325,7 @@ def run_image_job(
         )
     limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
     check_infrastructure(counts, limits, "images")
-    generation = publish(out, storage, clock.run_id, staged, counts.rows)
+    generation = publish(out, storage, clock.run_id, staged, counts.rows, staging_name=key)
     model_version = _model_version(table)
 
     summary = JobSummary(
@@ -295,6 +339,7 @@ def run_image_job(
         model_version=model_version,
         resources=res.describe(),
         sample_errors=counts.sample_errors,
+        resumed_rows=previous.rows,
     )
     summary.record = job_record(
         command or "segment",
@@ -308,6 +353,8 @@ def run_image_job(
         results_uri=summary.results_uri,
         generation=generation,
         resources=res.describe(),
+        # rows an earlier, crashed attempt of this run had staged: not fetched or inferred again
+        resumed_rows=previous.rows,
     )
     write_run_record(
         out, storage, {**summary.record, "config": asdict(cfg), "manifest_files": info.files}

@@ -293,22 +293,19 @@ def emit(record: dict[str, Any], target: str | None, s3_endpoint: str | None = N
     Storage(StorageOptions(endpoint_url=s3_endpoint)).write_bytes(target, data)
 
 
-def run_command(
+def run_record(
     command: str,
     args: argparse.Namespace,
     fn: Callable[[RunClock], dict[str, Any] | None],
-) -> int:
-    """Run one job command and turn its outcome into an exit code and a summary.
+) -> dict[str, Any]:
+    """Run one job command; returns its summary (a failure becomes a ``failed`` record, exit 1).
 
     Args:
         command: e.g. ``"segment"``, ``"reid index"``.
-        args: the parsed arguments (``summary_json``, ``verbose``, ``s3_endpoint`` are read).
+        args: the parsed arguments (``verbose`` is read).
         fn: does the work and prints its human report; returns the summary: a row job's
             :func:`job_record` (which carries its exit code) or a plain dict of facts (exit 0).
             Raising means the job failed as a whole (exit 1).
-
-    Returns:
-        The exit code.
     """
     clock = RunClock()
     try:
@@ -325,6 +322,24 @@ def run_command(
             f"over --max-error-rate {record['max_error_rate']:.2%} (exit 3)",
             file=sys.stderr,
         )
+    return record
+
+
+def run_command(
+    command: str,
+    args: argparse.Namespace,
+    fn: Callable[[RunClock], dict[str, Any] | None],
+) -> int:
+    """Run one job command and turn its outcome into an exit code and a summary.
+
+    Args:
+        command, args, fn: see :func:`run_record` (``summary_json`` and ``s3_endpoint`` are also
+            read from ``args``).
+
+    Returns:
+        The exit code.
+    """
+    record = run_record(command, args, fn)
     try:
         emit(record, getattr(args, "summary_json", None), getattr(args, "s3_endpoint", None))
     except Exception as e:

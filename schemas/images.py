@@ -12,6 +12,7 @@ empty id, duplicate id, empty uri) never stops the job: it becomes a result row 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -174,6 +175,18 @@ def key_error(
     if code == URI_EMPTY:
         return f"manifest row {row}: uri is empty"
     return None
+
+
+#: the start of every :func:`key_error` message; its number is the manifest row
+_KEY_ERROR_ROW = re.compile(r"^manifest row (\d+): ")
+
+
+def key_error_row(message: str | None) -> int | None:
+    """The manifest row a :func:`key_error` message names (``None`` for any other message): the
+    one way to tell a result row of an unusable key (null, empty or duplicate id) from the row of
+    its id, which resumed runs need (``jobs.resume``)."""
+    match = _KEY_ERROR_ROW.match(message or "")
+    return int(match.group(1)) if match else None
 
 
 def image_row_errors(

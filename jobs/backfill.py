@@ -1,0 +1,199 @@
+"""``vbatch backfill``: one image-job command over many date partitions, in one Ray session.
+
+    vbatch backfill --dates 2026-10-01..2026-10-10 -- segment --task salient \\
+        --manifest 's3://cat/manifests/{date}.parquet' --model-dir s3://models/salient \\
+        --out 's3://cat/masks/{date}'
+
+Every ``{date}`` in the job's arguments is replaced by each date (ISO ``YYYY-MM-DD``); each
+partition is a complete run of the job (staged, checked, published atomically to its own
+``--out``, with its own ``run.json`` and ``_SUCCESS``). The ledger is those markers: a partition
+whose ``<out>/_SUCCESS`` records a finished run (exit 0 or 3) of the same configuration is skipped
+on a rerun (``--force`` redoes it); a partition that crashed resumes (``jobs.resume``). The
+backfill's summary lists every partition's status, and its exit code is the worst partition's
+(1 failed > 3 too many error rows > 0).
+
+Partitions run one after another in one Ray session: Ray's start-up is paid once, and the model
+directory is localised once; each partition still starts its own actor pool (one dataset per
+partition keeps publishing per partition simple; a shared pool would need one dataset with a
+partition column and a per-partition publish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import gc
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vbatch.jobs.summary import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TOO_MANY_ERRORS,
+    STATUS_BY_EXIT,
+    RunClock,
+    run_record,
+    utc_iso,
+    versions,
+)
+from vbatch.operators.storage import Storage, StorageOptions, join, normalize
+from vbatch.operators.tables import SUCCESS
+
+logger = logging.getLogger(__name__)
+
+DATE = "{date}"
+#: exit codes from best to worst
+_SEVERITY = {EXIT_OK: 0, EXIT_TOO_MANY_ERRORS: 1, EXIT_FAILED: 2}
+#: the job's configuration fields that do not decide its results (see jobs.resume.NOT_IN_KEY)
+_CONFIG_IGNORED = {"max_error_rate", "max_infra_error_rate"}
+
+
+def parse_dates(spec: str) -> list[str]:
+    """``2026-10-01..2026-10-10`` (inclusive) or ``2026-10-01,2026-10-03``: ISO dates, in order.
+
+    Raises:
+        ValueError: not dates, or a range that ends before it starts.
+    """
+    dates: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if ".." in part:
+            first, last = (dt.date.fromisoformat(x.strip()) for x in part.split("..", 1))
+            if last < first:
+                raise ValueError(f"--dates {part}: the range ends before it starts")
+            dates += [
+                (first + dt.timedelta(days=i)).isoformat() for i in range((last - first).days + 1)
+            ]
+        elif part:
+            dates.append(dt.date.fromisoformat(part).isoformat())
+    if not dates:
+        raise ValueError("--dates names no date")
+    if len(set(dates)) != len(dates):
+        raise ValueError(f"--dates {spec}: a date appears twice")
+    return dates
+
+
+def partition_argv(job_argv: list[str], date: str) -> list[str]:
+    """The job's arguments for one date (every ``{date}`` replaced)."""
+    return [a.replace(DATE, date) for a in job_argv]
+
+
+def worst_exit(codes: list[int]) -> int:
+    """The worst of the partitions' exit codes (1 > 3 > 0); 0 for none."""
+    return max(codes, key=lambda c: _SEVERITY.get(c, 2), default=EXIT_OK)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in _CONFIG_IGNORED}
+
+
+def finished_record(out: str, storage: Storage, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The run record in ``<out>/_SUCCESS`` when it is a finished run (exit 0 or 3) of ``config``
+    (the same configuration, JSON-compared), else ``None``."""
+    try:
+        record = json.loads(storage.read_bytes(join(out, SUCCESS)))
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    if record.get("exit_code") not in (EXIT_OK, EXIT_TOO_MANY_ERRORS):
+        return None
+    previous = json.loads(json.dumps(record.get("config") or {}, default=str))
+    current = json.loads(json.dumps(config, default=str))
+    return record if _comparable(previous) == _comparable(current) else None
+
+
+def run_backfill(
+    dates: list[str],
+    job_argv: list[str],
+    parse: Callable[[list[str]], argparse.Namespace],
+    run_job: Callable[[argparse.Namespace, RunClock], dict[str, Any]],
+    config_of: Callable[[argparse.Namespace], dict[str, Any]],
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run the job once per date, skipping the partitions already finished.
+
+    Args:
+        dates: the partitions, in order.
+        job_argv: the job's command line with ``{date}`` templates (e.g. ``["segment", …]``).
+        parse: the CLI's parser (argument errors of the job surface before anything runs).
+        run_job: runs one parsed job command, prints its report, returns its summary.
+        config_of: the job's configuration as a dict (compared with the one ``_SUCCESS`` records).
+        force: redo finished partitions too.
+
+    Returns:
+        The backfill's summary: ``command, status, exit_code, partitions`` (``date, out, status,
+        exit_code, run_id, rows, skipped``), counts by status, times and versions.
+    """
+    clock = RunClock()
+    parsed = [(date, parse(partition_argv(job_argv, date))) for date in dates]
+    outs = [normalize(a.out) for _, a in parsed]
+    if len(set(outs)) != len(outs):
+        raise ValueError("every partition needs its own --out: put {date} in it")
+    from vbatch.jobs.runtime import ensure_ray
+
+    ensure_ray(parsed[0][1].address)  # one session for every partition
+    partitions: list[dict[str, Any]] = []
+    for (date, args), out in zip(parsed, outs, strict=True):
+        storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
+        done = None if force else finished_record(out, storage, config_of(args))
+        if done is not None:
+            logger.info("backfill %s: finished before (run %s), skipped", date, done.get("run_id"))
+            record, skipped = done, True
+        else:
+            logger.info("backfill %s: running %s", date, " ".join(partition_argv(job_argv, date)))
+            command = f"reid {args.reid_command}" if args.command == "reid" else args.command
+            record = run_record(command, args, functools.partial(run_job, args))
+            skipped = False
+            # a dataset that failed keeps its actor pool until its executor is collected: free
+            # the pool's CPUs/GPUs for the next partition
+            gc.collect()
+        partitions.append(
+            {
+                "date": date,
+                "out": out,
+                "status": record.get("status"),
+                "exit_code": int(record.get("exit_code", EXIT_FAILED)),
+                "skipped": skipped,
+                "run_id": record.get("run_id"),
+                "rows": record.get("rows"),
+                "by_status": record.get("by_status"),
+                "error": record.get("error"),
+            }
+        )
+    exit_code = worst_exit([p["exit_code"] for p in partitions])
+    by_status: dict[str, int] = {}
+    for p in partitions:
+        key = "skipped" if p["skipped"] else str(p["status"])
+        by_status[key] = by_status.get(key, 0) + 1
+    return {
+        "command": "backfill",
+        "run_id": clock.run_id,
+        "status": STATUS_BY_EXIT.get(exit_code, "failed"),
+        "exit_code": exit_code,
+        "job": job_argv,
+        "dates": dates,
+        "partitions_by_status": by_status,
+        "partitions": partitions,
+        "seconds": round(clock.seconds(), 3),
+        "started_at": utc_iso(clock.started),
+        "ended_at": utc_iso(dt.datetime.now(dt.timezone.utc).timestamp()),
+        "versions": versions(),
+    }
+
+
+def report(summary: dict[str, Any]) -> str:
+    """Human lines: one per partition, then the totals."""
+    lines = []
+    for p in summary["partitions"]:
+        what = "skipped (finished before)" if p["skipped"] else p["status"]
+        rows = f", {p['rows']} rows" if p.get("rows") is not None else ""
+        err = f": {p['error']}" if p.get("error") else ""
+        lines.append(f"  {p['date']}: {what} (exit {p['exit_code']}{rows}) → {p['out']}{err}")
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["partitions_by_status"].items()))
+    lines.append(
+        f"backfill: {len(summary['partitions'])} partitions — {counts} — "
+        f"{summary['seconds']:.1f} s, exit {summary['exit_code']}"
+    )
+    return "\n".join(lines)

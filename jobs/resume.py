@@ -1,0 +1,206 @@
+"""Resume an image job after a crash: the rerun of the same command finishes only what is missing.
+
+A run stages its results under ``<out>/.staging/<run key>/`` (see :mod:`vbatch.jobs.publish`),
+where the key is a hash of what decides the results (:func:`run_key`: the manifest files as listed,
+the model directory's files, the task and its options). A driver killed mid-run leaves that folder
+with the Parquet files Ray had written so far; each is written in one go (a single PUT on S3; a
+file cut short locally has no footer and is dropped here), and the write stage writes a row's
+products before its result row, so a staged row means its products exist. The rerun reads the row
+keys of those files (:func:`previous_attempt`), drops those rows from the manifest dataset before
+the fetch stage (:func:`drop_done`), writes the rest into the same folder, and publishes old and
+new files together: every manifest row exactly once.
+
+Why not Ray Data's ``ray.data.checkpoint.CheckpointConfig`` (beta in Ray 2.60): it filters rows
+in a ``Read`` operator only (our dataset comes from ``from_arrow_refs`` after the manifest pass, so
+Ray disables it with a warning), it needs an id unique over all rows (manifests can hold null and
+duplicate ids, which must come out as error rows), it keeps its own checkpoint files next to the
+output (a second thing to publish and clean, and on local disks only a network file system will
+do), and it knows nothing of our generations: the staged Parquet files are the record already.
+
+Rows with infrastructure errors are redone: a staged file holding one is deleted before the rerun
+(its other rows are redone too; a file is one model batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vbatch.operators.manifest import ERROR, ROW, id_hashes
+from vbatch.operators.storage import Storage, is_remote, join
+from vbatch.operators.tables import STAGING
+from vbatch.schemas.errors import INFRASTRUCTURE
+from vbatch.schemas.images import key_error_row
+
+logger = logging.getLogger(__name__)
+
+#: configuration fields that change no result row (pool, placement, limits of the run's exit
+#: status): a rerun with other values still resumes
+NOT_IN_KEY = frozenset(
+    {
+        "batch_size",
+        "actors",
+        "gpus_per_actor",
+        "threads_per_actor",
+        "address",
+        "device",
+        "rows_per_block",
+        "max_error_rate",
+        "max_infra_error_rate",
+        "s3_endpoint",
+    }
+)
+
+
+def file_fingerprints(files: list[str], storage: Storage) -> list[list[Any]]:
+    """``[uri, size, ETag or modification time]`` per file, from one listing call each
+    (S3: ``ETag``; local: ``mtime``)."""
+    out: list[list[Any]] = []
+    for uri in files:
+        fs, path = storage.fs(uri)
+        info = fs.info(path)
+        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+        out.append([uri, int(info.get("size") or 0), str(stamp)])
+    return out
+
+
+def model_dir_fingerprint(local_dir: Path) -> list[list[Any]]:
+    """``[name, size, mtime_ns]`` of every file of a (localised) model directory: new weights of
+    the same size still change the key (a cached copy is rewritten when its source changes)."""
+    return [
+        [str(p.relative_to(local_dir)), p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(local_dir.rglob("*"))
+        if p.is_file()
+    ]
+
+
+def run_key(config: dict[str, Any], manifest: list[list[Any]], model: list[list[Any]]) -> str:
+    """The staging folder name of a run: ``run-<16 hex>`` over the configuration fields that
+    decide results (all but :data:`NOT_IN_KEY`), the manifest's and the model's fingerprints."""
+    decided = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_KEY}
+    blob = json.dumps([decided, manifest, model], sort_keys=True, default=str).encode()
+    return "run-" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class PreviousAttempt:
+    """What an unfinished run with the same key staged: its files and the keys of their rows."""
+
+    files: list[str] = field(default_factory=list)
+    #: sorted uint64 hashes (``operators.manifest.id_hashes``) of the ids of rows with a usable key
+    done_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    #: sorted manifest rows of key-error rows (null, empty or duplicate id)
+    done_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    #: files dropped: unreadable (cut short) or holding infrastructure errors
+    dropped: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.done_ids) + len(self.done_rows)
+
+
+def previous_attempt(out: str, storage: Storage, key: str) -> PreviousAttempt:
+    """Read the staged files of an unfinished run ``key`` under ``out``; delete those that cannot
+    count (a local file cut short; a file with infrastructure error rows, which a rerun redoes).
+
+    Returns:
+        The files kept and their rows' keys (empty when there was no such run).
+    """
+    staging = join(out, STAGING, key)
+    fs, path = storage.fs(staging)
+    fs.invalidate_cache(path)
+    found = PreviousAttempt()
+    ids: list[np.ndarray] = []
+    rows: list[int] = []
+    for uri in storage.list_files(staging, suffix=".parquet"):
+        afs, apath = storage.arrow_fs(uri)
+        try:
+            table = pq.read_table(
+                apath, filesystem=afs, columns=["image_id", "error", "error_class"]
+            )
+        except Exception as e:  # no footer: the writer died mid-file (local disks only)
+            logger.warning("resume: dropping the incomplete staged file %s (%s)", uri, e)
+            storage.delete(uri)
+            found.dropped += 1
+            continue
+        error_class = table.column("error_class")
+        key_rows = [key_error_row(m) for m in table.column("error").to_pylist()]
+        is_key_error = pc.equal(error_class.fill_null(""), "manifest").to_numpy(
+            zero_copy_only=False
+        )
+        unparsed = any(k and r is None for k, r in zip(is_key_error, key_rows, strict=True))
+        if pc.any(pc.equal(error_class, INFRASTRUCTURE)).as_py() or unparsed:
+            logger.info("resume: redoing the rows of %s (infrastructure errors)", uri)
+            storage.delete(uri)
+            found.dropped += 1
+            continue
+        found.files.append(uri)
+        rows += [r for r in key_rows if r is not None]
+        ids.append(id_hashes(table.column("image_id").filter(pa.array(~is_key_error))))
+    found.done_ids = np.sort(np.concatenate(ids)) if ids else found.done_ids
+    found.done_rows = np.sort(np.array(rows, np.int64))
+    if found.files or found.dropped:
+        logger.info(
+            "resume: %d rows in %d staged files of an unfinished run (%s); %d files dropped",
+            found.rows,
+            len(found.files),
+            staging if is_remote(staging) else path,
+            found.dropped,
+        )
+    return found
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    at = np.clip(np.searchsorted(sorted_set, values), 0, len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
+def drop_done(batch: pa.Table, done_ids: np.ndarray, done_rows: np.ndarray) -> pa.Table:
+    """Ray Data stage on the annotated manifest: the rows an earlier attempt has not staged.
+
+    Args:
+        batch: manifest rows with ``image_id``, ``_vb_row`` and ``_vb_error``.
+        done_ids, done_rows: see :class:`PreviousAttempt` (sorted).
+
+    Returns:
+        ``batch`` without the rows already staged: a row with a usable key whose id is done, or a
+        key-error row whose manifest row is done.
+    """
+    if batch.num_rows == 0:
+        return batch
+    usable = batch.column(ERROR).is_null().to_numpy(zero_copy_only=False)
+    done = usable & _member(id_hashes(batch.column("image_id").combine_chunks()), done_ids)
+    done |= ~usable & _member(batch.column(ROW).to_numpy(), done_rows)
+    return batch.filter(pa.array(~done))
+
+
+#: ``VBATCH_FAULT=rows:<N>`` (tests, benchmarks): the job dies in its write stage at the first
+#: batch holding manifest row N or later, as a killed driver would, leaving what Ray had staged
+ROWS_FAULT = "rows:"
+
+
+def fault_row(spec: str | None) -> int | None:
+    """N of a ``rows:<N>`` fault spec (``VBATCH_FAULT``), else ``None``."""
+    if spec and spec.startswith(ROWS_FAULT):
+        return int(spec[len(ROWS_FAULT) :])
+    return None
+
+
+def raise_from_row(batch: pa.Table, row: int) -> pa.Table:
+    """Ray Data stage before the write stage: raise on a batch holding manifest row ``row`` or later."""
+    if batch.num_rows and pc.max(batch.column(ROW)).as_py() >= row:
+        from vbatch.jobs.publish import InjectedFault
+
+        raise InjectedFault(f"injected fault at manifest row >= {row} (VBATCH_FAULT=rows:{row})")
+    return batch
