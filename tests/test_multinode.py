@@ -127,3 +127,23 @@ def test_segment_on_three_nodes(s3_server, tmp_path: Path) -> None:
         assert len(caches["model"]) == 1 and len(caches["driver"]) == 1
         assert caches["cpu"] == [] and caches["head"] == []
     assert result["caches_end"]["model"] == result["caches_run1"]["model"]
+
+
+def test_cluster_options_reach_the_job_config() -> None:
+    from vbatch.jobs.cli import _image_job_config, build_parser
+
+    base = ["segment", "--task", "salient", "--manifest", "s3://b/m", "--model-dir", "s3://b/d"]
+    base += ["--out", "s3://b/o"]
+    args = build_parser().parse_args(base)
+    cfg = _image_job_config(args, "salient")
+    assert cfg.forward_s3_env is False and cfg.actor_resources is None  # nothing implicit
+    more = ["--forward-s3-env", "--actor-resource", "gpu_node=1", "--actor-resource", "big=0.5"]
+    cfg = _image_job_config(build_parser().parse_args(base + more), "salient")
+    assert cfg.forward_s3_env is True and cfg.actor_resources == {"gpu_node": 1.0, "big": 0.5}
+    assert runtime.actor_resources(cfg.actor_resources) == {
+        "resources": {"gpu_node": 1.0, "big": 0.5}
+    }
+    assert runtime.actor_resources(None) == {}
+    for bad in ("gpu_node", "=1", "gpu_node=0", "gpu_node=x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, "--actor-resource", bad])
