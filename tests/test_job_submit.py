@@ -29,6 +29,7 @@ from vbatch.jobs.publish import read_table
 from vbatch.operators.storage import Storage
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+START_ATTEMPTS = 3
 
 
 def _free_port() -> int:
@@ -69,8 +70,6 @@ def test_ray_job_submit_segment(tmp_path: Path) -> None:
     working_dir.mkdir()
     (working_dir / "README.txt").write_text("the job's working directory\n")
 
-    port, dashboard = _free_port(), _free_port()
-    temp = tempfile.mkdtemp(prefix="vbrj-", dir="/tmp")  # short: Ray's socket paths have a limit
     env = {
         **os.environ,
         # `vbatch` on the job's PATH (the head runs the entrypoint with its own environment)
@@ -80,32 +79,17 @@ def test_ray_job_submit_segment(tmp_path: Path) -> None:
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
         "RAY_ADDRESS": "",
     }
-    start = [
-        *RAY, "start", "--head", "--block", f"--port={port}",
-        f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    head = subprocess.Popen(
-        start,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    head, url, temp = None, "", ""
     try:
-        url = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 300  # a loaded machine takes its time
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=5).read()
+        # Ray gives a starting node a fixed 30 s to register: a loaded machine may miss it
+        for _attempt in range(START_ATTEMPTS):
+            head, url, temp, failure = _start_head(env, tmp_path / f"head-{_attempt}.log")
+            if not failure:
                 break
-            except Exception:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    out = head.stdout.read() if head.poll() is not None and head.stdout else ""
-                    pytest.fail(f"the Ray head did not start: {out[-3000:]}")
-                time.sleep(1)
+            _stop(head, temp)
+            head = None
+        else:
+            pytest.fail(f"the Ray head did not start: {failure[-3000:]}")
         out_dir = tmp_path / "out"
         command = [
             *RAY, "job", "submit", "--address", url, "--working-dir", str(working_dir), "--",
@@ -127,13 +111,48 @@ def test_ray_job_submit_segment(tmp_path: Path) -> None:
         assert sorted(table.column("image_id").to_pylist()) == ids
         assert set(table.column("status").to_pylist()) == {"ok"}
     finally:
-        # the head's own process group: stops this cluster and nothing else on the machine
+        if head is not None:
+            _stop(head, temp)
+
+
+def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, str]:
+    """(process, dashboard URL, temp dir, failure output or "") of a ``ray start --head --block``
+    in its own process group."""
+    port, dashboard = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="vbrj-", dir="/tmp")  # short: Ray's socket paths have a limit
+    start = [
+        *RAY, "start", "--head", "--block", f"--port={port}",
+        f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:  # a file, not a pipe: --block keeps writing to it
+        head = subprocess.Popen(
+            start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 300
+    while True:
         try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp, ignore_errors=True)
+            urllib.request.urlopen(f"{url}/api/version", timeout=5).read()
+            return head, url, temp, ""
+        except Exception:
+            if head.poll() is not None:
+                return head, url, temp, log_path.read_text(errors="replace") or "exited"
+            if time.monotonic() > deadline:
+                return head, url, temp, "no answer from the dashboard in 300 s"
+            time.sleep(1)
+
+
+def _stop(head: subprocess.Popen, temp: str) -> None:
+    """Stop the head's own process group: this cluster and nothing else on the machine (``ray
+    stop`` would stop every Ray instance on it)."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(temp, ignore_errors=True)
