@@ -126,6 +126,9 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
         "--disable-usage-stats",
     ]  # fmt: skip
+    # RAY_TMPDIR too: nothing of this cluster lands in /tmp/ray, where a plain ray.init() of
+    # another process would find its address (ray_current_cluster) and join it
+    env = {**env, "RAY_TMPDIR": temp}
     with open(log_path, "wb") as log:  # a file, not a pipe: --block keeps writing to it
         head = subprocess.Popen(
             start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

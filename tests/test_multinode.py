@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -87,14 +89,20 @@ def test_segment_on_three_nodes(s3_server, tmp_path: Path) -> None:
     }
     (tmp_path / "conf.json").write_text(json.dumps(conf))
     result_path = tmp_path / "result.json"
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "conf.json"), str(result_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    # a private Ray temp dir: a Cluster's head writes its address to <temp>/ray/ray_current_cluster,
+    # and every plain ray.init() on the machine (other test sessions) would join it from /tmp/ray
+    ray_tmp = tempfile.mkdtemp(prefix="vbmn-", dir="/tmp")  # short: socket paths have a limit
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path / "conf.json"), str(result_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(result_path.read_text())
 
