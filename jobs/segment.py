@@ -30,12 +30,10 @@ from vbatch.jobs.publish import (
 )
 from vbatch.jobs.runtime import (
     Resources,
+    actor_resources,
     decide_resources,
     ensure_ray,
     refuse_local_paths_on_cluster,
-)
-from vbatch.jobs.runtime import (
-    actor_resources as _actor_resources,
 )
 from vbatch.jobs.summary import (
     DEFAULT_MAX_ERROR_RATE,
@@ -259,7 +257,7 @@ def run_image_job(
         # with inference instead of waiting for it.
         memory=res.memory,
         # custom resources pin the actors to the nodes that carry them (a node type's label)
-        **_actor_resources(cfg.actor_resources),
+        **actor_resources(cfg.actor_resources),
         udf_modifying_row_count=False,
     )
     options = OutputOptions(

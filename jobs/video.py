@@ -26,12 +26,10 @@ import ray
 from vbatch.jobs.publish import publish, read_files, report_details, stage, write_run_record
 from vbatch.jobs.runtime import (
     Resources,
+    actor_resources,
     decide_resources,
     ensure_ray,
     refuse_local_paths_on_cluster,
-)
-from vbatch.jobs.runtime import (
-    actor_resources as _actor_resources,
 )
 from vbatch.jobs.segment import task_options
 from vbatch.jobs.summary import (
@@ -212,7 +210,7 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         # resources, it also keeps Ray from fusing decoding into the actor
         memory=res.memory,
         # custom resources pin the actors to the nodes that carry them (a node type's label)
-        **_actor_resources(cfg.actor_resources),
+        **actor_resources(cfg.actor_resources),
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
