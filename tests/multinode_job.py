@@ -81,6 +81,13 @@ def main(config_path: str, result_path: str) -> None:
     conf = json.loads(Path(config_path).read_text())
     work = Path(conf["work"])
     result: dict = {}
+
+    def save(step: str) -> None:
+        # after every step: a run cut short by the test's timeout still shows how far it got
+        result["last_step"] = step
+        Path(result_path).write_text(json.dumps(result, indent=1))
+        logger.info("step done: %s", step)
+
     # the nodes get no credentials of their own: the driver's reach them only when forwarded
     aws = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
     caches = {name: work / f"cache-{name}" for name in ("head", "cpu", "model", "driver")}
@@ -98,6 +105,7 @@ def main(config_path: str, result_path: str) -> None:
     os.environ.update(aws)
     os.environ["VBATCH_CACHE"] = str(caches["driver"])
     result["nodes"] = {"cpu": cpu_node.node_id, "model": model_node.node_id}
+    save("cluster up")
     storage = Storage(StorageOptions(endpoint_url=conf["endpoint"]))
 
     def cfg(out: str, forward: bool = True, **kw) -> ImageJobConfig:
@@ -125,6 +133,7 @@ def main(config_path: str, result_path: str) -> None:
         _env_probe.options(resources={"model_node": 1}).remote(), timeout=300
     )
     result["local_out_written"] = (work / "local-out").exists()
+    save("refusal and probe without forwarding")
     ray.shutdown()
 
     # 2. a plain run, credentials forwarded
@@ -136,6 +145,7 @@ def main(config_path: str, result_path: str) -> None:
     )
     result["actor_nodes_run1"] = _model_actor_nodes()
     result["caches_run1"] = {k: _model_dirs(v) for k, v in caches.items()}
+    save("run 1")
 
     # 3. the CPU node dies mid-run (once the first masks are written)
     out2 = join(conf["out"], "run2")
@@ -169,7 +179,7 @@ def main(config_path: str, result_path: str) -> None:
     killer.join(timeout=5)
     result["actor_nodes_all"] = _model_actor_nodes()
     result["caches_end"] = {k: _model_dirs(v) for k, v in caches.items()}
-    Path(result_path).write_text(json.dumps(result, indent=1))
+    save("done")
     ray.shutdown()
     cluster.shutdown()
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from vbatch.operators.storage import join
 
 IMAGES = 24
 SCRIPT = Path(__file__).with_name("multinode_job.py")
+#: the whole scenario: three node start-ups, three jobs (minutes on a quiet 2-core machine)
+TIMEOUT_S = 1500
 
 
 def test_local_paths_refused_on_several_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,18 +96,31 @@ def test_segment_on_three_nodes(s3_server, tmp_path: Path) -> None:
     # and every plain ray.init() on the machine (other test sessions) would join it from /tmp/ray
     ray_tmp = tempfile.mkdtemp(prefix="vbmn-", dir="/tmp")  # short: socket paths have a limit
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+    log_path = tmp_path / "multinode.log"
     try:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), str(tmp_path / "conf.json"), str(result_path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1500,
-        )
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(tmp_path / "conf.json"), str(result_path)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                proc.wait(TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                # the script's own process group: its Ray nodes go with it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(result_path.read_text())
+    progress = json.loads(result_path.read_text()) if result_path.exists() else {}
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode} after step {progress.get('last_step')!r}; log "
+        f"{log_path}:\n{log_path.read_text(errors='replace')[-6000:]}"
+    )
+    result = progress
+    assert result["last_step"] == "done"
 
     # local paths: refused before anything ran, naming the option and object storage
     assert result["local_out"] and "--out" in result["local_out"]
