@@ -124,6 +124,7 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
         *RAY, "start", "--head", "--block", f"--port={port}",
         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+        f"--ray-client-server-port={_free_port()}",  # not the fixed 10001
         "--disable-usage-stats",
     ]  # fmt: skip
     # RAY_TMPDIR too: nothing of this cluster lands in /tmp/ray, where a plain ray.init() of
