@@ -78,6 +78,9 @@ def test_ray_job_submit_segment(tmp_path: Path) -> None:
         # explicitly, so that `ray start`, the job client and the job's driver all agree
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
         "RAY_ADDRESS": "",
+        # Ray waits 60 s for its dashboard (the job server) by default: too short on a loaded
+        # 2-core machine ("Failed to start the dashboard")
+        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
     }
     head, url, temp = None, "", ""
     try:
@@ -135,7 +138,7 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
             start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=5).read()
@@ -144,7 +147,7 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
             if head.poll() is not None:
                 return head, url, temp, log_path.read_text(errors="replace") or "exited"
             if time.monotonic() > deadline:
-                return head, url, temp, "no answer from the dashboard in 300 s"
+                return head, url, temp, "no answer from the dashboard in 600 s"
             time.sleep(1)
 
 
