@@ -94,6 +94,26 @@ def _pool(
         metavar="N",
         help="torch threads per replica (default: cores / actors on CPU)",
     )
+    g.add_argument(
+        "--actor-resource",
+        action="append",
+        type=_resource,
+        metavar="NAME=N",
+        dest="actor_resources",
+        help=(
+            "a custom Ray resource each replica requests (repeatable), e.g. gpu_node=1: pins the "
+            "model actors to the nodes started with it (ray start --resources)"
+        ),
+    )
+    g.add_argument(
+        "--forward-s3-env",
+        action="store_true",
+        help=(
+            "pass the driver's AWS_* variables (credentials, region, AWS_ENDPOINT_URL) to the "
+            "job's workers through Ray's runtime_env; off by default: workers use their own "
+            "credentials (instance role, a Secret in the pod spec)"
+        ),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,9 +470,23 @@ def _job_arguments(args: argparse.Namespace) -> dict:
     pool = ("batch_size", "actors", "gpus_per_actor", "threads_per_actor", "device")
     limits = limits_of(args)
     return {k: getattr(args, k) for k in names + pool} | {
+        "forward_s3_env": args.forward_s3_env,
+        "actor_resources": dict(args.actor_resources) if args.actor_resources else None,
         "max_error_rate": limits.max_error_rate,
         "max_infra_error_rate": limits.max_infra_error_rate,
     }
+
+
+def _resource(text: str) -> tuple[str, float]:
+    """argparse type: ``NAME=N``, a custom Ray resource and its amount (> 0)."""
+    name, sep, amount = text.partition("=")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = 0.0
+    if not sep or not name or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=N with N > 0, got {text!r}")
+    return name, value
 
 
 def _positive_int(text: str) -> int:

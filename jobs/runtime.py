@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -57,26 +58,104 @@ class ClusterConnectError(RuntimeError):
         super().__init__(f"cannot join the Ray cluster at {address}: {first}{hint}")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+#: the driver's variables that ``--forward-s3-env`` passes to the job's workers: the AWS SDK's
+#: credentials, region, profile and endpoint settings (``AWS_ENDPOINT_URL`` included)
+FORWARD_PREFIXES = ("AWS_",)
+
+
+def s3_env_to_forward() -> dict[str, str]:
+    """The driver's ``AWS_*`` variables, for the workers' ``runtime_env``.
+
+    Returns:
+        name → value (empty when the driver has none).
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+
+
+def ensure_ray(
+    address: str | None = None, num_cpus: int | None = None, forward_s3_env: bool = False
+) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a local Ray; reuse a running one.
 
     On a cluster, the driver's copy of the vbatch packages is shipped with the job (``py_modules``)
     so workers run exactly the code the driver runs.
+
+    Args:
+        address: a Ray cluster's address (``host:port`` or ``ray://…``); None: ``RAY_ADDRESS`` or a
+            local Ray.
+        num_cpus: CPUs of a local Ray (default: the machine's).
+        forward_s3_env: pass the driver's ``AWS_*`` variables (credentials, region, endpoint) to
+            every worker of the job through ``runtime_env["env_vars"]``. Off by default: the
+            credentials then travel with the job's runtime environment (visible to whoever can read
+            the cluster's job table), so it is an explicit choice, never silent.
     """
     if ray.is_initialized():
+        if forward_s3_env:
+            logger.warning("--forward-s3-env has no effect: Ray was already initialised")
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
+    runtime_env: dict = {}
+    if forward_s3_env:
+        env = s3_env_to_forward()
+        if not env:
+            logger.warning("--forward-s3-env: the driver has no AWS_* variable to forward")
+        runtime_env["env_vars"] = env
+        # names only: the values are secrets
+        logger.info("forwarding %s to the job's workers", ", ".join(sorted(env)) or "nothing")
     if address and address != "local":
-        kwargs["runtime_env"] = {"py_modules": [package_for_workers()]}
+        runtime_env["py_modules"] = [package_for_workers()]
         try:
-            ray.init(address=address, **kwargs)
+            ray.init(address=address, runtime_env=runtime_env, **kwargs)
         except Exception as e:
             raise ClusterConnectError(address, e) from e
     else:
         # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine
         # (without it, ray.init() joins that cluster: /tmp/ray/ray_current_cluster)
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env or None, **kwargs)
+
+
+def actor_resources(resources: dict[str, float] | None) -> dict[str, Any]:
+    """Ray remote arguments that pin the model actors to the nodes carrying ``resources``.
+
+    Args:
+        resources: custom resource → amount per actor (``--actor-resource``); None: no pinning.
+
+    Returns:
+        ``{"resources": …}`` for ``map_batches``, or ``{}``.
+    """
+    return {"resources": dict(resources)} if resources else {}
+
+
+class LocalPathOnClusterError(ValueError):
+    """A local path given to a job on a cluster of several nodes."""
+
+
+def refuse_local_paths_on_cluster(paths: dict[str, str | None]) -> None:
+    """Refuse local paths when the Ray cluster has more than one alive node (after :func:`ensure_ray`).
+
+    Workers read the manifest and the model directory and write the outputs on their own node: a
+    local path there means each node's own disk, and the job would fail late (an accounting error
+    after the whole run) or scatter its outputs. A shared filesystem mounted on every node is not
+    detected; put the data on object storage.
+
+    Args:
+        paths: option name (``"--out"``) → the URI given (None: not given).
+
+    Raises:
+        LocalPathOnClusterError: naming every local path and the number of nodes.
+    """
+    from vbatch.operators.storage import is_http, is_remote
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1:
+        return
+    local = [f"{k} {v}" for k, v in paths.items() if v and not (is_remote(v) or is_http(v))]
+    if local:
+        raise LocalPathOnClusterError(
+            f"the Ray cluster has {nodes} nodes and each reads and writes its own local disk: "
+            f"use object storage (s3://…) for {', '.join(local)}"
+        )
 
 
 def cluster_gpus() -> int:

@@ -40,7 +40,13 @@ from vbatch.jobs.resume import (
     raise_from_row,
     run_key,
 )
-from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
+from vbatch.jobs.runtime import (
+    Resources,
+    actor_resources,
+    decide_resources,
+    ensure_ray,
+    refuse_local_paths_on_cluster,
+)
 from vbatch.jobs.summary import (
     DEFAULT_MAX_ERROR_RATE,
     DEFAULT_MAX_INFRA_ERROR_RATE,
@@ -85,6 +91,11 @@ class ImageJobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     s3_endpoint: str | None = None
     address: str | None = None
+    #: pass the driver's AWS_* variables to the job's workers (runtime_env); off: never silent
+    forward_s3_env: bool = False
+    #: custom Ray resources each model actor requests, e.g. {"gpu_node": 1}: pins the actors to
+    #: the nodes that carry them
+    actor_resources: dict[str, float] | None = None
     #: "auto" (GPUs when the cluster has or can get them), "cpu" or "cuda"
     device: str = "auto"
     #: matting: images with a longer side run downscaled to it (the model card's working range)
@@ -201,7 +212,10 @@ def run_image_job(
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
 
-    ensure_ray(cfg.address)
+    ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
+    refuse_local_paths_on_cluster(
+        {"--manifest": cfg.manifest, "--model-dir": cfg.model_dir, "--out": cfg.out}
+    )
     res: Resources = decide_resources(
         cfg.task,
         cfg.batch_size,
@@ -288,6 +302,8 @@ def run_image_job(
         # never fuses decoding into the actor (it would on a CPU-only cluster): decoding overlaps
         # with inference instead of waiting for it.
         memory=res.memory,
+        # custom resources pin the actors to the nodes that carry them (a node type's label)
+        **actor_resources(cfg.actor_resources),
         udf_modifying_row_count=False,
     )
     options = OutputOptions(

@@ -24,7 +24,13 @@ import pyarrow.compute as pc
 import ray
 
 from vbatch.jobs.publish import publish, read_files, report_details, stage, write_run_record
-from vbatch.jobs.runtime import Resources, decide_resources, ensure_ray
+from vbatch.jobs.runtime import (
+    Resources,
+    actor_resources,
+    decide_resources,
+    ensure_ray,
+    refuse_local_paths_on_cluster,
+)
 from vbatch.jobs.segment import task_options
 from vbatch.jobs.summary import (
     DEFAULT_MAX_ERROR_RATE,
@@ -68,6 +74,11 @@ class VideoConfig:
     render: bool = False
     s3_endpoint: str | None = None
     address: str | None = None
+    #: pass the driver's AWS_* variables to the job's workers (runtime_env); off: never silent
+    forward_s3_env: bool = False
+    #: custom Ray resources each model actor requests, e.g. {"gpu_node": 1}: pins the actors to
+    #: the nodes that carry them
+    actor_resources: dict[str, float] | None = None
     #: "auto" (GPUs when the cluster has or can get them), "cpu" or "cuda"
     device: str = "auto"
     #: on GPU: "fp32" (the reference's), "bf16" or "fp16" autocast
@@ -137,7 +148,10 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
     clock = clock or RunClock()
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
-    ensure_ray(cfg.address)
+    ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
+    refuse_local_paths_on_cluster(
+        {"--manifest": cfg.manifest, "--model-dir": cfg.model_dir, "--out": cfg.out}
+    )
     res: Resources = decide_resources(
         "rvos",
         cfg.batch_size or DEFAULT_WINDOWS_PER_CALL,
@@ -195,6 +209,8 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         # the replica's host memory (jobs.runtime.ACTOR_MEMORY_GB); differing from the CPU stages'
         # resources, it also keeps Ray from fusing decoding into the actor
         memory=res.memory,
+        # custom resources pin the actors to the nodes that carry them (a node type's label)
+        **actor_resources(cfg.actor_resources),
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(

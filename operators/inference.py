@@ -40,8 +40,15 @@ def load_actor_model(
         torch.set_num_threads(threads)
     local = Storage(storage_options).localize_dir(model_dir)
     predictor = load_model(task, local, device=device, **(model_options or {}))
+    import ray
+
     logger.info(
-        "actor pid %d: %s %s on %s", os.getpid(), task, predictor.model_version, predictor.device
+        "actor pid %d on node %s: %s %s on %s",
+        os.getpid(),
+        ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-",
+        task,
+        predictor.model_version,
+        predictor.device,
     )
     return predictor
 

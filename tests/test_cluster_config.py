@@ -15,9 +15,11 @@ def _config() -> dict:
 
 
 def test_cluster_yaml_passes_rays_schema_check() -> None:
-    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
-    validate_config(_config())
+    # prepare_config fills in the defaults `ray up` fills in (the check refuses a config without
+    # them, e.g. cluster_synced_files) and does not touch the fields cluster.yaml sets
+    validate_config(prepare_config(_config()))
 
 
 def test_cluster_yaml_gets_gpu_actors_before_any_gpu_node_is_up(ray_session, monkeypatch) -> None:

@@ -1,0 +1,165 @@
+"""``ray job submit … -- vbatch segment …`` against a ``ray start --head`` cluster, as the README says.
+
+The head runs in its own process group (``ray start --block``) with its own temp dir and ports, and
+is stopped by signalling that group: ``ray stop`` would stop every Ray instance on the machine.
+``ray job submit`` needs Ray's job server, part of the dashboard (``ray[default]``); without its
+packages the test is skipped, naming the missing one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vbatch.jobs.demo_data import encode, product_image
+from vbatch.jobs.publish import read_table
+from vbatch.operators.storage import Storage
+
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+START_ATTEMPTS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job_server_missing() -> str | None:
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.skipif(
+    _job_server_missing() is not None,
+    reason=(
+        "`ray job submit` needs Ray's job server, part of the dashboard (pip install 'ray[default]'); "
+        f"this environment has ray[data] only: `ray start --head --include-dashboard true` fails "
+        f"with 'Cannot include dashboard with missing packages' ({_job_server_missing()})"
+    ),
+)
+def test_ray_job_submit_segment(tmp_path: Path) -> None:
+    from vbatch.models.salient.config import SENET_TINY
+    from vbatch.models.salient.modeldir import write_random_model_dir
+
+    model_dir = write_random_model_dir(tmp_path / "salient", SENET_TINY, norm_size=(32, 32))
+    ids = [f"img-{i}" for i in range(6)]
+    (tmp_path / "imgs").mkdir()
+    for i, image_id in enumerate(ids):
+        (tmp_path / "imgs" / f"{image_id}.jpg").write_bytes(encode(product_image(i, (40, 32))))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image_id": ids, "uri": [f"imgs/{i}.jpg" for i in ids]}), buf)
+    (tmp_path / "manifest.parquet").write_bytes(buf.getvalue())
+    working_dir = tmp_path / "wd"
+    working_dir.mkdir()
+    (working_dir / "README.txt").write_text("the job's working directory\n")
+
+    env = {
+        **os.environ,
+        # `vbatch` on the job's PATH (the head runs the entrypoint with its own environment)
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # a machine with ~/.ray/auth_token starts clusters with token authentication; say so
+        # explicitly, so that `ray start`, the job client and the job's driver all agree
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+        "RAY_ADDRESS": "",
+        # Ray waits 60 s for its dashboard (the job server) by default: too short on a loaded
+        # 2-core machine ("Failed to start the dashboard")
+        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
+    }
+    head, url, temp = None, "", ""
+    try:
+        # Ray gives a starting node a fixed 30 s to register: a loaded machine may miss it
+        for _attempt in range(START_ATTEMPTS):
+            head, url, temp, failure = _start_head(env, tmp_path / f"head-{_attempt}.log")
+            if not failure:
+                break
+            _stop(head, temp)
+            head = None
+        else:
+            pytest.fail(f"the Ray head did not start: {failure[-3000:]}")
+        out_dir = tmp_path / "out"
+        command = [
+            *RAY, "job", "submit", "--address", url, "--working-dir", str(working_dir), "--",
+            "vbatch", "segment", "--task", "salient",
+            "--manifest", str(tmp_path / "manifest.parquet"),
+            "--model-dir", str(model_dir), "--out", str(out_dir), "--batch-size", "2",
+        ]  # fmt: skip
+        submit = subprocess.run(
+            command,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        log = submit.stdout + submit.stderr
+        assert submit.returncode == 0, log[-6000:]
+        assert "succeeded" in log
+        table = read_table(str(out_dir), Storage())
+        assert sorted(table.column("image_id").to_pylist()) == ids
+        assert set(table.column("status").to_pylist()) == {"ok"}
+    finally:
+        if head is not None:
+            _stop(head, temp)
+
+
+def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, str]:
+    """(process, dashboard URL, temp dir, failure output or "") of a ``ray start --head --block``
+    in its own process group."""
+    port, dashboard = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="vbrj-", dir="/tmp")  # short: Ray's socket paths have a limit
+    start = [
+        *RAY, "start", "--head", "--block", f"--port={port}",
+        f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+        f"--ray-client-server-port={_free_port()}",  # not the fixed 10001
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    # RAY_TMPDIR too: nothing of this cluster lands in /tmp/ray, where a plain ray.init() of
+    # another process would find its address (ray_current_cluster) and join it
+    env = {**env, "RAY_TMPDIR": temp}
+    with open(log_path, "wb") as log:  # a file, not a pipe: --block keeps writing to it
+        head = subprocess.Popen(
+            start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=5).read()
+            return head, url, temp, ""
+        except Exception:
+            if head.poll() is not None:
+                return head, url, temp, log_path.read_text(errors="replace") or "exited"
+            if time.monotonic() > deadline:
+                return head, url, temp, "no answer from the dashboard in 600 s"
+            time.sleep(1)
+
+
+def _stop(head: subprocess.Popen, temp: str) -> None:
+    """Stop the head's own process group: this cluster and nothing else on the machine (``ray
+    stop`` would stop every Ray instance on it)."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    except ProcessLookupError:
+        pass
+    shutil.rmtree(temp, ignore_errors=True)
