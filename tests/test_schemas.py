@@ -66,11 +66,16 @@ def test_results_validation_catches_inconsistent_rows() -> None:
     good = pa.Table.from_pylist(
         [
             {"image_id": "a", "status": "ok", "error": None},
-            {"image_id": "b", "status": "error", "error": "x"},
+            {"image_id": "b", "status": "error", "error": "x", "error_class": "decode"},
         ],
         schema=schema,
     )
     validate_image_results(good, "mask")
+    unclassed = pa.Table.from_pylist(
+        [{"image_id": "b", "status": "error", "error": "x"}], schema=schema
+    )
+    with pytest.raises(ValueError, match="row 0: error 'x' with error_class None"):
+        validate_image_results(unclassed, "mask")
     bad = pa.Table.from_pylist([{"image_id": "a", "status": "ok", "error": "boom"}], schema=schema)
     with pytest.raises(ValueError, match="row 0"):
         validate_image_results(bad, "mask")

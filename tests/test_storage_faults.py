@@ -32,11 +32,9 @@ from vbatch.operators.storage import (
 
 @pytest.fixture(scope="module")
 def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.salient import write_random_model_dir
+    from vbatch.models.salient.modeldir import write_random_model_dir
 
-    return write_random_model_dir(
-        tmp_path_factory.mktemp("salient"), variant="senet", norm_size=(64, 64)
-    )
+    return write_random_model_dir(tmp_path_factory.mktemp("salient"), norm_size=(64, 64))
 
 
 # -- classification and the retry loop -------------------------------------------------------------

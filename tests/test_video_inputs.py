@@ -88,7 +88,7 @@ def test_a_good_video_shows_no_problem(bad_videos: dict[str, Path]) -> None:
     )
 
 
-@pytest.mark.parametrize("uri", ["https://example.com/a.mp4", "gs://bucket/a.mp4", "ftp://h/a"])
+@pytest.mark.parametrize("uri", ["hdfs://nn/a.mp4", "gs://bucket/a.mp4", "ftp://h/a"])
 def test_an_unsupported_uri_is_that_video_s_error_row(tmp_path: Path, uri: str) -> None:
     assert video_row_errors(["v"], [uri], [["q"]]) == [None]  # the schema takes it as a string
     good = tmp_path / "good.mp4"
@@ -115,7 +115,8 @@ def test_an_unsupported_uri_is_that_video_s_error_row(tmp_path: Path, uri: str) 
 # -- queries ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def rvos_dir(tmp_path_factory) -> Path:
-    from vbatch.models.rvos import TINY, write_random_model_dir
+    from vbatch.models.rvos import TINY
+    from vbatch.models.rvos.modeldir import write_random_model_dir
 
     return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
 
