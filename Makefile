@@ -5,7 +5,7 @@ VENV ?= .venv
 ORACLE_VENV ?= .venv-oracle
 UV := $(VENV)/bin/uv
 
-.PHONY: demo test lint bench oracle clean
+.PHONY: demo test test-multinode lint bench oracle clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
 	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# the multi-node Ray cluster test (a head, a CPU node, a model node; kills a node mid-run)
+test-multinode: $(VENV)/.installed-test
+	$(VENV)/bin/python -m pytest -m multinode tests/test_multinode.py $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -79,6 +79,7 @@ def _inputs(storage, bucket: str, tmp_path: Path) -> tuple[str, str, list[str]]:
     return manifest, model_dir, ids
 
 
+@pytest.mark.multinode
 def test_segment_on_three_nodes(s3_server, tmp_path: Path) -> None:
     storage = s3_server.storage()
     bucket = s3_server.new_bucket()
