@@ -109,7 +109,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         # the S3 gateway also opens a Lance namespace (9101) and an Iceberg catalog (8181) on fixed
         # ports by default: a second server on the machine would die with "address in use"
         "-s3.port.lance=0", "-s3.port.iceberg=0",
-        "-master.volumeSizeLimitMB=64", "-volume.max=50",
+        # every bucket is a SeaweedFS collection that grows 7 volumes of its own: -volume.max=50
+        # ran out at the 8th bucket ("no free volumes left" -> S3 InternalError) in the full suite;
+        # volumes are sparse files, so a high count costs nothing until written
+        "-master.volumeSizeLimitMB=64", "-volume.max=2000",
     ]  # fmt: skip
     server = S3Server(cmd, data)
     server.start()
