@@ -1,4 +1,5 @@
-"""Benchmark: resume after a killed driver, and one backfill command against separate commands.
+"""Benchmark: resume after a killed driver, nightly reuse, and one backfill command against
+separate commands.
 
 ``resume``: a salient job over N images (random weights, small input size) runs as its own
 ``vbatch segment`` process; once about half of the rows are staged the driver's process group is
@@ -6,10 +7,16 @@ killed (SIGKILL: no cleanup). The same command is run again; it prints how many 
 the crashed attempt, and how many it ran the model on (rows whose ``processed_at`` is after the
 rerun started: resumed rows keep the crashed attempt's).
 
+``reuse``: night one runs a salient job over N images (with ``--reuse`` pointing at its own
+``--out``, so fingerprints are recorded); then a fraction of the images is rewritten with new
+content and night two runs twice over the same manifest: in full (no ``--reuse``) and with
+``--reuse`` night one. Prints the wall time and the rows the model ran on of each.
+
 ``backfill``: P partitions of M images, one ``vbatch backfill`` command against P ``vbatch
 segment`` commands (wall time of each, every command a fresh process as a scheduler runs it).
 
     python bench/bench_resume.py resume --images 200
+    python bench/bench_resume.py reuse --images 1000 --changed 0.02
     python bench/bench_resume.py backfill --partitions 10 --images 20
 """
 
@@ -45,10 +52,10 @@ def write_inputs(root: Path, ids: list[str], name: str = "manifest") -> Path:
     return manifest
 
 
-def model_dir(work: Path) -> Path:
+def model_dir(work: Path, size: int = 64) -> Path:
     from vbatch.models.salient.modeldir import write_random_model_dir
 
-    return write_random_model_dir(work / "salient", norm_size=(64, 64))
+    return write_random_model_dir(work / "salient", norm_size=(size, size))
 
 
 def staged_rows(out: Path) -> int:
@@ -112,6 +119,56 @@ def resume(args: argparse.Namespace) -> None:
     )
 
 
+def _model_rows(out: Path, since: dt.datetime) -> int:
+    """Rows of the committed table whose ``processed_at`` is after ``since``: the model ran on them."""
+    from vbatch.jobs.publish import read_table
+    from vbatch.operators.storage import Storage
+
+    table = read_table(str(out), Storage())
+    return int(pc.sum(pc.greater_equal(table.column("processed_at"), pa.scalar(since))).as_py())
+
+
+def reuse(args: argparse.Namespace) -> None:
+    import random
+
+    work = Path(tempfile.mkdtemp(prefix="vbatch-reuse-"))
+    ids = [f"img-{i:04d}" for i in range(args.images)]
+    manifest = write_inputs(work / "in", ids)
+    job = [*CLI, "segment", "--task", "salient", "--manifest", str(manifest)]
+    job += ["--model-dir", str(model_dir(work, args.norm_size)), "--summary-json", "-"]
+    night1 = work / "night1"
+
+    def run(out: Path, *extra: str) -> tuple[float, dict, int]:
+        start = dt.datetime.now(dt.timezone.utc)
+        t0 = time.perf_counter()
+        done = subprocess.run([*job, "--out", str(out), *extra], capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"{out.name} failed (rc {done.returncode}): {done.stderr[-2000:]}")
+        return seconds, json.loads(done.stdout.strip().splitlines()[-1]), _model_rows(out, start)
+
+    first, _, _ = run(night1, "--reuse", str(night1))
+    changed = random.Random(0).sample(range(args.images), round(args.images * args.changed))
+    time.sleep(0.01)
+    for k in changed:  # new content: new size and mtime
+        (work / "in" / "imgs" / f"{ids[k]}.jpg").write_bytes(
+            encode(product_image(10_000 + k, (160, 120)), quality=90)
+        )
+    full_s, full, full_model = run(work / "full")
+    reuse_s, reused, reuse_model = run(work / "reused", "--reuse", str(night1))
+    print(
+        f"images={args.images}, changed={len(changed)}, norm size {args.norm_size}², cpus={os.cpu_count()}"
+    )
+    print(f"night one (records fingerprints): {first:7.1f} s")
+    print(
+        f"night two in full              : {full_s:7.1f} s, model on {full_model} rows, {full['by_status']}"
+    )
+    print(
+        f"night two with --reuse         : {reuse_s:7.1f} s, model on {reuse_model} rows, "
+        f"reused_rows={reused['reused_rows']}, {reused['by_status']} ({full_s / reuse_s:.2f}x faster)"
+    )
+
+
 def backfill(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="vbatch-backfill-"))
     model = model_dir(work)
@@ -159,11 +216,17 @@ def main() -> None:
     r = sub.add_parser("resume")
     r.add_argument("--images", type=int, default=200)
     r.add_argument("--kill-at", type=float, default=0.5, help="fraction of rows staged")
+    u = sub.add_parser("reuse")
+    u.add_argument("--images", type=int, default=1000)
+    u.add_argument("--changed", type=float, default=0.02, help="fraction of images changed")
+    u.add_argument(
+        "--norm-size", type=int, default=320, help="salient input size (320: the model card's)"
+    )
     b = sub.add_parser("backfill")
     b.add_argument("--partitions", type=int, default=10)
     b.add_argument("--images", type=int, default=20)
     args = p.parse_args()
-    resume(args) if args.what == "resume" else backfill(args)
+    {"resume": resume, "reuse": reuse, "backfill": backfill}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="full",
         help="salient/shop-seg: full (default) writes masks at the image's size; model at the network's resolution (width/height in the results stay the original's)",
     )
+    _reuse(seg)
     _pool(seg)
     _common(seg)
     add_run_arguments(seg)
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--model-dir", required=True, metavar="URI", help="ModelScope model directory")
     emb.add_argument("--out", required=True, metavar="URI")
     emb.add_argument("--limit", type=int, metavar="N")
+    _reuse(emb)
     _pool(emb)
     _common(emb)
     add_run_arguments(emb)
@@ -458,7 +460,15 @@ def _image_job_config(args: argparse.Namespace, task: str):  # -> jobs.segment.I
 
     extra = {
         k: getattr(args, k)
-        for k in ("max_pixels", "max_side", "background", "precision", "decode", "mask_size")
+        for k in (
+            "max_pixels",
+            "max_side",
+            "background",
+            "precision",
+            "decode",
+            "mask_size",
+            "reuse",
+        )
         if hasattr(args, k)
     }
     return ImageJobConfig(task=task, **_job_arguments(args), **extra)
@@ -475,6 +485,22 @@ def _job_arguments(args: argparse.Namespace) -> dict:
         "max_error_rate": limits.max_error_rate,
         "max_infra_error_rate": limits.max_infra_error_rate,
     }
+
+
+def _reuse(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reuse",
+        metavar="URI",
+        help=(
+            "an earlier run's --out (e.g. last night's, or this --out itself): rows whose image_id, "
+            "uri and content fingerprint match an ok row there, run with the same model and options, "
+            "are carried forward (result row copied, products copied server-side into --out) without "
+            "being fetched, decoded or inferred. Fingerprint: the manifest's content_hash or etag "
+            "column, else the object's ETag (S3) or size + mtime (local) from one listing per folder. "
+            "Recorded in source_fingerprint for the next run; a folder with no finished run reuses "
+            "nothing. See README, Nightly runs"
+        ),
+    )
 
 
 def _resource(text: str) -> tuple[str, float]:

@@ -186,20 +186,31 @@ def drop_done(batch: pa.Table, done_ids: np.ndarray, done_rows: np.ndarray) -> p
 
 
 #: ``VBATCH_FAULT=rows:<N>`` (tests, benchmarks): the job dies in its write stage at the first
-#: batch holding manifest row N or later, as a killed driver would, leaving what Ray had staged
+#: batch holding manifest row N or later, leaving what Ray had staged
 ROWS_FAULT = "rows:"
+#: ``VBATCH_FAULT=hang:<N>``: that batch blocks instead, until the driver is killed (tests that
+#: SIGKILL a real driver at a known point)
+HANG_FAULT = "hang:"
 
 
-def fault_row(spec: str | None) -> int | None:
-    """N of a ``rows:<N>`` fault spec (``VBATCH_FAULT``), else ``None``."""
-    if spec and spec.startswith(ROWS_FAULT):
-        return int(spec[len(ROWS_FAULT) :])
+def fault_row(spec: str | None) -> tuple[int, bool] | None:
+    """``(N, hang)`` of a ``rows:<N>`` or ``hang:<N>`` fault spec (``VBATCH_FAULT``), else ``None``."""
+    for prefix, hang in ((ROWS_FAULT, False), (HANG_FAULT, True)):
+        if spec and spec.startswith(prefix):
+            return int(spec[len(prefix) :]), hang
     return None
 
 
-def raise_from_row(batch: pa.Table, row: int) -> pa.Table:
-    """Ray Data stage before the write stage: raise on a batch holding manifest row ``row`` or later."""
+def raise_from_row(batch: pa.Table, row: int, hang: bool = False) -> pa.Table:
+    """Ray Data stage before the write stage: raise (or block, ``hang``) on a batch holding
+    manifest row ``row`` or later."""
     if batch.num_rows and pc.max(batch.column(ROW)).as_py() >= row:
+        if hang:
+            import time
+
+            logger.warning("VBATCH_FAULT=hang:%d: blocking until killed", row)
+            while True:
+                time.sleep(60)
         from vbatch.jobs.publish import InjectedFault
 
         raise InjectedFault(f"injected fault at manifest row >= {row} (VBATCH_FAULT=rows:{row})")

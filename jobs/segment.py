@@ -59,12 +59,24 @@ from vbatch.jobs.summary import (
     job_record,
 )
 from vbatch.models import check_model_dir, load_transforms, model_entry
+from vbatch.models import model_version as weights_version
 from vbatch.models.registry import ModelEntry
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
 from vbatch.operators.images import decode_and_preprocess, fetch_bytes
 from vbatch.operators.inference import ModelStage
-from vbatch.operators.manifest import read_image_manifest
+from vbatch.operators.manifest import ManifestInfo, read_image_manifest
 from vbatch.operators.outputs import OutputOptions, write_products
+from vbatch.operators.reuse import (
+    Previous,
+    carry_forward,
+    fingerprint_column,
+    keep,
+    list_fingerprints,
+    manifest_uris,
+    mark,
+    model_identity,
+    previous_run,
+)
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 
 logger = logging.getLogger(__name__)
@@ -113,6 +125,8 @@ class ImageJobConfig:
     decode: str = "exact"
     #: masks: "full" (original size) or "model" (network resolution; results keep the original size)
     mask_size: str = "full"
+    #: an earlier run's --out: unchanged rows are carried forward from it (operators.reuse)
+    reuse: str | None = None
 
 
 def task_options(
@@ -148,6 +162,8 @@ class JobSummary:
     record: dict[str, Any] = field(default_factory=dict)
     #: rows taken from the staged files of a crashed attempt of the same run (jobs.resume)
     resumed_rows: int = 0
+    #: rows carried forward from an earlier run (--reuse)
+    reused_rows: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -168,11 +184,15 @@ class JobSummary:
             if by_class
             else ()
         )
-        resumed = (
-            (f"resumed: {self.resumed_rows} rows staged by an unfinished earlier attempt",)
-            if self.resumed_rows
-            else ()
-        )
+        resumed: tuple[str, ...] = ()
+        if self.resumed_rows:
+            resumed += (
+                f"resumed: {self.resumed_rows} rows staged by an unfinished earlier attempt",
+            )
+        if self.reused_rows:
+            resumed += (
+                f"reused: {self.reused_rows} unchanged rows carried forward (not fetched or inferred)",
+            )
         details = report_details(
             self.results_uri,
             self.model_version,
@@ -266,6 +286,8 @@ def run_image_job(
             fn_kwargs={"done_ids": previous.done_ids, "done_rows": previous.done_rows},
             **{**cpu_stage, "udf_modifying_row_count": True},
         )
+    identity = model_identity(weights_version(cfg.task, local_model_dir), local_model_dir)
+    ds, carried, reusable = _split_reused(ds, cfg, info, storage, identity, cpu_stage)
     # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
     ds = ds.map_batches(
         fetch_bytes,  # type: ignore[arg-type]
@@ -314,11 +336,11 @@ def run_image_job(
         embedding_dim=getattr(transforms, "embed_dim", None),
         mask_size=cfg.mask_size,
     )
-    crash_row = fault_row(os.environ.get(FAULT_ENV))
-    if crash_row is not None:
+    crash = fault_row(os.environ.get(FAULT_ENV))
+    if crash is not None:
         ds = ds.map_batches(
             raise_from_row,  # type: ignore[arg-type]
-            fn_kwargs={"row": crash_row},
+            fn_kwargs={"row": crash[0], "hang": crash[1]},
             **{**cpu_stage, "batch_size": None},
         )
     ds = ds.map_batches(
@@ -327,6 +349,23 @@ def run_image_job(
         # its blocks are the model's batches already
         **{**cpu_stage, "batch_size": None},
     )
+
+    reused_rows = 0
+    if carried is not None and reusable is not None:
+        reused_rows = carried.count()
+        ds = ds.union(
+            carried.map_batches(
+                carry_forward,  # type: ignore[arg-type]
+                fn_kwargs={
+                    "previous": reusable,
+                    "out": out,
+                    "output": entry.output,
+                    "embedding_dim": options.embedding_dim,
+                    "storage": storage,
+                },
+                **cpu_stage,
+            )
+        )
 
     staged = stage(ds, out, storage, key)
     # counted on the staged files, before anything is published: a job that fails its checks
@@ -356,6 +395,7 @@ def run_image_job(
         resources=res.describe(),
         sample_errors=counts.sample_errors,
         resumed_rows=previous.rows,
+        reused_rows=reused_rows,
     )
     summary.record = job_record(
         command or "segment",
@@ -371,11 +411,74 @@ def run_image_job(
         resources=res.describe(),
         # rows an earlier, crashed attempt of this run had staged: not fetched or inferred again
         resumed_rows=previous.rows,
+        # rows carried forward from --reuse: not fetched or inferred either
+        reused_rows=reused_rows,
     )
     write_run_record(
-        out, storage, {**summary.record, "config": asdict(cfg), "manifest_files": info.files}
+        out,
+        storage,
+        {
+            **summary.record,
+            "config": asdict(cfg),
+            "manifest_files": info.files,
+            # what a later --reuse of this run compares (operators.reuse)
+            "model_identity": identity,
+        },
     )
     return summary
+
+
+def _split_reused(
+    ds: ray.data.Dataset,
+    cfg: ImageJobConfig,
+    info: ManifestInfo,
+    storage: Storage,
+    identity: str,
+    cpu_stage: dict[str, Any],
+) -> tuple[ray.data.Dataset, ray.data.Dataset | None, Previous | None]:
+    """Give each manifest row its content fingerprint and split off the rows ``--reuse`` carries
+    forward (:mod:`vbatch.operators.reuse`).
+
+    Returns:
+        (the rows to process, the rows to carry forward or ``None``, the earlier run's rows).
+    """
+    fp_column = fingerprint_column(info.passthrough)
+    if cfg.reuse is None and fp_column is None:
+        return ds, None, None
+    previous: Previous | None = None
+    listing = None
+    if cfg.reuse is not None:
+        previous = previous_run(cfg.reuse, storage, identity, asdict(cfg))
+        if previous.reason:
+            logger.warning("--reuse %s: nothing to reuse: %s", cfg.reuse, previous.reason)
+        else:
+            logger.info("--reuse %s: %d ok rows with a fingerprint", cfg.reuse, previous.rows)
+        if fp_column is None:
+            listing = list_fingerprints(manifest_uris(info.files, storage), info.base_uri, storage)
+            logger.info(
+                "content fingerprints: listed %d objects in %d folders",
+                listing.objects,
+                listing.folders,
+            )
+    ds = ds.map_batches(
+        mark,  # type: ignore[arg-type]
+        fn_kwargs={
+            "fingerprint_column": fp_column,
+            "listing": listing,
+            "base_uri": info.base_uri,
+            "storage": storage,
+            "previous_keys": previous.keys if previous is not None else Previous("").keys,
+        },
+        **cpu_stage,
+    )
+    if previous is None or not previous.rows:
+        return ds, None, previous
+    # both branches read the marked manifest: mark it once
+    ds = ds.materialize()
+    split = {**cpu_stage, "udf_modifying_row_count": True}
+    carried = ds.map_batches(keep, fn_kwargs={"reused": True}, **split)  # type: ignore[arg-type]
+    todo = ds.map_batches(keep, fn_kwargs={"reused": False}, **split)  # type: ignore[arg-type]
+    return todo, carried, previous
 
 
 def _model_version(table: Any) -> str | None:

@@ -13,6 +13,7 @@ from vbatch.models.registry import (
     load_model,
     load_transforms,
     model_entry,
+    model_version,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "load_model",
     "load_transforms",
     "model_entry",
+    "model_version",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vbatch.models.base import Predictor, Transforms
-from vbatch.models.checkpoint import CheckpointError, peek_state_dict
+from vbatch.models.checkpoint import CheckpointError, file_version, peek_state_dict
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,19 @@ def model_entry(name: str) -> ModelEntry:
         return REGISTRY[name]
     except KeyError:
         raise UnknownModelError(name) from None
+
+
+def model_version(name: str, model_dir: str | Path) -> str:
+    """The ``model_version`` the model's predictor records in every result row (a short content
+    hash of its weights file), computed without loading the model."""
+    entry = model_entry(name)
+    if entry.checkpoint is not None:
+        return file_version(Path(model_dir) / entry.checkpoint)
+    if name == "matting":  # the ONNX file, or the graph it was converted from
+        from vbatch.models.matting.model import resolve_onnx
+
+        return resolve_onnx(Path(model_dir))[1]
+    raise ValueError(f"{name}: no weights file to take a version from")
 
 
 def check_model_dir(name: str, model_dir: str | Path) -> None:

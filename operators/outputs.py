@@ -25,6 +25,7 @@ from vbatch.operators.decode import decode_image
 from vbatch.operators.images import BYTES
 from vbatch.operators.inference import OUTPUT
 from vbatch.operators.manifest import ERROR
+from vbatch.operators.reuse import FINGERPRINT
 from vbatch.operators.storage import Storage, join
 from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
@@ -257,6 +258,11 @@ def write_products(
         "height": batch.column("height"),
         "model_version": batch.column("model_version"),
         "processed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        "source_fingerprint": (
+            batch.column(FINGERPRINT)
+            if FINGERPRINT in batch.column_names
+            else pa.nulls(n, pa.string())
+        ),
     }
     arrays = [
         columns[f.name] if f.name in columns else pa.array(extra[f.name], f.type) for f in schema

@@ -428,6 +428,32 @@ class Storage:
             self._retry("copy", functools.partial(fs.copy, key, target), src)
         self._retry("delete", lambda: fs.rm(spath, recursive=True), src)
 
+    def copy(self, src: str, dst: str) -> None:
+        """Copy one object: server-side (``CopyObject``) within S3, else through this process.
+        Readers of ``dst`` see the old or the new content, as with :meth:`write_bytes`."""
+        self._writable(dst)
+        if is_remote(src) and is_remote(dst):
+            fs, spath = self.fs(src)
+            _, dpath = self.fs(dst)
+            self._retry("copy", lambda: fs.copy(spath, dpath), src)
+            return
+        self.write_bytes(dst, self.read_bytes(src))
+
+    def list_entries(self, uri: str) -> list[dict[str, Any]]:
+        """The entries directly in folder ``uri``, fresh from the store (one LIST per 1,000 keys on
+        S3), with their metadata (``name``, ``type``, ``size``; ``ETag`` on S3, ``mtime`` locally).
+        Empty when there is no such folder."""
+        fs, path = self.fs(uri)
+        fs.invalidate_cache(path)
+
+        def ls() -> list[dict[str, Any]]:
+            try:
+                return list(fs.ls(path, detail=True))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+        return self._retry("list", ls, uri)
+
     # -- whole files -------------------------------------------------------------------------------
     def get_file(self, uri: str, local: str | Path) -> Path:
         """Download ``uri`` to ``local`` (atomically); returns the local path."""

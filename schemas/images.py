@@ -41,6 +41,9 @@ COMMON_RESULT_FIELDS: list[pa.Field] = [
     pa.field("height", pa.int32()),
     pa.field("model_version", pa.string()),  # short sha256 of the checkpoint file
     pa.field("processed_at", pa.timestamp("us", tz="UTC")),
+    # the input's content fingerprint when known (the manifest's content_hash/etag column, or the
+    # object's listing entry under --reuse): what the next run's --reuse compares
+    pa.field("source_fingerprint", pa.string()),
 ]
 
 #: what each kind of model output adds to the common columns

@@ -1,8 +1,9 @@
 """Resume after a crash (``jobs.resume``): the rerun of the same command processes only the rows
 the crashed run had not staged, and the published table has every manifest row exactly once.
 
-The crash is injected with ``VBATCH_FAULT=rows:<N>``: the job dies in its write stage at the first
-batch holding manifest row N or later, leaving what Ray had staged, as a killed driver would.
+The job runs as its own process with ``VBATCH_FAULT=hang:<N>``: the batch holding manifest row N
+blocks before the write stage, the rows before it are staged, and the test SIGKILLs the driver's
+process group (the driver and the Ray it started), as a lost node or a cancelled job would.
 Which rows the rerun processed is read from the results themselves: a resumed row keeps the
 ``processed_at`` of the crashed run.
 """
@@ -10,8 +11,13 @@ Which rows the rerun processed is read from the results themselves: a resumed ro
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,16 +27,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from vbatch.jobs.cli import main
 from vbatch.jobs.demo_data import encode, product_image
 from vbatch.jobs.publish import FAULT_ENV, read_table
 from vbatch.jobs.resume import drop_done, run_key
-from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.operators.manifest import ERROR, ROW, id_hashes
 from vbatch.operators.storage import Storage, join
 from vbatch.operators.tables import STAGING
 
 NORM_SIZE = (64, 64)
-ROWS = 40
+ROWS = 64
 
 
 @pytest.fixture(scope="module")
@@ -57,84 +63,91 @@ def _write_manifest(storage: Storage, root: str, rows: int = ROWS) -> str:
     return join(root, "manifest.parquet")
 
 
-def _wait_for_released_actors(timeout: float = 120) -> None:
-    """A failed dataset's actors are killed when its executor is collected; a killed driver loses
-    them at once. On the tests' 2-CPU Ray a lingering model actor would starve the rerun."""
-    import ray
-
-    gc.collect()
-    deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
-        if time.monotonic() > deadline:
-            break
-        gc.collect()
-        time.sleep(0.5)
-
-
 def _staged_rows(storage: Storage, out: str) -> list[dict]:
+    """The rows of the readable staged files (a local file being written has no footer yet)."""
+    fs, path = storage.fs(join(out, STAGING))
+    fs.invalidate_cache(path)
     rows: list[dict] = []
     for f in storage.list_files(join(out, STAGING), suffix=".parquet"):
-        fs, path = storage.arrow_fs(f)
-        rows += pq.read_table(path, filesystem=fs, columns=["image_id", "error"]).to_pylist()
+        afs, apath = storage.arrow_fs(f)
+        try:
+            rows += pq.read_table(apath, filesystem=afs, columns=["image_id", "error"]).to_pylist()
+        except Exception:
+            pass
     return rows
 
 
-def _crash_then_resume(storage: Storage, cfg: ImageJobConfig, crash_row: int) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FAULT_ENV, f"rows:{crash_row}")
-        # Ray wraps the UDF's InjectedFault in its own task error
-        with pytest.raises(Exception, match="injected fault at manifest row"):
-            run_image_job(cfg)
-    _wait_for_released_actors()
-    staged = _staged_rows(storage, cfg.out)
-    assert 0 < len(staged) < ROWS, "the crashed run staged nothing or everything"
+def _kill_driver_then_resume(storage: Storage, argv: list[str], out: str, hang_row: int) -> None:
+    """Run the job as its own driver process on the tests' Ray, SIGKILL it once rows before
+    ``hang_row`` are staged and the rows from it on are blocked, then rerun the same command.
+
+    The driver joins the running Ray (a second Ray instance would cost a start-up on the tests'
+    2 cores); Ray releases a dead driver's actors and tasks, as on a real cluster."""
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[FAULT_ENV] = f"hang:{hang_row}"
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "vbatch.jobs.cli", *argv, "--address", address]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while len(_staged_rows(storage, out)) < 8:
+            if proc.poll() is not None:
+                pytest.fail(f"the job ended (rc {proc.returncode}): {proc.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the job staged nothing in 10 minutes")
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, no cleanup
+        proc.wait()
+    staged = _staged_rows(storage, out)
+    assert 0 < len(staged) < ROWS, "the killed run staged nothing or everything"
     rerun_start = dt.datetime.now(dt.timezone.utc)
-    summary = run_image_job(cfg)
-    assert summary.record["resumed_rows"] == len(staged)
-    table = read_table(cfg.out, storage)
+    summary = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    assert main([*argv, "--summary-json", summary]) == 0
+    assert json.loads(Path(summary).read_text())["resumed_rows"] == len(staged)
+    table = read_table(out, storage)
     # every manifest row exactly once
     assert table.num_rows == ROWS + 2
     ids = table.column("image_id").to_pylist()
     expected = sorted([f"img-{i:03d}" for i in range(ROWS)] + ["img-005"])
     assert sorted(i for i in ids if i is not None) == expected and ids.count(None) == 1
     assert table.filter(pc.equal(table.column("status"), "ok")).num_rows == ROWS
-    # the rerun processed exactly the rows the crashed run had not staged
+    # the rerun processed exactly the rows the killed run had not staged
     rows = table.to_pylist()
     redone = [(r["image_id"], r["error"]) for r in rows if r["processed_at"] >= rerun_start]
     kept = [(r["image_id"], r["error"]) for r in rows if r["processed_at"] < rerun_start]
     assert sorted(kept, key=str) == sorted(((r["image_id"], r["error"]) for r in staged), key=str)
     assert len(redone) == ROWS + 2 - len(staged)
     # one mask per ok row, nothing left in staging
-    masks = storage.list_files(join(cfg.out, "masks"))
+    masks = storage.list_files(join(out, "masks"))
     assert len(masks) == ROWS and all(m.endswith(".png") for m in masks)
-    assert not storage.list_files(join(cfg.out, STAGING), suffix=".parquet")
+    assert not storage.list_files(join(out, STAGING), suffix=".parquet")
 
 
-@pytest.mark.skip(
-    reason="the crashed dataset's model actor is not released in-process (Ray 2.60): on the tests' "
-    "2-CPU shared Ray the rerun's fetch stage then waits for a CPU forever; needs the crash in a "
-    "subprocess (bench/bench_resume.py kills a real driver)"
-)
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_resume_after_crash(
+def test_resume_after_killed_driver(
     request: pytest.FixtureRequest, ray_session, tmp_path: Path, salient_dir: Path, where: str
 ) -> None:
     if where == "local":
-        storage, root, endpoint = Storage(), str(tmp_path), None
+        storage, root, endpoint = Storage(), str(tmp_path), []
     else:
         server = request.getfixturevalue("s3_server")
-        storage, root, endpoint = server.storage(), server.new_bucket(), server.endpoint
+        storage, root = server.storage(), server.new_bucket()
+        endpoint = ["--s3-endpoint", server.endpoint]
     manifest = _write_manifest(storage, join(root, "in"))
-    cfg = ImageJobConfig(
-        "salient",
-        manifest,
-        str(salient_dir),
-        join(root, "out"),
-        batch_size=4,
-        rows_per_block=4,
-        s3_endpoint=endpoint,
-    )
-    _crash_then_resume(storage, cfg, crash_row=ROWS // 2)
+    out = join(root, "out")
+    argv = [
+        "segment", "--task", "salient", "--manifest", manifest, "--model-dir", str(salient_dir),
+        "--out", out, "--batch-size", "4", "--actors", "1", *endpoint,
+        "--max-error-rate", "0.1",  # the two key-error rows
+    ]  # fmt: skip
+    # the job works through 32-row blocks (its default rows per block): the first is staged, the
+    # second blocks before its write stage
+    _kill_driver_then_resume(storage, argv, out, hang_row=32)
 
 
 def test_drop_done_keeps_rows_not_staged() -> None:

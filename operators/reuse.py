@@ -1,0 +1,421 @@
+"""Incremental reuse (``--reuse URI``): carry forward the rows of an earlier run whose input and
+model are unchanged, without fetching, decoding or inferring them again.
+
+A nightly catalog changes by a few percent a day. A row of tonight's manifest is *reused* when the
+earlier run's committed table (``URI``, e.g. yesterday's ``--out``) holds an ``ok`` row with the
+same ``image_id``, the same ``uri`` and the same **content fingerprint**, and that run used the
+same model (``model_version`` and the model directory's other files) and the same options that
+decide results (:func:`decided_options`). Its result row is copied (tonight's passthrough columns,
+the earlier ``processed_at``) and its products are copied server-side into tonight's ``--out``
+(a rename-free ``CopyObject`` on S3, a file copy locally), so tonight's output stands on its own
+when yesterday's is deleted. With ``--reuse`` equal to ``--out`` the products are already there.
+
+The content fingerprint of a row, recorded in the ``source_fingerprint`` column of every result
+row so that the next run can compare it:
+
+- the manifest's ``content_hash`` or ``etag`` column when it has one (free: nothing is listed);
+- otherwise, when ``--reuse`` is given, the object's listing entry: ``etag:<ETag>`` on S3,
+  ``size:<bytes>;mtime:<seconds>`` on local disks, from one listing of each folder the manifest's
+  images live in (S3 lists 1,000 keys a call; no request per image). A folder that also holds
+  many objects the manifest does not name is listed whole: keep catalogs in their own prefixes.
+
+Rows with no fingerprint (http(s) URIs, objects missing from the listing) are never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vbatch.operators.columns import set_column
+from vbatch.operators.manifest import ERROR, id_hashes
+from vbatch.operators.storage import Storage, is_http, join, normalize, resolve
+from vbatch.operators.tables import read_text, results_files
+from vbatch.schemas.errors import classify_errors
+from vbatch.schemas.images import (
+    INTERNAL_PREFIX,
+    OUTPUT_FIELDS,
+    STATUS_OK,
+    image_results_schema,
+)
+
+logger = logging.getLogger(__name__)
+
+#: manifest columns taken as the content fingerprint, in this order of preference
+FINGERPRINT_COLUMNS = ("content_hash", "etag")
+#: internal columns: the row's fingerprint, and whether it is carried forward
+FINGERPRINT = "_vb_fingerprint"
+REUSE = "_vb_reuse"
+
+#: configuration fields that change no ``ok`` row's outputs, or name where things are rather than
+#: what they are (the model is compared by content: :func:`model_identity`)
+NOT_DECIDING = frozenset(
+    {
+        "manifest",
+        "out",
+        "limit",
+        "reuse",
+        "model_dir",
+        "s3_endpoint",
+        "address",
+        "forward_s3_env",
+        "actor_resources",
+        "batch_size",
+        "actors",
+        "gpus_per_actor",
+        "threads_per_actor",
+        "device",
+        "rows_per_block",
+        "max_error_rate",
+        "max_infra_error_rate",
+    }
+)
+
+
+def decided_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The job configuration fields that decide an ``ok`` row's outputs."""
+    return {k: v for k, v in sorted(config.items()) if k not in NOT_DECIDING}
+
+
+def model_identity(model_version: str, local_model_dir: Path) -> str:
+    """The model as reuse compares it: its checkpoint's ``model_version`` and a hash of the other
+    files of the directory (a salient ``config.py`` changing the input size changes results with
+    the same weights). Large files (the weights themselves) are covered by ``model_version``."""
+    h = hashlib.sha256(model_version.encode())
+    for p in sorted(local_model_dir.rglob("*")):
+        if p.is_file() and p.stat().st_size <= 16 << 20 and not p.name.startswith("."):
+            h.update(str(p.relative_to(local_model_dir)).encode() + b"\0" + p.read_bytes())
+    return f"{model_version}:{h.hexdigest()[:16]}"
+
+
+def fingerprint_of(info: dict[str, Any]) -> str | None:
+    """A listing entry's (or ``info()``'s) content fingerprint; ``None`` when it has none."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"')
+    size, mtime = info.get("size"), info.get("mtime") or info.get("LastModified")
+    if size is None or mtime is None:
+        return None
+    stamp = mtime.isoformat() if hasattr(mtime, "isoformat") else repr(float(mtime))
+    return f"size:{int(size)};mtime:{stamp}"
+
+
+def _location(uri: str, base: str, storage: Storage) -> str | None:
+    """The canonical name of a manifest row's object (``s3:bucket/key`` or ``file:/abs/path``), as
+    listings name it; ``None`` for URIs that cannot be listed (http(s), unsupported schemes)."""
+    try:
+        full = resolve(uri.strip(), base)
+    except Exception:
+        return None
+    if is_http(full):
+        return None
+    return ("s3:" + full[len("s3://") :]) if full.startswith("s3://") else "file:" + full
+
+
+def _key(location: str) -> tuple[str, str]:
+    """``(scheme, fs path)`` of a location."""
+    scheme, path = location.split(":", 1)
+    return scheme, path
+
+
+@dataclass
+class Listing:
+    """Content fingerprints of the objects of the folders a manifest's images live in."""
+
+    #: sorted hashes of the locations (see :func:`_location`)
+    hashes: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    fingerprints: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    folders: int = 0
+    objects: int = 0
+
+    def lookup(self, locations: list[str | None]) -> list[str | None]:
+        if not len(self.hashes):
+            return [None] * len(locations)
+        h = id_hashes(pa.array([loc or "" for loc in locations], pa.string()))
+        at = np.clip(np.searchsorted(self.hashes, h), 0, len(self.hashes) - 1)
+        found = self.hashes[at] == h
+        fps = self.fingerprints.take(pa.array(at)).to_pylist()
+        return [
+            fp if ok and loc is not None else None
+            for fp, ok, loc in zip(fps, found, locations, strict=True)
+        ]
+
+
+def manifest_uris(files: Iterable[str], storage: Storage) -> Iterator[str]:
+    """The ``uri`` column of the manifest's files, streamed a record batch at a time."""
+    for uri in files:
+        afs, path = storage.arrow_fs(uri)
+        with afs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(columns=["uri"], batch_size=65536):
+                yield from (u for u in batch.column(0).to_pylist() if u)
+
+
+def list_fingerprints(
+    uris: Iterable[str], base: str, storage: Storage, threads: int = 16
+) -> Listing:
+    """List every folder the images ``uris`` (manifest values, resolved against ``base``) live in,
+    once, and keep each object's fingerprint."""
+    folders: set[str] = set()
+    for uri in uris:
+        loc = _location(uri, base, storage)
+        if loc is not None:
+            scheme, path = _key(loc)
+            folders.add(f"{scheme}:{posixpath.dirname(path)}")
+
+    def list_one(folder: str) -> list[tuple[str, str]]:
+        scheme, path = _key(folder)
+        out = []
+        for e in storage.list_entries(f"s3://{path}" if scheme == "s3" else path):
+            fp = fingerprint_of(e) if e.get("type") == "file" else None
+            if fp is not None:
+                out.append((f"{scheme}:{e['name']}", fp))
+        return out
+
+    names: list[str] = []
+    fps: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(folders)))) as pool:
+        for found in pool.map(list_one, sorted(folders)):
+            for name, fp in found:
+                names.append(name)
+                fps.append(fp)
+    hashes = id_hashes(pa.array(names, pa.string()))
+    order = np.argsort(hashes, kind="stable")
+    return Listing(
+        hashes[order], pa.array(fps, pa.string()).take(pa.array(order)), len(folders), len(names)
+    )
+
+
+def _row_keys(image_ids: pa.Array, uris: pa.Array, fingerprints: pa.Array) -> np.ndarray:
+    """One hash per (image_id, uri, fingerprint)."""
+    joined = pc.binary_join_element_wise(
+        pa.array(image_ids, pa.string()).fill_null(""),
+        pa.array(uris, pa.string()).fill_null(""),
+        pa.array(fingerprints, pa.string()).fill_null(""),
+        "\x1f",
+    )
+    return id_hashes(joined)
+
+
+@dataclass
+class Previous:
+    """The reusable rows of the earlier run: where each sits among its files."""
+
+    out: str
+    files: list[str] = field(default_factory=list)
+    #: sorted row keys (:func:`_row_keys`), with each row's file index and row number
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    file_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    row_index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    #: why nothing is reusable, when nothing is
+    reason: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+
+def previous_run(reuse: str, storage: Storage, identity: str, options: dict[str, Any]) -> Previous:
+    """Read what the run at ``reuse`` can give: its ``ok`` rows with a fingerprint, if it ran the
+    same model (``identity``, :func:`model_identity`) with the same :func:`decided_options`.
+
+    Reads only the committed table's key columns (``image_id, uri, status, source_fingerprint``).
+    """
+    reuse = normalize(reuse)
+    found = Previous(out=reuse)
+    record_text = read_text(join(reuse, "run.json"), storage)
+    if record_text is None:
+        found.reason = f"{join(reuse, 'run.json')} not found (no finished run there)"
+        return found
+    record = json.loads(record_text)
+    if record.get("model_identity") != identity:
+        found.reason = f"the model differs (then {record.get('model_identity')}, now {identity})"
+        return found
+    then = decided_options(record.get("config") or {})
+    now = decided_options(options)
+    if then != now:
+        differs = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+        found.reason = f"options that decide results differ: {', '.join(differs)}"
+        return found
+    files = results_files(reuse, storage)
+    keys, file_index, row_index = [], [], []
+    for i, uri in enumerate(files):
+        afs, path = storage.arrow_fs(uri)
+        schema = pq.read_schema(path, filesystem=afs)
+        if "source_fingerprint" not in schema.names:
+            continue  # written before fingerprints were recorded
+        t = pq.read_table(
+            path, filesystem=afs, columns=["image_id", "uri", "status", "source_fingerprint"]
+        )
+        usable = pc.and_(
+            pc.equal(t.column("status"), STATUS_OK).fill_null(False),
+            pc.is_valid(t.column("source_fingerprint")),
+        )
+        rows = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
+        if not len(rows):
+            continue
+        t = t.take(pa.array(rows))
+        keys.append(
+            _row_keys(t.column("image_id"), t.column("uri"), t.column("source_fingerprint"))
+        )
+        file_index.append(np.full(len(rows), i, np.int32))
+        row_index.append(rows.astype(np.int64))
+    found.files = files
+    if keys:
+        k = np.concatenate(keys)
+        order = np.argsort(k, kind="stable")
+        found.keys = k[order]
+        found.file_index = np.concatenate(file_index)[order]
+        found.row_index = np.concatenate(row_index)[order]
+    else:
+        found.reason = "its table has no ok rows with a content fingerprint"
+    return found
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool), np.zeros(len(values), dtype=np.int64)
+    at = np.clip(np.searchsorted(sorted_set, values), 0, len(sorted_set) - 1)
+    return sorted_set[at] == values, at
+
+
+def mark(
+    batch: pa.Table,
+    *,
+    fingerprint_column: str | None,
+    listing: Listing | None,
+    base_uri: str,
+    storage: Storage,
+    previous_keys: np.ndarray,
+) -> pa.Table:
+    """Ray Data stage on the annotated manifest: each row's content fingerprint (``_vb_fingerprint``)
+    and whether an earlier run's row can be carried forward (``_vb_reuse``)."""
+    n = batch.num_rows
+    if fingerprint_column is not None:
+        fps = pc.cast(batch.column(fingerprint_column), pa.string())
+    elif listing is not None:
+        uris = batch.column("uri").to_pylist()
+        locations = [_location(u, base_uri, storage) if u else None for u in uris]
+        fps = pa.array(listing.lookup(locations), pa.string())
+    else:
+        fps = pa.nulls(n, pa.string())
+    fps = pa.array(fps, pa.string()) if not isinstance(fps, pa.Array) else fps
+    if isinstance(fps, pa.ChunkedArray):
+        fps = fps.combine_chunks()
+    usable = batch.column(ERROR).is_null().to_numpy(zero_copy_only=False) & fps.is_valid().to_numpy(
+        zero_copy_only=False
+    )
+    keys = _row_keys(batch.column("image_id"), batch.column("uri"), fps)
+    hit, _ = _member(keys, previous_keys)
+    batch = set_column(batch, FINGERPRINT, fps)
+    return set_column(batch, REUSE, pa.array(usable & hit, pa.bool_()))
+
+
+def keep(batch: pa.Table, *, reused: bool) -> pa.Table:
+    """Ray Data stage: the rows to carry forward (``reused=True``) or to process."""
+    flags = batch.column(REUSE)
+    return batch.filter(flags if reused else pc.invert(flags))
+
+
+def _product_columns(output: str) -> list[str]:
+    return [f.name for f in OUTPUT_FIELDS.get(output, []) if f.name.endswith("_uri")]
+
+
+def carry_forward(
+    batch: pa.Table,
+    *,
+    previous: Previous,
+    out: str,
+    output: str,
+    embedding_dim: int | None,
+    storage: Storage,
+) -> pa.Table:
+    """Ray Data stage: the result rows of reused manifest rows, taken from the earlier run's table,
+    their products copied into ``out``. One row out per row in, in the results schema plus the
+    (tonight's) passthrough columns."""
+    schema = image_results_schema(output, embedding_dim=embedding_dim)
+    n = batch.num_rows
+    keys = _row_keys(batch.column("image_id"), batch.column("uri"), batch.column(FINGERPRINT))
+    hit, at = _member(keys, previous.keys)
+    if not hit.all():  # the stage only ever sees rows that `mark` matched
+        raise RuntimeError("reuse: a carried-forward row has no earlier row")
+    files, rows = previous.file_index[at], previous.row_index[at]
+    parts: list[pa.Table | None] = [None] * n
+    for f in np.unique(files):
+        afs, path = storage.arrow_fs(previous.files[int(f)])
+        table = pq.read_table(path, filesystem=afs)
+        picked = np.flatnonzero(files == f)
+        taken = table.take(pa.array(rows[picked]))
+        for j, i in enumerate(picked):
+            parts[i] = taken.slice(j, 1)
+    old = pa.concat_tables(
+        [
+            p.select([c for c in schema.names if c in p.column_names])
+            for p in parts
+            if p is not None
+        ],
+        promote_options="permissive",
+    )
+    # a hash collision would carry the wrong row: the strings must agree too
+    same = pc.all(
+        pc.and_(
+            pc.equal(old.column("image_id"), batch.column("image_id")),
+            pc.equal(old.column("uri"), batch.column("uri")),
+        )
+    ).as_py()
+    if not same:
+        raise RuntimeError("reuse: an earlier row does not match its manifest row (hash collision)")
+    errors: list[str | None] = [None] * n
+    columns: dict[str, pa.Array] = {}
+    src_out = previous.out.rstrip("/")
+    for name in _product_columns(output):
+        values = old.column(name).to_pylist() if name in old.column_names else [None] * n
+        moved: list[str | None] = []
+        for i, src in enumerate(values):
+            if src is None or not src.startswith(src_out + "/"):
+                moved.append(src)  # not under the earlier --out: referenced where it is
+                continue
+            dst = join(out, src[len(src_out) + 1 :])
+            if dst != src:
+                try:
+                    storage.copy(src, dst)
+                except Exception as e:
+                    errors[i] = f"reuse: cannot copy {src}: {type(e).__name__}: {e}"
+            moved.append(dst)
+        columns[name] = pa.array(moved, pa.string())
+    columns["source_fingerprint"] = batch.column(FINGERPRINT)
+    arrays = []
+    for f in schema:
+        if f.name in columns:
+            arrays.append(pa.array(columns[f.name], f.type))
+        elif f.name == "status":
+            arrays.append(pa.array(["error" if e else STATUS_OK for e in errors], pa.string()))
+        elif f.name == "error":
+            arrays.append(pa.array(errors, pa.string()))
+        elif f.name == "error_class":
+            arrays.append(classify_errors(pa.array(errors, pa.string())))
+        elif f.name in old.column_names:
+            arrays.append(pc.cast(old.column(f.name).combine_chunks(), f.type))
+        else:
+            arrays.append(pa.nulls(n, f.type))
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    for name in batch.column_names:
+        if not name.startswith(INTERNAL_PREFIX) and name not in schema.names:
+            table = table.append_column(batch.schema.field(name), batch.column(name))
+    return table
+
+
+def fingerprint_column(schema: pa.Schema) -> str | None:
+    """The manifest column that holds content fingerprints, if any."""
+    return next((c for c in FINGERPRINT_COLUMNS if c in schema.names), None)
