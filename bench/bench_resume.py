@@ -148,6 +148,7 @@ def reuse(args: argparse.Namespace) -> None:
         return seconds, json.loads(done.stdout.strip().splitlines()[-1]), _model_rows(out, start)
 
     first, _, _ = run(night1, "--reuse", str(night1))
+    print(f"night one (records fingerprints): {first:7.1f} s", flush=True)
     changed = random.Random(0).sample(range(args.images), round(args.images * args.changed))
     time.sleep(0.01)
     for k in changed:  # new content: new size and mtime
@@ -155,6 +156,7 @@ def reuse(args: argparse.Namespace) -> None:
             encode(product_image(10_000 + k, (160, 120)), quality=90)
         )
     full_s, full, full_model = run(work / "full")
+    print(f"night two in full: {full_s:7.1f} s", flush=True)
     reuse_s, reused, reuse_model = run(work / "reused", "--reuse", str(night1))
     print(
         f"images={args.images}, changed={len(changed)}, norm size {args.norm_size}², cpus={os.cpu_count()}"
