@@ -313,6 +313,7 @@ def run_image_job(
         background=cfg.background,
         embedding_dim=getattr(transforms, "embed_dim", None),
         mask_size=cfg.mask_size,
+        base_uri=info.base_uri,
     )
     crash_row = fault_row(os.environ.get(FAULT_ENV))
     if crash_row is not None:
