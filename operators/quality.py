@@ -53,7 +53,7 @@ def decode_gt(data: bytes) -> np.ndarray:
     if arr is None:
         raise ValueError("not a decodable image")
     if arr.dtype == np.uint16:
-        arr = (arr >> 8).astype(np.uint8)
+        arr = (arr // 257).astype(np.uint8)
     if arr.dtype != np.uint8:
         raise ValueError(f"unsupported pixel type {arr.dtype}")
     if arr.ndim == 3:

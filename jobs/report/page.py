@@ -84,7 +84,7 @@ def kv_table(pairs: Iterable[tuple[str, Any]]) -> str:
 
 def card(pictures: Sequence[tuple[str, str, int, int]], meta: str) -> str:
     """One row's pictures side by side: ``(src, caption, width, height)``, and its facts."""
-    figs = []
+    figs: list[str] = []
     for src, cap, w, h in pictures:
         # tiny images are shown at least MIN_SHOWN px tall (the browser scales; the file stays small)
         scale = max(1.0, MIN_SHOWN / max(1, h))
@@ -92,8 +92,7 @@ def card(pictures: Sequence[tuple[str, str, int, int]], meta: str) -> str:
             f'<figure><img src="{esc(src)}" width="{round(w * scale)}" height="{round(h * scale)}" '
             f'alt="{esc(cap)}"><figcaption>{esc(cap)}</figcaption></figure>'
         )
-    figs = "".join(figs)
-    return f'<div class="card"><div class="pics">{figs}</div><div class="meta">{meta}</div></div>'
+    return f'<div class="card"><div class="pics">{"".join(figs)}</div><div class="meta">{meta}</div></div>'
 
 
 def document(title: str, sections: Sequence[str]) -> str:
