@@ -20,6 +20,7 @@ import numpy as np
 
 from vbatch.jobs.report import page
 from vbatch.jobs.report.data import (
+    Light,
     RunData,
     extreme_positions,
     load_run,
@@ -195,6 +196,40 @@ def _metrics(run: RunData) -> str:
     )
 
 
+def choose_rows(
+    light: Light, samples: int, extremes: int
+) -> tuple[list[int], list[tuple[str, list[int]]], list[int]]:
+    """The rows the report shows (positions into ``light``).
+
+    Returns:
+        (the contact sheet's sample, [(title, rows)] worth a look, error examples).
+    """
+    sample = sample_positions(light, samples)
+    looks: list[tuple[str, list[int]]] = [
+        (
+            "Emptiest masks (lowest foreground ratio)",
+            extreme_positions(light, "foreground_ratio", extremes, False),
+        ),
+        (
+            "Fullest masks (highest foreground ratio)",
+            extreme_positions(light, "foreground_ratio", extremes, True),
+        ),
+    ]
+    width, height = light.numeric.get("width"), light.numeric.get("height")
+    if width is not None and height is not None and width.size:
+        pixels = Light(rows=light.rows, ok=light.ok, numeric={"pixels": width * height})
+        looks.append(("Largest images", extreme_positions(pixels, "pixels", extremes, True)))
+    # one list for the task's headline metric (the first present): four lists of the same
+    # images help nobody
+    for name in PRIMARY_METRICS:
+        worst = extreme_positions(light, name, extremes, largest=not HIGHER_IS_BETTER[name])
+        if worst:
+            looks.append((f"Worst {METRIC_LABELS[name].split(' (')[0]}", worst))
+            break
+    errors = [p for ps in light.error_examples.values() for p in ps]
+    return sample, looks, errors
+
+
 def build_report(
     out: str,
     storage: Storage,
@@ -227,29 +262,7 @@ def build_report(
     if storage.exists(root):
         storage.delete(root, recursive=True)
 
-    sample = sample_positions(light, samples)
-    looks: list[tuple[str, list[int]]] = [
-        (
-            "Emptiest masks (lowest foreground ratio)",
-            extreme_positions(light, "foreground_ratio", extremes, False),
-        ),
-        (
-            "Fullest masks (highest foreground ratio)",
-            extreme_positions(light, "foreground_ratio", extremes, True),
-        ),
-    ]
-    pixels = light.numeric.get("width", np.zeros(0)) * light.numeric.get("height", np.zeros(0))
-    if pixels.size:
-        light.numeric["_pixels"] = pixels
-        looks.append(("Largest images", extreme_positions(light, "_pixels", extremes, True)))
-    # one list for the task's headline metric (the first present): four lists of the same
-    # images help nobody
-    for name in PRIMARY_METRICS:
-        worst = extreme_positions(light, name, extremes, largest=not HIGHER_IS_BETTER[name])
-        if worst:
-            looks.append((f"Worst {METRIC_LABELS[name].split(' (')[0]}", worst))
-            break
-    errors = [p for ps in light.error_examples.values() for p in ps]
+    sample, looks, errors = choose_rows(light, samples, extremes)
     shown = sample + [p for _, ps in looks for p in ps] + errors
     rows, detail_bytes = read_rows(run.files, storage, light, shown)
     task = run.record.get("task")
@@ -290,7 +303,6 @@ def build_report(
     )
     sections.append("".join(look_html))
 
-    light.numeric.pop("_pixels", None)
     plots = distribution_plots(light.numeric, light.ok)
     for name, _, png in plots:
         storage.write_bytes(join(root, "plots", name), png)

@@ -2,8 +2,9 @@
 
 Two passes over the committed results table (:func:`vbatch.operators.tables.results_files`):
 
-1. every row group, only the light columns (status, error class, sizes, foreground ratio, metrics,
-   and ``image_id`` for the deterministic sample key), kept as flat numpy arrays: ~50 bytes a row;
+1. every row, only the light columns (status, error class, sizes, foreground ratio, metrics, and
+   ``image_id`` for the deterministic sample key), streamed in batches and kept as flat numpy
+   arrays: 9 bytes a row plus 4 per numeric column;
 2. only the row groups holding a row the report shows (the sample, the extremes, error examples),
    with the columns that describe a row (URIs, error text …).
 
@@ -31,16 +32,12 @@ logger = logging.getLogger(__name__)
 
 #: numeric columns read for every row (those present)
 NUMERIC = ("width", "height", "foreground_ratio", *HIGHER_IS_BETTER)
-#: columns read for the rows shown
+#: columns read for the rows shown (their numeric columns and status come from pass 1)
 DETAIL = (
     "image_id",
     "uri",
-    "status",
     "error",
     "error_class",
-    "width",
-    "height",
-    "foreground_ratio",
     "mask_uri",
     "matte_uri",
     "cutout_uri",
@@ -51,10 +48,13 @@ DETAIL = (
     "query",
     "frame_index",
     "task",
-    *HIGHER_IS_BETTER,
 )
 #: error rows shown per error class
 ERROR_EXAMPLES = 3
+#: rows per batch of the light pass: ~1-5 MB of Arrow data at a time
+BATCH_ROWS = 65_536
+#: rows per batch when picking the shown rows out of a row group (URIs: ~200 bytes a row)
+DETAIL_BATCH_ROWS = 8_192
 
 
 @dataclass
@@ -62,8 +62,8 @@ class Light:
     """The light columns of every row, flat, plus where each row lives."""
 
     rows: int = 0
-    #: (file index, row group, row in group) per row
-    where: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int32))
+    #: the position of each file's first row (positions count rows over all files in order)
+    file_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     #: 64-bit hash of the id: the deterministic sample takes the smallest keys; --compare joins
     #: two runs on it (a collision among a million ids has odds of ~3e-8)
     key: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
@@ -126,58 +126,60 @@ def _id_column(names: list[str]) -> str | None:
     return None
 
 
+def _positions_to_rows(light: Light, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(file index, row in that file) of global row positions."""
+    files = np.searchsorted(light.file_starts, positions, side="right") - 1
+    return files, positions - light.file_starts[files]
+
+
 def read_light(files: list[str], storage: Storage) -> Light:
-    """Pass 1: the light columns of every row of ``files``."""
+    """Pass 1: the light columns of every row of ``files``, streamed in batches of
+    :data:`BATCH_ROWS` rows (memory: the flat arrays, not the table)."""
+    import pyarrow.compute as pc
+
     light = Light()
-    where: list[np.ndarray] = []
     keys: list[np.ndarray] = []
     oks: list[np.ndarray] = []
-    numeric: dict[str, list[np.ndarray]] = defaultdict(list)
-    present: set[str] = set()
+    files_meta = [_open(uri, storage) for uri in files]
+    present = sorted({n for pf in files_meta for n in pf.schema_arrow.names})
+    numeric: dict[str, list[np.ndarray]] = {name: [] for name in NUMERIC if name in present}
     examples: dict[str, list[int]] = defaultdict(list)
     by_class: dict[str, int] = defaultdict(int)
-    for fi, uri in enumerate(files):
-        pf = _open(uri, storage)
+    starts = []
+    for pf in files_meta:
+        starts.append(light.rows)
         names = pf.schema_arrow.names
-        present.update(names)
         id_col = _id_column(names)
-        cols = [c for c in ("status", "error_class", *NUMERIC) if c in names]
+        cols = [c for c in ("status", "error_class", *numeric) if c in names]
         cols += [id_col] if id_col else []
-        for rg in range(pf.num_row_groups):
-            t = pf.read_row_group(rg, columns=cols)
-            light.bytes_read += _chunk_bytes(pf.metadata, rg, set(cols))
-            n = t.num_rows
-            where.append(
-                np.stack(
-                    [
-                        np.full(n, fi, np.int32),
-                        np.full(n, rg, np.int32),
-                        np.arange(n, dtype=np.int32),
-                    ],
-                    axis=1,
-                )
-            )
+        light.bytes_read += sum(
+            _chunk_bytes(pf.metadata, rg, set(cols)) for rg in range(pf.num_row_groups)
+        )
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
+            n = batch.num_rows
             ids = (
-                t.column(id_col).to_pylist() if id_col else [str(light.rows + i) for i in range(n)]
+                batch.column(id_col).to_pylist()
+                if id_col
+                else [str(light.rows + i) for i in range(n)]
             )
             keys.append(np.fromiter((id_key(i) for i in ids), np.uint64, count=n))
-            status = (
-                t.column("status").to_numpy(zero_copy_only=False)
+            ok = (
+                pc.equal(batch.column("status"), "ok")
+                .fill_null(False)
+                .to_numpy(zero_copy_only=False)
                 if "status" in cols
-                else np.full(n, "ok", object)
+                else np.ones(n, bool)
             )
-            ok = status == "ok"
             oks.append(ok)
-            for name in NUMERIC:
-                values = (
-                    t.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+            for name, parts in numeric.items():
+                parts.append(
+                    batch.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
                     if name in cols
                     else np.full(n, np.nan, np.float32)
                 )
-                numeric[name].append(values)
             if not ok.all():
                 classes = (
-                    t.column("error_class").to_pylist() if "error_class" in cols else [None] * n
+                    batch.column("error_class").to_pylist() if "error_class" in cols else [None] * n
                 )
                 for i in np.flatnonzero(~ok).tolist():
                     cls = classes[i] or "unclassified"
@@ -185,38 +187,63 @@ def read_light(files: list[str], storage: Storage) -> Light:
                     if len(examples[cls]) < ERROR_EXAMPLES:
                         examples[cls].append(light.rows + i)
             light.rows += n
-    if where:
-        light.where = np.concatenate(where)
+    light.file_starts = np.array(starts, np.int64)
+    if keys:
         light.key = np.concatenate(keys)
         light.ok = np.concatenate(oks)
         light.numeric = {k: np.concatenate(v) for k, v in numeric.items()}
     light.by_error_class = dict(by_class)
     light.error_examples = dict(examples)
-    light.columns = sorted(present)
+    light.columns = present
     return light
+
+
+def _with_light(row: dict[str, Any], light: Light, p: int) -> dict[str, Any]:
+    """``row`` plus what pass 1 already holds: status and the numeric columns (null as None)."""
+    row["status"] = "ok" if light.ok[p] else "error"
+    for name, values in light.numeric.items():
+        v = float(values[p])
+        row[name] = None if not np.isfinite(v) else (int(v) if name in ("width", "height") else v)
+    return row
 
 
 def read_rows(
     files: list[str], storage: Storage, light: Light, positions: list[int]
 ) -> tuple[dict[int, dict[str, Any]], int]:
-    """Pass 2: the detail columns of the rows at ``positions``.
+    """Pass 2: the detail columns of the rows at ``positions``, reading only the row groups that
+    hold them, in small batches.
 
     Returns:
         ({position: row as a dict}, bytes read).
     """
-    wanted: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for p in sorted(set(positions)):
-        fi, rg, _ = light.where[p].tolist()
-        wanted[(fi, rg)].append(p)
+    wanted = np.unique(np.asarray(positions, np.int64))
+    file_of, row_of = _positions_to_rows(light, wanted)
     out: dict[int, dict[str, Any]] = {}
     read = 0
-    for (fi, rg), group in sorted(wanted.items()):
+    for fi in np.unique(file_of).tolist():
         pf = _open(files[fi], storage)
         cols = [c for c in DETAIL if c in pf.schema_arrow.names]
-        table: pa.Table = pf.read_row_group(rg, columns=cols)
-        read += _chunk_bytes(pf.metadata, rg, set(cols))
-        rows = table.take(pa.array([int(light.where[p][2]) for p in group])).to_pylist()
-        out.update(zip(group, rows, strict=True))
+        in_file = {
+            int(r): int(p)
+            for r, p in zip(row_of[file_of == fi], wanted[file_of == fi], strict=True)
+        }
+        group_start = 0
+        for rg in range(pf.num_row_groups):
+            size = pf.metadata.row_group(rg).num_rows
+            rows_here = sorted(r for r in in_file if group_start <= r < group_start + size)
+            if rows_here:
+                read += _chunk_bytes(pf.metadata, rg, set(cols))
+                offset = group_start
+                for batch in pf.iter_batches(
+                    batch_size=DETAIL_BATCH_ROWS, row_groups=[rg], columns=cols
+                ):
+                    take = [r for r in rows_here if offset <= r < offset + batch.num_rows]
+                    if take:
+                        picked = batch.take(pa.array([r - offset for r in take])).to_pylist()
+                        for r, row in zip(take, picked, strict=True):
+                            out[in_file[r]] = _with_light(row, light, in_file[r])
+                    offset += batch.num_rows
+            group_start += size
     return out, read
 
 
