@@ -189,6 +189,11 @@ def test_report_on_s3(s3_server, tmp_path: Path) -> None:
     assert srcs
     for s in srcs:
         assert storage.read_bytes(join(out, "report", s)), s
+    # served from the bucket, a browser renders the page and shows the pictures
+    fs, path = storage.fs(join(out, "report", "index.html"))
+    assert fs.info(path)["ContentType"].startswith("text/html")
+    fs, path = storage.fs(join(out, "report", srcs[0]))
+    assert fs.info(path)["ContentType"] == "image/jpeg"
 
 
 def test_a_failing_report_never_fails_the_job(tmp_path: Path, caplog) -> None:

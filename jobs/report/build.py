@@ -77,7 +77,7 @@ class _Thumbs:
             pics = []
             for k, (caption, rgb) in enumerate(panels):
                 name = f"thumbs/{p:09d}-{k}.jpg"
-                self.storage.write_bytes(join(self.root, name), encode_jpeg(rgb))
+                self.storage.write_bytes(join(self.root, name), encode_jpeg(rgb), "image/jpeg")
                 pics.append((name, caption, int(rgb.shape[1]), int(rgb.shape[0])))
             return p, pics, notes
 
@@ -305,7 +305,7 @@ def build_report(
 
     plots = distribution_plots(light.numeric, light.ok)
     for name, _, png in plots:
-        storage.write_bytes(join(root, "plots", name), png)
+        storage.write_bytes(join(root, "plots", name), png, "image/png")
     sections.append(
         '<h2>Distributions (ok rows)</h2><div class="plots">'
         + "".join(
@@ -324,5 +324,7 @@ def build_report(
         f"{parquet_bytes / 1e6:.1f} MB of column chunks read, {len(rows)} rows opened.</p>"
     )
     index = join(root, "index.html")
-    storage.write_bytes(index, page.document(f"vbatch report {out}", sections).encode())
+    # text/html: served from a bucket, the page renders instead of downloading
+    html_bytes = page.document(f"vbatch report {out}", sections).encode()
+    storage.write_bytes(index, html_bytes, "text/html; charset=utf-8")
     return ReportInfo(index, light.rows, parquet_bytes, len(rows), seconds)

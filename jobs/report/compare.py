@@ -149,7 +149,7 @@ def compare_section(this: RunData, other_out: str, storage: Storage, root: str, 
                 ),
             ):
                 name = f"compare/{k:03d}-{tag.strip('|').split()[0]}.jpg"
-                storage.write_bytes(join(root, name), encode_jpeg(grey_to_rgb(m)))
+                storage.write_bytes(join(root, name), encode_jpeg(grey_to_rgb(m)), "image/jpeg")
                 pics.append((name, tag, int(m.shape[1]), int(m.shape[0])))
             meta = (
                 f"<b>{page.esc(ra.get('image_id'))}</b> · mean |difference| {value:.1f} grey levels"
