@@ -255,3 +255,64 @@ def test_segment_with_ground_truth_writes_metrics_and_report(ray_session, tmp_pa
     html = (out / "report" / "index.html").read_text()
     assert "Quality against the ground truth" in html and "<td>rows</td><td>5</td>" in html
     assert json.loads((out / "run.json").read_text())["exit_code"] == 0
+
+
+def test_video_run_shows_strips_per_query(tmp_path: Path) -> None:
+    from vbatch.jobs.demo_data import write_demo_clip
+    from vbatch.operators.video.write import mask_uri
+    from vbatch.schemas.videos import VIDEO_RESULTS
+
+    storage = Storage()
+    clip = write_demo_clip(tmp_path / "clip.mp4", seconds=1.0)  # 24 frames, 160×120
+    out = str(tmp_path / "rvos")
+    queries = ["a red ball rolling", "the green box"]
+    rows = []
+    for qi, query in enumerate(queries):
+        for f in range(24):
+            mask = np.zeros((120, 160), np.uint8)
+            mask[40:80, f * 5 : f * 5 + 30] = 255
+            uri = mask_uri(out, "clip", qi, f)
+            storage.write_bytes(uri, cv2.imencode(".png", mask)[1].tobytes())
+            rows.append({"video_id": "clip", "uri": str(clip), "query_index": qi, "query": query,
+                         "frame_index": f, "timestamp_s": f / 24, "mask_uri": uri, "status": "ok",
+                         "model_version": "v1", "manifest_row": 0})  # fmt: skip
+    rows.append({"video_id": "bad", "uri": "nope.mp4", "status": "error", "manifest_row": 1,
+                 "error": "object not found: nope.mp4"})  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=VIDEO_RESULTS)
+    write_table(storage, out, table)
+    (tmp_path / "rvos" / "renders").mkdir()
+    (tmp_path / "rvos" / "renders" / "clip.mp4").write_bytes(b"mp4")
+    html = Path(build_report(out, storage, samples=10).index_uri).read_text()
+    section = html.split("<h2>Videos: masks per query</h2>", 1)[1].split("<h2>", 1)[0]
+    # both queries of the clip, each a strip of 6 frames spread over its 24, with the render link
+    assert "“a red ball rolling”" in section and "“the green box”" in section
+    assert section.count("<figcaption>frame 0</figcaption>") == 2
+    assert section.count("<figcaption>frame 23</figcaption>") == 2
+    assert len(_srcs(section)) == 12 and 'href="../renders/clip.mp4"' in section
+    for s in _srcs(section):
+        assert (Path(out) / "report" / s).exists()
+    assert "<td>not_found</td>" in html or "<td>unclassified</td>" in html
+
+
+def test_embedding_run_shows_inputs(tmp_path: Path) -> None:
+    """A `reid embed` table (no products): the generic page with the input crops."""
+    from vbatch.jobs.demo_data import encode, person_crop
+    from vbatch.schemas.images import image_results_schema
+
+    storage = Storage()
+    out = str(tmp_path / "emb")
+    rows = []
+    for i in range(4):
+        storage.write_bytes(join(str(tmp_path), f"crops/{i}.jpg"), encode(person_crop(i, i)))
+        rows.append({"image_id": f"p{i}", "uri": f"crops/{i}.jpg", "task": "reid", "status": "ok",
+                     "width": 64, "height": 128, "embedding": [0.0] * 7 + [1.0]})  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=image_results_schema("embedding", embedding_dim=8))
+    write_table(storage, out, table)
+    storage.write_bytes(
+        join(out, "run.json"),
+        json.dumps(
+            {"command": "reid embed", "manifest_files": [join(str(tmp_path), "m.parquet")]}
+        ).encode(),
+    )
+    html = Path(build_report(out, storage).index_uri).read_text()
+    assert "reid embed" in html and html.count("<figcaption>input</figcaption>") >= 4

@@ -267,7 +267,13 @@ def build_report(
     rows, detail_bytes = read_rows(run.files, storage, light, shown)
     task = run.record.get("task")
     thumbs = _Thumbs(root, storage, task, run.base_uri)
-    thumbs.render(rows)
+    from vbatch.jobs.report.video import video_section
+
+    # frames of videos: strips per video and query replace the contact sheet
+    videos = video_section({p: rows[p] for p in sample}, out, root, storage, run.base_uri)
+    if videos:
+        sample = []
+    thumbs.render({p: rows[p] for p in [*sample, *(p for _, ps in looks for p in ps), *errors]})
 
     sections = [
         f"<h1>vbatch report — {page.esc(run.record.get('command', 'run'))}"
@@ -281,6 +287,8 @@ def build_report(
         from vbatch.jobs.report.compare import compare_section
 
         sections.append(compare_section(run, compare, storage, root, thumbs))
+    if videos:
+        sections.append(videos)
     sections.append(
         f'<h2>Contact sheet</h2><p class="muted">{len(sample)} of {int(light.ok.sum()):,} ok rows, '
         "a deterministic sample (the smallest hashes of the ids: the same rows on every rebuild; "

@@ -46,7 +46,9 @@ DETAIL = (
     "gt_error",
     "video_id",
     "query",
+    "query_index",
     "frame_index",
+    "timestamp_s",
     "task",
 )
 #: error rows shown per error class
@@ -119,11 +121,26 @@ def id_key(value: object) -> int:
     return int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "little")
 
 
-def _id_column(names: list[str]) -> str | None:
-    for name in ("image_id", "video_id", "query_id"):
-        if name in names:
-            return name
-    return None
+#: the columns that identify a row, by kind of table: images; video frames (one row per video,
+#: query and frame); search hits
+ROW_KEYS = (("image_id",), ("video_id", "query_index", "frame_index"), ("query_id", "rank"))
+
+
+def _key_columns(names: list[str]) -> list[str]:
+    for key in ROW_KEYS:
+        if key[0] in names:
+            return [c for c in key if c in names]
+    return []
+
+
+def _row_ids(batch: pa.RecordBatch, columns: list[str], first: int) -> list[str]:
+    """One string per row that identifies it (its key columns joined; else its position)."""
+    if not columns:
+        return [str(first + i) for i in range(batch.num_rows)]
+    if len(columns) == 1:
+        return [str(v) for v in batch.column(columns[0]).to_pylist()]
+    parts = [batch.column(c).to_pylist() for c in columns]
+    return ["\x1f".join(map(str, values)) for values in zip(*parts, strict=True)]
 
 
 def _positions_to_rows(light: Light, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,19 +166,15 @@ def read_light(files: list[str], storage: Storage) -> Light:
     for pf in files_meta:
         starts.append(light.rows)
         names = pf.schema_arrow.names
-        id_col = _id_column(names)
+        key_cols = _key_columns(names)
         cols = [c for c in ("status", "error_class", *numeric) if c in names]
-        cols += [id_col] if id_col else []
+        cols += [c for c in key_cols if c not in cols]
         light.bytes_read += sum(
             _chunk_bytes(pf.metadata, rg, set(cols)) for rg in range(pf.num_row_groups)
         )
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
             n = batch.num_rows
-            ids = (
-                batch.column(id_col).to_pylist()
-                if id_col
-                else [str(light.rows + i) for i in range(n)]
-            )
+            ids = _row_ids(batch, key_cols, light.rows)
             keys.append(np.fromiter((id_key(i) for i in ids), np.uint64, count=n))
             ok = (
                 pc.equal(batch.column("status"), "ok")
