@@ -94,9 +94,7 @@ def test_a_broken_image_is_detected(report: Path, tmp_path: Path) -> None:
 
 def test_screenshot(report: Path, tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
-    result = _run(
-        report, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,3000"
-    )
+    result = _run(report, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,3000")
     assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
     from PIL import Image
 
