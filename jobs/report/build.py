@@ -96,10 +96,10 @@ class _Thumbs:
             if row.get(name) is not None:
                 facts.append(f"{name[3:]} {row[name]:.4g}")
         if row.get("error"):
-            facts.append(
-                f'<span class="status-bad">{page.esc(row.get("error_class"))}</span>: '
-                f"{page.esc(row['error'])}"
-            )
+            cls = row.get("error_class")
+            label = f'<span class="status-bad">{page.esc(cls)}</span>: ' if cls else ""
+            facts.append(label + page.esc(row["error"]))
+
         if row.get("gt_error"):
             facts.append(f'<span class="note">{page.esc(row["gt_error"])}</span>')
         facts += [f'<span class="note">{page.esc(n)}</span>' for n in notes]
@@ -289,11 +289,13 @@ def build_report(
         sections.append(compare_section(run, compare, storage, root, thumbs))
     if videos:
         sections.append(videos)
-    sections.append(
-        f'<h2>Contact sheet</h2><p class="muted">{len(sample)} of {int(light.ok.sum()):,} ok rows, '
-        "a deterministic sample (the smallest hashes of the ids: the same rows on every rebuild; "
-        "<code>--report-samples N</code>).</p>" + "".join(thumbs.card(p, rows[p]) for p in sample)
-    )
+    if not videos:
+        sections.append(
+            f'<h2>Contact sheet</h2><p class="muted">{len(sample)} of {int(light.ok.sum()):,} ok rows, '
+            "a deterministic sample (the smallest hashes of the ids: the same rows on every rebuild; "
+            "<code>--report-samples N</code>).</p>"
+            + "".join(thumbs.card(p, rows[p]) for p in sample)
+        )
     look_html = ["<h2>Worth a look</h2>"]
     for title, ps in looks:
         if ps:
