@@ -16,7 +16,6 @@ import numpy as np
 
 from vbatch.jobs.report import page
 from vbatch.jobs.report.visuals import encode_jpeg, fit, grey_to_rgb, outline, read_grey
-from vbatch.operators.outputs import safe_name
 from vbatch.operators.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -29,6 +28,8 @@ TINT = np.array([255, 0, 200], np.float32)
 
 
 def _frames_with_masks(out: str, video_id: str, query_index: int, storage: Storage) -> list[int]:
+    from vbatch.operators.outputs import safe_name
+
     folder = join(out, "frames", safe_name(video_id), str(query_index))
     names = [posixpath.basename(f)[: -len(".png")] for f in storage.list_files(folder, ".png")]
     return sorted(int(n) for n in names if n.isdigit())
@@ -51,11 +52,6 @@ def video_section(
         rows: detail rows of the sampled positions (:func:`vbatch.jobs.report.data.read_rows`).
         out: the run's folder; root: the report's folder; base_uri: resolves relative video URIs.
     """
-    from vbatch.operators.cache import localize_video
-    from vbatch.operators.storage import resolve
-    from vbatch.operators.video.container import open_video
-    from vbatch.operators.video.write import mask_uri
-
     pairs: dict[tuple[str, int], dict[str, Any]] = {}
     for row in rows.values():
         if row.get("video_id") is None or row.get("query_index") is None:
@@ -64,6 +60,14 @@ def video_section(
             pairs.setdefault((row["video_id"], int(row["query_index"])), row)
     if not pairs:
         return ""
+    # imported only for video tables: the video modules pull in the model registry (seconds of
+    # imports and hundreds of MB an image run's report does not need)
+    from vbatch.operators.cache import localize_video
+    from vbatch.operators.outputs import safe_name
+    from vbatch.operators.storage import resolve
+    from vbatch.operators.video.container import open_video
+    from vbatch.operators.video.write import mask_uri
+
     parts = [
         '<h2>Videos: masks per query</h2><p class="muted">Sampled videos and queries; frames '
         "spread evenly over the ones with masks, the mask tinted and outlined.</p>"
