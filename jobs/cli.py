@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a segmentation model over an image manifest (Parquet: image_id, uri, any other columns "
             "pass through). Writes <out>/masks/<image_id>.png and <out>/results/ (a committed table: "
             "<out>/_LATEST names the generation folder results/<run id> holding its Parquet files) with one row per "
-            f"manifest row (status ok|error, error_class). Tasks: {tasks}."
+            f"manifest row (status ok|error, error_class). Tasks: {tasks}. A gt_mask_uri column "
+            "(ground-truth masks) adds per-image quality metrics (gt_* columns; gt_error when a "
+            "ground truth cannot be used). Ends by writing <out>/report/index.html."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
