@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a segmentation model over an image manifest (Parquet: image_id, uri, any other columns "
             "pass through). Writes <out>/masks/<image_id>.png and <out>/results/ (a committed table: "
             "<out>/_LATEST names the generation folder results/<run id> holding its Parquet files) with one row per "
-            f"manifest row (status ok|error, error_class). Tasks: {tasks}."
+            f"manifest row (status ok|error, error_class). Tasks: {tasks}. A gt_mask_uri column "
+            "(ground-truth masks) adds per-image quality metrics (gt_* columns; gt_error when a "
+            "ground truth cannot be used). Ends by writing <out>/report/index.html."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pool(seg)
     _common(seg)
     add_run_arguments(seg)
+    _report_option(seg)
 
     vid = sub.add_parser(
         "video",
@@ -226,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pool(vid, batch_help="windows (of the model's window_size frames) per model call (default 1)")
     _common(vid)
     add_run_arguments(vid)
+    _report_option(vid)
 
     mat = sub.add_parser(
         "matting", help="matting model tools (convert the TensorFlow graph to ONNX)"
@@ -284,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pool(emb)
     _common(emb)
     add_run_arguments(emb)
+    _report_option(emb)
     idx = rsub.add_parser(
         "index",
         help="build a FAISS gallery index from embeddings",
@@ -418,6 +423,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the job command line: segment … or reid embed …, with {date} in --manifest and --out",
     )
 
+    rep = sub.add_parser(
+        "report",
+        help="(re)build a run's visual QA report, <out>/report/index.html",
+        description=(
+            "Build <out>/report/ from what a finished job left on storage (its results table, "
+            "run.json, products and inputs): the run at a glance, errors by class, a contact sheet "
+            "of a deterministic sample, the images worth a look, distributions and, when the "
+            "manifest had gt_mask_uri, quality metrics. One self-contained folder (index.html, "
+            "thumbnails, plots) that works opened from disk or served from a bucket. Jobs write it "
+            "at the end of every run; this rebuilds it (old runs, backfilled partitions) or "
+            "compares two runs."
+        ),
+    )
+    rep.add_argument("--out", required=True, metavar="URI", help="a finished job's --out")
+    rep.add_argument(
+        "--report-samples",
+        type=int,
+        default=48,
+        metavar="N",
+        help="images in the contact sheet (default 48)",
+    )
+    rep.add_argument(
+        "--compare",
+        metavar="OTHER_OUT",
+        help="another run of the same manifest (e.g. another model version): metric deltas and "
+        "the images whose outputs changed most",
+    )
+    _common(rep)
+
     env = sub.add_parser(
         "env",
         help="versions, GPUs, faiss and ONNX Runtime providers (for bug reports)",
@@ -513,6 +547,17 @@ def _resource(text: str) -> tuple[str, float]:
     if not sep or not name or value <= 0:
         raise argparse.ArgumentTypeError(f"expected NAME=N with N > 0, got {text!r}")
     return name, value
+
+
+def _report_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--report-samples",
+        type=int,
+        default=48,
+        metavar="N",
+        help="write <out>/report/index.html at the end with N sample images (default 48; 0: no "
+        "report). A report that fails is a warning, never a failed job",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -666,6 +711,22 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
+        if args.command == "report":
+            from vbatch.jobs.report import build_report
+            from vbatch.operators.storage import Storage, StorageOptions
+
+            report = build_report(
+                args.out,
+                Storage(StorageOptions(endpoint_url=args.s3_endpoint)),
+                samples=args.report_samples,
+                compare=args.compare,
+            )
+            print(
+                f"report: {report.index_uri} ({report.rows:,} rows; "
+                f"{report.parquet_bytes / 1e6:.1f} MB of Parquet read, {report.rows_opened} rows "
+                f"opened, {report.seconds:.1f} s)"
+            )
+            return 0
         if args.command == "env":
             from vbatch.jobs.env import collect_env, format_env
 
@@ -719,7 +780,33 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace, clock) -> dict:
-    """Run a job command (segment, video, reid …), print its report; returns its summary."""
+    """Run a job command (segment, video, reid …), print its report, write its visual report;
+    returns its summary."""
+    record = _run_job(args, clock)
+    _write_report(args, record)
+    return record
+
+
+def _write_report(args: argparse.Namespace, record: dict) -> None:
+    """``<out>/report/`` after a finished job (``--report-samples`` > 0); a failure is logged as
+    a warning and never changes the job's exit status."""
+    samples = getattr(args, "report_samples", 0)
+    if samples <= 0 or not record.get("out"):
+        return
+    try:
+        from vbatch.jobs.report import build_report
+        from vbatch.operators.storage import Storage, StorageOptions
+
+        info = build_report(
+            record["out"], Storage(StorageOptions(endpoint_url=args.s3_endpoint)), samples=samples
+        )
+        # logged (stderr), not printed: stdout stays the job's report and --summary-json -
+        logger.info("report: %s", info.index_uri)
+    except Exception as e:
+        logger.warning("the run's report could not be written: %s: %s", type(e).__name__, e)
+
+
+def _run_job(args: argparse.Namespace, clock) -> dict:
     if args.command == "segment":
         from vbatch.jobs.segment import run_image_job
 

@@ -26,8 +26,25 @@ def _say(*lines: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _report(out: Path, reports: list[str]) -> None:
+    """The run's visual report, as every job command writes it (a failure is only a warning);
+    its path is appended to ``reports``."""
+    from vbatch.jobs.report import build_report
+
+    try:
+        reports.append(build_report(str(out), Storage()).index_uri)
+    except Exception as e:
+        logger.warning("report of %s failed: %s: %s", out, type(e).__name__, e)
+
+
 def _segment(
-    task: str, model_dir: Path, data: Path, out: Path, address: str | None, **kw: object
+    task: str,
+    model_dir: Path,
+    data: Path,
+    out: Path,
+    address: str | None,
+    reports: list[str],
+    **kw: object,
 ) -> None:
     summary = run_image_job(
         ImageJobConfig(
@@ -40,6 +57,7 @@ def _segment(
         )
     )
     _say(summary.report(), "")
+    _report(out / task, reports)
 
 
 def _people(folder: Path, n: int) -> Path:
@@ -67,6 +85,7 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    reports: list[str] = []
     data = out / "data"
     manifest = write_demo_images(data, num_images)
     _say(
@@ -83,17 +102,17 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
 
     m = salient_dir(models / "salient")
     _say(f"[salient] SENet, full size, random weights: {m}")
-    _segment("salient", m, data, out, address)
+    _segment("salient", m, data, out, address, reports)
 
     m = shop_dir(models / "shop-seg", config=SHOP_TINY)
     _say(
         f"[shop-seg] DenseCLIP, TINY configuration of the same code (the full one takes seconds per image on CPU): {m}"
     )
-    _segment("shop-seg", m, data, out, address)
+    _segment("shop-seg", m, data, out, address, reports)
 
     m = matting_dir(models / "matting")
     _say(f"[matting] a small generated ONNX graph with the real one's inputs and outputs: {m}")
-    _segment("matting", m, data, out, address, background="#2a6fdb")
+    _segment("matting", m, data, out, address, reports, background="#2a6fdb")
 
     from vbatch.jobs.publish import read_table
     from vbatch.jobs.reid import queries_from_table, run_embed, search_table
@@ -108,6 +127,7 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
         )
     )
     _say(summary.report())
+    _report(out / "reid" / "embeddings", reports)
     storage = Storage()
     info = build_index(str(out / "reid" / "embeddings"), str(out / "reid" / "index"), storage)
     _say(f"index: {info.factory}, {info.count} vectors at {out / 'reid' / 'index'}")
@@ -144,6 +164,7 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
         )
     )
     _say(video.report(), "")
+    _report(out / "rvos", reports)
 
     _say(
         _BANNER,
@@ -155,6 +176,8 @@ def run_demo(out: str | Path, num_images: int = 24, address: str | None = None) 
         "Look at a results table, e.g.:",
         f"  python -c \"import pandas as pd; print(pd.read_parquet('{out / 'salient' / 'results'}'))\"",
         f"  duckdb -c \"select status, count(*) from '{out / 'salient' / 'results'}/*/*.parquet' group by 1\"",
+        "Reports (open in a browser):",
+        *(f"  {uri}" for uri in reports),
         _BANNER,
     )
     return 0

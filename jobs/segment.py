@@ -335,6 +335,7 @@ def run_image_job(
         background=cfg.background,
         embedding_dim=getattr(transforms, "embed_dim", None),
         mask_size=cfg.mask_size,
+        base_uri=info.base_uri,
     )
     crash = fault_row(os.environ.get(FAULT_ENV))
     if crash is not None:
@@ -359,6 +360,7 @@ def run_image_job(
                 fn_kwargs={
                     "previous": reusable,
                     "out": out,
+                    "task": cfg.task,
                     "output": entry.output,
                     "embedding_dim": options.embedding_dim,
                     "storage": storage,

@@ -25,15 +25,18 @@ from vbatch.operators.decode import decode_image
 from vbatch.operators.images import BYTES
 from vbatch.operators.inference import OUTPUT
 from vbatch.operators.manifest import ERROR
+from vbatch.operators.quality import GT_COLUMN, GT_ERROR, score_row
 from vbatch.operators.reuse import FINGERPRINT
 from vbatch.operators.storage import Storage, join
 from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
     COMMON_RESULT_FIELDS,
     INTERNAL_PREFIX,
+    METRIC_FIELDS,
     STATUS_ERROR,
     STATUS_OK,
     image_results_schema,
+    metric_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,6 +142,8 @@ class OutputOptions:
     #: "mask" only: "full" (original size) or "model" (the network's resolution, see
     #: :func:`model_resolution_mask`); the results' width/height stay the original's
     mask_size: str = "full"
+    #: the manifest's folder: relative ground-truth URIs (``gt_mask_uri``) resolve against it
+    base_uri: str = ""
 
 
 def is_color(value: str) -> bool:
@@ -161,7 +166,7 @@ def _write_mask(product: np.ndarray, image_id: str, opts: OutputOptions, storage
         )
     uri = join(opts.out_uri, "masks", safe_name(image_id) + ".png")
     storage.write_bytes(uri, encode_png(product))
-    return {"mask_uri": uri}
+    return {"mask_uri": uri, "foreground_ratio": float(product.mean(dtype=np.float64) / 255.0)}
 
 
 def _write_rgba(product: np.ndarray, image_id: str, opts: OutputOptions, storage: Storage) -> dict:
@@ -223,6 +228,10 @@ def write_products(
     schema = image_results_schema(options.output, embedding_dim=options.embedding_dim)
     extra_names = schema.names[len(COMMON_RESULT_FIELDS) :]
     extra: dict[str, list] = {name: [None] * n for name in extra_names}
+    # ground truth in the manifest: score each product against it (never fails a row)
+    scored = GT_COLUMN in batch.column_names and bool(METRIC_FIELDS.get(options.task))
+    gt_uris = batch.column(GT_COLUMN).to_pylist() if scored else [None] * n
+    metrics: dict[str, list] = {f.name: [None] * n for f in metric_fields(options.task)}
     for i in range(n):
         if errors[i] is not None:
             continue
@@ -242,6 +251,12 @@ def write_products(
                 product = transforms.postprocess(output, size)
             for key, value in writer(product, ids[i], options, storage).items():
                 extra[key][i] = value
+            if scored:
+                values, metrics[GT_ERROR][i] = score_row(
+                    options.task, product, gt_uris[i], options.base_uri, storage
+                )
+                for key, value in values.items():
+                    metrics[key][i] = value
         except Exception as e:
             logger.exception("writing the product of %r failed", ids[i])
             errors[i] = f"postprocess/write failed: {type(e).__name__}: {e}"
@@ -271,6 +286,9 @@ def write_products(
         c for c in batch.column_names if not c.startswith(INTERNAL_PREFIX) and c not in schema.names
     ]
     table = pa.Table.from_arrays(arrays, schema=schema)
+    if scored:
+        for f in metric_fields(options.task):
+            table = table.append_column(f, pa.array(metrics[f.name], f.type))
     for name in passthrough:
         table = table.append_column(batch.schema.field(name), batch.column(name))
     return table

@@ -41,14 +41,17 @@ import pyarrow.parquet as pq
 
 from vbatch.operators.columns import set_column
 from vbatch.operators.manifest import ERROR, id_hashes
+from vbatch.operators.quality import GT_COLUMN, GT_ERROR
 from vbatch.operators.storage import Storage, is_http, join, normalize, resolve
 from vbatch.operators.tables import read_text, results_files
 from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
     INTERNAL_PREFIX,
+    METRIC_FIELDS,
     OUTPUT_FIELDS,
     STATUS_OK,
     image_results_schema,
+    metric_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -337,6 +340,7 @@ def carry_forward(
     *,
     previous: Previous,
     out: str,
+    task: str,
     output: str,
     embedding_dim: int | None,
     storage: Storage,
@@ -410,6 +414,29 @@ def carry_forward(
         else:
             arrays.append(pa.nulls(n, f.type))
     table = pa.Table.from_arrays(arrays, schema=schema)
+    if GT_COLUMN in batch.column_names and METRIC_FIELDS.get(task):
+        # scores against ground truth, as write_products adds them: kept when the ground truth
+        # is the one the earlier run scored against
+        same_gt = (
+            pc.equal(old.column(GT_COLUMN), batch.column(GT_COLUMN)).fill_null(False)
+            if GT_COLUMN in old.column_names
+            else pa.array([False] * n)
+        )
+        for f in metric_fields(task):
+            if f.name in old.column_names:
+                col = pc.if_else(same_gt, pc.cast(old.column(f.name), f.type), pa.nulls(n, f.type))
+            else:
+                col = pa.nulls(n, f.type)
+            if f.name == GT_ERROR:
+                col = pc.if_else(
+                    same_gt,
+                    col,
+                    pa.array(
+                        ["not scored: the ground truth changed since the reused run"] * n,
+                        pa.string(),
+                    ),
+                )
+            table = table.append_column(f, col)
     for name in batch.column_names:
         if not name.startswith(INTERNAL_PREFIX) and name not in schema.names:
             table = table.append_column(batch.schema.field(name), batch.column(name))

@@ -369,12 +369,16 @@ class Storage:
         fs, path = self.fs(uri)
         return bool(self._retry("look up", lambda: fs.exists(path), uri))
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
-        """Write an object atomically (readers see the old or the new content, never a part)."""
+    def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
+        """Write an object atomically (readers see the old or the new content, never a part).
+
+        ``content_type``: the object's Content-Type on S3 (what a browser served the object from
+        a bucket goes by, e.g. ``text/html``); ignored locally."""
         self._writable(uri)
         fs, path = self.fs(uri)
         if is_remote(uri):
-            self._retry("write", lambda: fs.pipe_file(path, data), uri)
+            headers = {"ContentType": content_type} if content_type else {}
+            self._retry("write", lambda: fs.pipe_file(path, data, **headers), uri)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         atomic_write_bytes(path, data, durable=False)

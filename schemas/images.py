@@ -48,7 +48,9 @@ COMMON_RESULT_FIELDS: list[pa.Field] = [
 
 #: what each kind of model output adds to the common columns
 OUTPUT_FIELDS: dict[str, list[pa.Field]] = {
-    "mask": [pa.field("mask_uri", pa.string())],
+    # foreground_ratio: the mask's mean / 255 (salient: mean saliency; shop-seg: share of product
+    # pixels), what the report ranks and plots without opening a million PNGs
+    "mask": [pa.field("mask_uri", pa.string()), pa.field("foreground_ratio", pa.float32())],
     "rgba": [
         pa.field("matte_uri", pa.string()),
         pa.field("cutout_uri", pa.string()),
@@ -56,6 +58,29 @@ OUTPUT_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("foreground_ratio", pa.float32()),
     ],
 }
+
+#: the per-image metrics a task adds when the manifest has a ground-truth column (``gt_mask_uri``,
+#: see :mod:`vbatch.operators.quality`), all null on rows without a usable ground truth, and
+#: ``gt_error``: why a row that names a ground truth has no metrics (null otherwise). The row's
+#: status stays ``ok``: an unreadable ground truth never costs a prediction.
+METRIC_FIELDS: dict[str, list[pa.Field]] = {
+    "salient": [
+        pa.field("gt_mae", pa.float32()),
+        pa.field("gt_max_fmeasure", pa.float32()),
+        pa.field("gt_smeasure", pa.float32()),
+        pa.field("gt_mean_emeasure", pa.float32()),
+    ],
+    "shop-seg": [pa.field("gt_iou", pa.float32()), pa.field("gt_boundary_f", pa.float32())],
+    "matting": [pa.field("gt_sad", pa.float32()), pa.field("gt_mse", pa.float32())],
+}
+GT_ERROR_FIELD = pa.field("gt_error", pa.string())
+
+
+def metric_fields(task: str) -> list[pa.Field]:
+    """The metric columns of ``task`` plus ``gt_error`` (empty for a task without metrics)."""
+    fields = METRIC_FIELDS.get(task, [])
+    return [*fields, GT_ERROR_FIELD] if fields else []
+
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
