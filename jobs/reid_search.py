@@ -18,6 +18,7 @@ second, stateful actor pool (``release/nightly_tests/dataset/image_embedding_fro
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -109,6 +110,7 @@ class SearchJobConfig:
         allow_model_mismatch: search queries of another model version than the gallery's.
         cache_root: node cache folder for the gallery files (default ``$VBATCH_CACHE`` or
             ``~/.cache/vbatch`` on each worker).
+        search_threads: faiss threads per search actor (default: the node's cores).
     """
 
     index: str
@@ -127,6 +129,7 @@ class SearchJobConfig:
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
     cache_root: str | None = None
+    search_threads: int | None = None
 
 
 class SearchStage:
@@ -142,7 +145,13 @@ class SearchStage:
         rerank: int | None,
         allow_model_mismatch: bool,
         cache_root: str | None = None,
+        threads: int | None = None,
     ) -> None:
+        import faiss
+
+        # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1 for 0.5): faiss would search on
+        # one core of a node whose other cores the pipeline leaves idle most of the time
+        faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
         self.gallery = GalleryIndex.open(index_uri, Storage(storage_options), cache_root=cache_root)
         self.k, self.nprobe, self.rerank = k, nprobe, rerank
         self.allow_model_mismatch = allow_model_mismatch
@@ -400,6 +409,7 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
             "rerank": cfg.rerank,
             "allow_model_mismatch": cfg.allow_model_mismatch,
             "cache_root": cfg.cache_root,
+            "threads": cfg.search_threads,
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.search_actors),
         batch_size=cfg.search_batch_rows,
