@@ -425,7 +425,7 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
     table = read_files(staged, storage, columns) if staged else None
     if table is not None:
         # one row per query: its first hit or its error row
-        first = pc.or_(
+        first = pc.or_kleene(
             pc.equal(table.column("rank"), 1), pc.not_equal(table.column("status"), "ok")
         )
         per_query = table.filter(pc.fill_null(first, False))
