@@ -6,6 +6,11 @@ are not centred), an identity component in a low-dimensional subspace, a view/ca
 shared across identities and isotropic noise, L2-normalised. With the defaults, same-identity
 cosine is ~0.56, other identities ~0.11 +- 0.12, and 73 % of a fresh query's exact top-10 are
 its own identity (rank-1 98 %): neighbours are clustered but not trivially separated.
+``--data near-tied`` draws a gallery of the same size whose identities have 40 nearly identical
+images each (view and noise 0.1 instead of 0.8/0.6: one person, one camera, consecutive frames):
+a query's exact top-10 are 10 of its identity's 40 at scores a few thousandths apart, which
+compact codes cannot order and re-ranking with the full vectors can. ``--data both`` (default)
+runs both kinds one after the other.
 
 The gallery is written as an embeddings table (Parquet, like ``reid embed``), indexed with
 :func:`vbatch.operators.index.build_index` under a memory budget of ``flat / compression`` bytes,
@@ -15,6 +20,7 @@ measure against exact inner-product search (``faiss.knn``), as in faiss' benchma
 Run::
 
     OMP_NUM_THREADS=2 python bench/bench_index.py                            # auto choice, 8x budget
+    OMP_NUM_THREADS=2 python bench/bench_index.py --data near-tied --ids 500 # 5k near-tied vectors
     OMP_NUM_THREADS=2 python bench/bench_index.py --factory IVF2048,SQ4      # any other index
 
 Figures: ``docs/BENCHMARKS.md`` ("Re-ID index").
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,47 +110,42 @@ def write_gallery(
 
 
 _RSS_SCRIPT = """
-import re, sys, tempfile
-from pathlib import Path
+import re, sys
 import numpy as np
+import fsspec, pyarrow.dataset, pyarrow.parquet  # imported by the first open: not gallery memory
 from vbatch.operators.index import GalleryIndex, read_info
-from vbatch.operators.index.store import load_faiss, map_faiss, read_id_map
 from vbatch.operators.storage import Storage
 def mem():
     text = open("/proc/self/smaps_rollup").read()
     kb = lambda k: int(re.search(rf"^{k}:\\s+(\\d+) kB", text, re.M).group(1)) * 1024
     return kb("Anonymous"), kb("Rss") - kb("Anonymous")
-queries = np.load(sys.argv[3])
-storage = Storage()
-info = read_info(sys.argv[1], storage)
+queries = np.load(sys.argv[2])
+read_info(sys.argv[1], Storage())  # the storage layer's own imports and set-up
 a0, f0 = mem()
-with tempfile.TemporaryDirectory() as tmp:
-    index = map_faiss(info, storage) if sys.argv[2] == "mmap" else load_faiss(info, storage, Path(tmp))
+gallery = GalleryIndex.open(sys.argv[1], Storage(), mmap=sys.argv[3] == "mmap")
 a1, f1 = mem()
-ids = read_id_map(info, storage).column("image_id").combine_chunks()  # same in both modes
-a1b, f1b = mem()
-GalleryIndex(index, ids, info).search(queries, k=10)
+gallery.search(queries, k=10)
 a2, f2 = mem()
-# the id map's share (a1b - a1) is left out of the search figures
-print(a1 - a0, f1 - f0, a2 - a0 - (a1b - a1), f2 - f0 - (f1b - f1), ids.nbytes)
+print(a1 - a0, f1 - f0, a2 - a0, f2 - f0, gallery.image_ids.nbytes)
 """
 
 
 def gallery_memory(index_dir: str, queries: np.ndarray, mmap: bool) -> dict[str, int] | None:
-    """Memory that opening the gallery's faiss index, then searching ``queries``, adds to a
-    fresh process (the id map, the same in both modes, left out), from ``/proc/self/smaps_rollup``; ``None`` where it is missing.
+    """Memory that opening the gallery (``GalleryIndex.open``: index, id map, refinement
+    vectors), then searching ``queries``, adds to a fresh process, from
+    ``/proc/self/smaps_rollup``; ``None`` where it is missing.
 
-    ``anon``: anonymous (heap) memory, private to the process; ``file``: file-backed resident
-    pages, i.e. the page cache of a memory-mapped index, shared between processes and evictable.
-    Measured in a subprocess so that memory freed by the build (and reused by the allocator)
-    hides nothing.
+    ``anon``: anonymous (heap) memory, private to the process (RssAnon); ``file``: file-backed
+    resident pages, i.e. the page cache of memory-mapped files, shared between processes and
+    evictable. Measured in a subprocess so that memory freed by the build (and reused by the
+    allocator) hides nothing.
     """
     if not os.path.exists("/proc/self/smaps_rollup"):
         return None
     qfile = os.path.join(index_dir, "..", "bench-queries.npy")
     np.save(qfile, queries)
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_SCRIPT, index_dir, "mmap" if mmap else "heap", qfile],
+        [sys.executable, "-c", _RSS_SCRIPT, index_dir, qfile, "mmap" if mmap else "heap"],
         capture_output=True,
         text=True,
         check=True,
@@ -161,14 +163,125 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def timed_search(
-    gallery: GalleryIndex, xq: np.ndarray, threads: int, nprobe: int | None
+    gallery: GalleryIndex,
+    xq: np.ndarray,
+    threads: int,
+    nprobe: int | None,
+    rerank: int | None = None,
 ) -> tuple[np.ndarray, float]:
     faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
-    _, names = gallery.search(xq, k=10, nprobe=nprobe)
+    _, names = gallery.search(xq, k=10, nprobe=nprobe, rerank=rerank)
     qps = len(xq) / (time.perf_counter() - t0)
     rows = {name: i for i, name in enumerate(gallery.image_ids.to_pylist())}
     return np.array([[rows.get(n, -1) for n in r] for r in names]), qps
+
+
+# near-tied data: the identity's images differ by little more than noise (one person, one
+# camera, consecutive frames), so a query's exact top-10 are 10 of ~40 nearly equal vectors
+NEAR_TIED = {"view": 0.1, "iso": 0.1, "per_id": 40}
+
+
+def run(args: argparse.Namespace, kind: str, tmp: str) -> None:
+    """Write a gallery of ``kind`` data, index it under the budget, print the figures."""
+    threads = faiss.omp_get_max_threads()
+    n_total = args.ids * args.per_id
+    if kind == "near-tied":
+        per_id = NEAR_TIED["per_id"]
+        n_ids = n_total // per_id
+        gen = ReidLikeEmbeddings(n_ids, args.dim, view=NEAR_TIED["view"], iso=NEAR_TIED["iso"])
+    else:
+        per_id, n_ids = args.per_id, args.ids
+        gen = ReidLikeEmbeddings(n_ids, args.dim)
+    emb, index_dir = os.path.join(tmp, kind, "emb"), os.path.join(tmp, kind, "index")
+    t0 = time.perf_counter()
+    xb = write_gallery(emb, gen, n_ids, per_id, files=10)
+    q_ids = gen.rng.integers(0, n_ids, args.queries)
+    xq = gen.draw(q_ids)
+    n = len(xb)
+    print(
+        f"\n##### {kind} data: gallery {n} x {args.dim} written in {time.perf_counter() - t0:.1f} s"
+    )
+
+    t0 = time.perf_counter()
+    scores, truth = faiss.knn(xq, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    flat_qps = len(xq) / (time.perf_counter() - t0)
+    same = (np.repeat(np.arange(n_ids), per_id)[truth] == q_ids[:, None]).mean()
+    gap = float(np.median(scores[:, 0] - scores[:, 9]))
+    print(
+        f"exact search: {flat_qps:.0f} QPS ({threads} threads); {same:.1%} of the exact "
+        f"top-10 share the query's identity; median score gap top-1 - top-10: {gap:.4f}"
+    )
+    del xb
+
+    flat_bytes = 4 * args.dim
+    budget = int(n * flat_bytes / args.compression)
+    storage = Storage()
+    t0 = time.perf_counter()
+    info = build_index(
+        emb,
+        index_dir,
+        storage,
+        factory=args.factory,
+        memory_budget=budget,
+        metric=args.metric,
+        refine=None if args.refine == "auto" else args.refine == "on",
+        refine_dtype=args.refine_dtype,
+    )
+    shutil.rmtree(emb)  # the table is no longer needed: disk space for the next kind
+    gallery = GalleryIndex.open(index_dir, storage)
+    ids_bytes = sum(os.path.getsize(os.path.join(index_dir, p)) for p in info.id_parts)
+    refine_bytes = sum(os.path.getsize(os.path.join(index_dir, p)) for p in info.refine_parts)
+    mem = gallery_memory(index_dir, xq, mmap=True)
+
+    found, qps_all = timed_search(gallery, xq, threads, None)
+    _, qps_one = timed_search(gallery, xq[:200], 1, None)
+    codes_only = recall_at(timed_search(gallery, xq, threads, None, rerank=0)[0], truth, 10)
+    what = "explicit index" if args.factory else f"auto choice under flat / {args.compression:g}"
+    print(f"=== {kind}: {what} ===")
+    print(f"factory            {info.factory}  ({info.plan_reason})")
+    print(
+        f"bytes per vector   {info.bytes_per_vector:.1f} (index file / N; flat = {flat_bytes}) "
+        f"-> {flat_bytes / info.bytes_per_vector:.1f}x smaller than flat; id map "
+        f"{ids_bytes / n:.1f} B/vector on disk; refinement vectors {refine_bytes / n:.0f} "
+        f"B/vector on disk ({info.refine_dtype})"
+    )
+    if mem is not None:
+        print(
+            f"gallery memory     open: {mem['open_anon'] / n:.1f} B/vector heap (anonymous) + "
+            f"{mem['open_file'] / n:.1f} B/vector page cache; after {len(xq)} queries: "
+            f"{mem['search_anon'] / n:.1f} B/vector heap ({mem['search_anon'] / 2**20:.0f} MiB, "
+            f"budget {flat_bytes / args.compression:.0f}) + {mem['search_file'] / n:.1f} "
+            f"B/vector page cache ({mem['search_file'] / 2**20:.0f} MiB); id map "
+            f"{mem['ids_arrow'] / n:.1f} B/vector as Arrow (in the heap figure)"
+        )
+    print(
+        f"tuned              nprobe={info.nprobe} rerank={info.rerank} "
+        f"(build-time leave-one-out recall@10 {info.tuned_recall})"
+    )
+    print(
+        f"recall@10          {recall_at(found, truth, 10):.4f}   recall 1@1 "
+        f"{float(np.mean(found[:, 0] == truth[:, 0])):.4f}   codes only (rerank=0) "
+        f"{codes_only:.4f}   ({len(xq)} fresh queries vs exact)"
+    )
+    print(f"QPS                {qps_one:.0f} (1 thread)   {qps_all:.0f} ({threads} threads)")
+    bs = info.build_seconds
+    print(
+        f"build time         {bs['total']:.1f} s (train incl. sampling {bs['train']:.1f} s, add "
+        f"{bs['add']:.1f} s, tuning {bs['tune']:.1f} s)"
+    )
+    sweep_nprobe = sorted(
+        {max(1, (info.nprobe or 1) // 2), info.nprobe or 1, (info.nprobe or 1) * 2}
+    )
+    sweep_rerank = [0, 1, 2, 4, 8] if info.refine_parts else [0]
+    print("sweep (nprobe x rerank):")
+    for nprobe in sweep_nprobe if info.nprobe else [None]:
+        for r in sweep_rerank:
+            f, qps = timed_search(gallery, xq, threads, nprobe, rerank=r)
+            print(
+                f"  nprobe={nprobe}  rerank={r}  recall@10 {recall_at(f, truth, 10):.4f}  "
+                f"{qps:.0f} QPS"
+            )
 
 
 def main() -> None:
@@ -180,96 +293,23 @@ def main() -> None:
     ap.add_argument("--compression", type=float, default=8.0, help="memory budget = flat / this")
     ap.add_argument("--factory", default=None, help="explicit factory instead of the auto choice")
     ap.add_argument("--metric", default="inner_product", choices=["inner_product", "l2"])
+    ap.add_argument(
+        "--data",
+        default="both",
+        choices=["easy", "near-tied", "both"],
+        help="easy: the module docstring's identities; near-tied: 40 near-identical images per "
+        "identity (same gallery size)",
+    )
+    ap.add_argument("--refine", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--refine-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    threads = faiss.omp_get_max_threads()
-
+    kinds = ["easy", "near-tied"] if args.data == "both" else [args.data]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        t0 = time.perf_counter()
-        gen = ReidLikeEmbeddings(args.ids, args.dim)
-        xb = write_gallery(os.path.join(tmp, "emb"), gen, args.ids, args.per_id, files=10)
-        q_ids = gen.rng.integers(0, args.ids, args.queries)
-        xq = gen.draw(q_ids)
-        n = len(xb)
-        print(f"gallery {n} x {args.dim} written in {time.perf_counter() - t0:.1f} s")
-
-        t0 = time.perf_counter()
-        _, truth = faiss.knn(xq, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
-        flat_qps = len(xq) / (time.perf_counter() - t0)
-        same = (np.repeat(np.arange(args.ids), args.per_id)[truth] == q_ids[:, None]).mean()
-        print(
-            f"exact search: {flat_qps:.0f} QPS ({threads} threads); {same:.1%} of the exact "
-            "top-10 share the query's identity"
-        )
-        del xb
-
-        flat_bytes = 4 * args.dim
-        budget = int(n * flat_bytes / args.compression)
-        storage = Storage()
-        info = build_index(
-            os.path.join(tmp, "emb"),
-            os.path.join(tmp, "index"),
-            storage,
-            factory=args.factory,
-            memory_budget=budget,
-            metric=args.metric,
-        )
-        gallery = GalleryIndex.open(os.path.join(tmp, "index"), storage)
-        ids_bytes = sum(os.path.getsize(os.path.join(tmp, "index", p)) for p in info.id_parts)
-        memory = {
-            mode: gallery_memory(os.path.join(tmp, "index"), xq, mmap=mode == "mmap")
-            for mode in ("heap", "mmap")
-        }
-
-        found, qps_all = timed_search(gallery, xq, threads, None)
-        _, qps_one = timed_search(gallery, xq[:200], 1, None)
-        if args.factory:
-            print("\n=== explicit index ===")
-        else:
-            print(f"\n=== auto-chosen index under a budget of flat / {args.compression:g} ===")
-        print(f"factory            {info.factory}  ({info.plan_reason})")
-        print(
-            f"bytes per vector   {info.bytes_per_vector:.1f} (index file / N; flat = {flat_bytes}) "
-            f"-> {flat_bytes / info.bytes_per_vector:.1f}x smaller than flat; id map "
-            f"{ids_bytes / n:.1f} B/vector on disk"
-        )
-        for mode, mem in memory.items():
-            if mem is not None:
-                print(
-                    f"index memory ({mode}) open: {mem['open_anon'] / n:.1f} B/vector private "
-                    f"(anonymous) + {mem['open_file'] / n:.1f} B/vector page cache; after "
-                    f"{len(xq)} queries: {mem['search_anon'] / n:.1f} + "
-                    f"{mem['search_file'] / n:.1f} B/vector ({mem['search_anon'] / 2**20:.0f} MiB "
-                    f"+ {mem['search_file'] / 2**20:.0f} MiB); id map {mem['ids_arrow'] / n:.1f} "
-                    "B/vector as Arrow"
-                )
-        print(f"nprobe             {info.nprobe} (tuned at build: recall@10 {info.tuned_recall})")
-        print(
-            f"recall@10          {recall_at(found, truth, 10):.4f}   recall 1@1 "
-            f"{float(np.mean(found[:, 0] == truth[:, 0])):.4f}   ({len(xq)} fresh queries vs exact)"
-        )
-        print(f"QPS                {qps_one:.0f} (1 thread)   {qps_all:.0f} ({threads} threads)")
-        bs = info.build_seconds
-        print(
-            f"build time         {bs['total']:.1f} s (train incl. sampling {bs['train']:.1f} s, add "
-            f"{bs['add']:.1f} s, nprobe tuning {bs['tune']:.1f} s)"
-        )
-        if info.nprobe:
-            print("nprobe sweep:")
-            for nprobe in sorted(
-                {
-                    max(1, info.nprobe // 4),
-                    max(1, info.nprobe // 2),
-                    info.nprobe,
-                    info.nprobe * 2,
-                    info.nprobe * 4,
-                }
-            ):
-                f, qps = timed_search(gallery, xq, threads, nprobe)
-                print(
-                    f"  nprobe={nprobe:4d}  recall@10 {recall_at(f, truth, 10):.4f}  {qps:.0f} QPS"
-                )
+        for kind in kinds:
+            run(args, kind, tmp)
+            shutil.rmtree(os.path.join(tmp, kind))
 
 
 if __name__ == "__main__":

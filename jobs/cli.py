@@ -313,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="e.g. 2GB: the index must fit (default: flat if it fits 4 GB)",
     )
+    idx.add_argument(
+        "--refine",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="keep the full vectors beside the index (refine/*.npy, memory-mapped, outside the "
+        "budget) and re-rank the top k x r with them; auto: on for an automatic plan with a "
+        "compressed code (default auto)",
+    )
+    idx.add_argument(
+        "--refine-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="refinement vectors: float32 (exact re-ranking) or float16 (half the disk)",
+    )
     _common(idx)
     add_run_arguments(idx, rows=False)
     add = rsub.add_parser(
@@ -333,10 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
         "search",
         help="top-k gallery images for query images",
         description=(
-            "Embeds the queries with the same model (or takes --embeddings) and searches the index. "
-            "Prints and writes query_id, rank, image_id, score, status, error: k rows per query and one "
-            "error row per query that failed (unreadable image, invalid embedding); exit 1 when every "
-            "query failed. Queries of another model_version than the gallery's are refused."
+            "Embeds the queries with the same model (or takes --embeddings) and searches the index: "
+            "query_id, rank, image_id, score, status, error, k rows per query and one error row per "
+            "query that failed (unreadable image, invalid embedding, another model_version). With --out "
+            "and --manifest or --embeddings it runs as a Ray Data job (embedding actor pool -> search "
+            "actors that memory-map the gallery from each node's cache) and commits <out>/results/ "
+            "(the queries' other columns pass through), run.json and _SUCCESS like `segment`; exit 3 "
+            "above --max-error-rate. --image (and --embeddings without --out) search in this process "
+            "and print the hits; exit 1 when every query failed. A table of queries of another "
+            "model_version than the gallery's is refused."
         ),
     )
     srch.add_argument(
@@ -354,14 +373,38 @@ def build_parser() -> argparse.ArgumentParser:
     srch.add_argument(
         "--k", type=_positive_int, default=10, metavar="K", help="hits per query, >= 1 (default 10)"
     )
-    srch.add_argument("--out", metavar="URI", help="also write the hits as Parquet")
+    srch.add_argument(
+        "--out",
+        metavar="URI",
+        help="output folder of the batch job (--manifest, --embeddings); with --image a Parquet "
+        "file or folder for the hits",
+    )
+    srch.add_argument(
+        "--nprobe", type=_positive_int, metavar="N", help="IVF lists to visit (default: tuned)"
+    )
+    srch.add_argument(
+        "--rerank",
+        type=int,
+        metavar="R",
+        help="re-rank the top k x R with the full vectors kept beside the index; 0: off "
+        "(default: the tuned factor of a gallery built with them)",
+    )
+    srch.add_argument(
+        "--search-actors",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="search actors of the batch job (each maps the gallery once per node; default 1)",
+    )
+    srch.add_argument("--limit", type=int, metavar="N", help="only the first N manifest rows")
     srch.add_argument(
         "--allow-model-mismatch",
         action="store_true",
         help="search even if the queries' model_version differs from the gallery's",
     )
+    _pool(srch)
     _common(srch)
-    add_run_arguments(srch, rows=False)
+    add_run_arguments(srch)
     ev = rsub.add_parser(
         "eval",
         help="mAP and CMC (Market-1501 protocol)",
@@ -592,23 +635,49 @@ def _reid(args: argparse.Namespace, clock) -> dict:
                 storage,
                 factory=args.factory,
                 memory_budget=args.memory_budget,
+                refine=None if args.refine == "auto" else args.refine == "on",
+                refine_dtype=args.refine_dtype,
             )
         else:
             info = add_to_index(args.index, args.embeddings, storage)
         print(info.to_json())
         return json.loads(info.to_json())
+    if args.reid_command == "search" and args.out and (args.manifest or args.embeddings):
+        from vbatch.jobs.reid_search import SearchJobConfig, run_search_job
+
+        if args.manifest and not args.model_dir:
+            raise ValueError("--model-dir is needed to embed query images")
+        job = run_search_job(
+            SearchJobConfig(
+                index=args.index,
+                out=args.out,
+                embeddings=args.embeddings,
+                embed=_image_job_config(args, "reid") if args.manifest else None,
+                k=args.k,
+                nprobe=args.nprobe,
+                rerank=args.rerank,
+                search_actors=args.search_actors,
+                allow_model_mismatch=args.allow_model_mismatch,
+                s3_endpoint=args.s3_endpoint,
+                address=args.address,
+                forward_s3_env=args.forward_s3_env,
+                max_error_rate=args.max_error_rate,
+                max_infra_error_rate=args.max_infra_error_rate,
+            ),
+            clock,
+        )
+        print(job.report())
+        return job.record
     if args.reid_command == "search":
         from vbatch.operators.index import GalleryIndex
 
+        if args.manifest:
+            raise ValueError("--manifest runs as a batch job: give --out")
         index = GalleryIndex.open(args.index, storage)
         if args.embeddings:
             queries = reid.queries_from_table(read_table(args.embeddings, storage))
         elif not args.model_dir:
             raise ValueError("--model-dir is needed to embed query images")
-        elif args.manifest:
-            queries = reid.embed_manifest_queries(
-                args.manifest, args.model_dir, storage, args.s3_endpoint, args.address
-            )
         else:
             queries = reid.embed_images(args.image, args.model_dir, storage)
         reid.check_model_version(queries, index, args.allow_model_mismatch)
@@ -616,7 +685,7 @@ def _reid(args: argparse.Namespace, clock) -> dict:
         if failed and len(failed) == len(queries.ids):
             first = "; ".join(f"{q}: {e}" for q, e in failed[:3])
             raise ValueError(f"all {len(failed)} queries failed, nothing to search ({first})")
-        hits = reid.search_table(index, queries, args.k)
+        hits = reid.search_table(index, queries, args.k, args.nprobe, args.rerank)
         print(hits.to_pandas().to_string(index=False))
         print(f"queries: {len(queries.ids) - len(failed)} searched, {len(failed)} failed")
         for query_id, error in failed[:20]:

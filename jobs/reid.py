@@ -4,7 +4,8 @@
   row with an L2-normalised 1536-d ``embedding`` (null on error rows), under ``<out>/results/``.
 * ``index``/``add`` build and extend the gallery (:mod:`vbatch.operators.index`).
 * ``search`` embeds query images with the same model (or takes an embeddings table) and returns
-  the top-k gallery ids per query, and an error row for each query that could not be searched.
+  the top-k gallery ids per query, and an error row for each query that could not be searched;
+  a manifest or table of queries with ``--out`` is a Ray Data job (:mod:`vbatch.jobs.reid_search`).
 * ``eval`` scores a query table against a gallery table (Market-1501 protocol,
   :mod:`vbatch.operators.reid_eval`).
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,8 +163,15 @@ SEARCH_SCHEMA = pa.schema(
 )
 
 
-def search_table(index: GalleryIndex, queries: Queries, k: int) -> pa.Table:
-    """Top-k hits per query as a long table, in query order.
+def search_table(
+    index: GalleryIndex,
+    queries: Queries,
+    k: int,
+    nprobe: int | None = None,
+    rerank: int | None = None,
+) -> pa.Table:
+    """Top-k hits per query as a long table, in query order (``nprobe``, ``rerank``: see
+    :meth:`GalleryIndex.search`).
 
     Returns:
         ``query_id, rank, image_id, score, status, error``: ``k`` rows per searched query (fewer
@@ -174,7 +181,7 @@ def search_table(index: GalleryIndex, queries: Queries, k: int) -> pa.Table:
     good = [i for i, e in enumerate(queries.errors) if e is None]
     hits: dict[int, tuple[np.ndarray, list[str | None]]] = {}
     if good:
-        scores, ids = index.search(queries.vectors[good], k=k)
+        scores, ids = index.search(queries.vectors[good], k=k, nprobe=nprobe, rerank=rerank)
         hits = {q: (scores[j], ids[j]) for j, q in enumerate(good)}
     rows: list[dict[str, Any]] = []
     for i, query_id in enumerate(queries.ids):
@@ -194,29 +201,6 @@ def search_table(index: GalleryIndex, queries: Queries, k: int) -> pa.Table:
             if image_id is not None
         ]
     return pa.Table.from_pylist(rows, schema=SEARCH_SCHEMA)
-
-
-def embed_manifest_queries(
-    manifest: str,
-    model_dir: str,
-    storage: Storage,
-    s3_endpoint: str | None = None,
-    address: str | None = None,
-) -> Queries:
-    """Embed the images of a query manifest on Ray; failed images come back as failed queries.
-
-    The embeddings go through a temporary folder of this machine, removed afterwards (a local
-    Ray; on a multi-node cluster the workers would need a shared ``--out``: issue 13 item 4).
-    """
-    from vbatch.jobs.publish import read_table
-
-    with tempfile.TemporaryDirectory(prefix="vbatch-queries-") as tmp:
-        run_embed(
-            ImageJobConfig(
-                "reid", manifest, model_dir, tmp, s3_endpoint=s3_endpoint, address=address
-            )
-        )
-        return queries_from_table(read_table(tmp, storage))
 
 
 def write_parquet(table: pa.Table, uri: str, storage: Storage) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from vbatch.jobs.cli import main
 from vbatch.jobs.demo_data import encode, person_crop
 from vbatch.jobs.publish import read_table
 from vbatch.models import load_model
-from vbatch.operators.storage import join
+from vbatch.operators.storage import Storage, join
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +115,9 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
     assert json.loads(storage.read_bytes(join(index, "index.json")))["count"] == 18
     capsys.readouterr()
 
-    # every day-2 image finds itself first (score 1), through the index that now holds it
-    out = join(bucket, "hits.parquet")
+    # every day-2 image finds itself first (score 1), through the index that now holds it: the
+    # batch job on Ray, its search actors mapping the gallery from the node cache
+    out = join(bucket, "hits")
     assert (
         main(
             [
@@ -131,12 +131,16 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
                 "3",
                 "--out",
                 out,
+                # 1 of the 7 queries is the failed embedding: over the default --max-error-rate
+                "--max-error-rate",
+                "0.2",
                 *s3,
             ]
         )
         == 0
     )
-    hits = pq.read_table(io.BytesIO(storage.read_bytes(out))).to_pylist()
+    hits = read_table(out, storage).to_pylist()
+    assert json.loads(storage.read_bytes(join(out, "_SUCCESS")))["rows"] == 7  # 6 ok + 1 error
     top1 = {h["query_id"]: h for h in hits if h["rank"] == 1}
     assert set(top1) == {f"d2-{i}" for i in range(6)}
     for q, h in top1.items():
@@ -147,9 +151,9 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
     assert "object not found" in failed[0]["error"]
     capsys.readouterr()
 
-    # a manifest of query images: embedded on Ray, its unreadable image listed and counted, the
-    # driver's temporary folder removed
-    before = set(Path(tempfile.gettempdir()).glob("vbatch-queries-*"))
+    # a manifest of query images: embedded and searched on Ray (nothing on the driver's disk),
+    # its unreadable image an error row, its other columns passed through
+    hits_uri = join(bucket, "manifest-hits")
     assert (
         main(
             [
@@ -162,15 +166,34 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
                 "--model-dir",
                 model,
                 "--k",
-                "1",
+                "2",
+                "--out",
+                hits_uri,
+                "--batch-size",
+                "4",
+                "--max-error-rate",
+                "0.2",
                 *s3,
             ]
         )
         == 0
     )
     text = capsys.readouterr().out
-    assert "queries: 6 searched, 1 failed" in text and "failed 'd2-broken'" in text
-    assert set(Path(tempfile.gettempdir()).glob("vbatch-queries-*")) == before
+    assert "reid search: 7 queries — 6 searched, 1 failed — 13 hit rows" in text
+    assert "failed 'd2-broken'" in text
+    rows = read_table(hits_uri, storage).to_pylist()
+    assert len(rows) == 13 and {r["query_id"] for r in rows} == {f"d2-{i}" for i in range(6)} | {
+        "d2-broken"
+    }
+    for r in rows:
+        if r["rank"] == 1:
+            assert r["image_id"] == r["query_id"] and r["score"] == pytest.approx(1.0, abs=1e-4)
+        expected = 1 if r["query_id"] == "d2-broken" else int(r["query_id"][3:]) % 5
+        assert r["person_id"] == expected  # the manifest's columns pass through
+    broken = [r for r in rows if r["status"] == "error"]
+    assert len(broken) == 1 and broken[0]["error_class"] is not None
+    record = json.loads(storage.read_bytes(join(hits_uri, "run.json")))
+    assert record["command"] == "reid search" and record["by_status"] == {"ok": 6, "error": 1}
 
     # query images embedded on the fly give the same top hit as their table embeddings
     assert (
@@ -242,7 +265,9 @@ def _queries(path: Path, rows: list, model_version: str = "reid-v1") -> str:
     return str(path)
 
 
-def test_search_reports_every_invalid_query_as_an_error_row(tmp_path: Path, capsys) -> None:
+def test_search_reports_every_invalid_query_as_an_error_row(
+    ray_session, tmp_path: Path, capsys
+) -> None:
     index, x = _gallery(tmp_path)
     shifted_a, shifted_b = list(map(float, x[7][:-1])), [float(x[7][-1]), *map(float, x[8])]
     queries = _queries(
@@ -257,25 +282,31 @@ def test_search_reports_every_invalid_query_as_an_error_row(tmp_path: Path, caps
             ("good-20", "ok", list(map(float, x[20]))),
         ],
     )
-    out = tmp_path / "hits.parquet"
     args = ["reid", "search", "--index", index, "--embeddings", queries, "--k", "2"]
-    assert main([*args, "--out", str(out)]) == 0
+    # in this process, printed
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "queries: 2 searched, 5 failed" in text
     assert (
         "failed 'nan': non-finite embedding" in text and "failed 'short': embedding has 15" in text
     )
-    hits = pq.read_table(out).to_pylist()
-    assert [h["query_id"] for h in hits] == [
-        "good-0", "good-0", "nan", "zero", "short", "long", "broken", "good-20", "good-20",
-    ]  # fmt: skip
+    # the batch job on Ray: the same error rows, committed; 5 of 7 failed is over the default
+    # --max-error-rate (exit 3), under 0.9
+    out = tmp_path / "hits"
+    assert main([*args, "--out", str(out)]) == 3
+    assert main([*args, "--out", str(out), "--max-error-rate", "0.9"]) == 0
+    assert "reid search: 7 queries — 2 searched, 5 failed" in capsys.readouterr().out
+    hits = read_table(str(out), Storage()).to_pylist()
+    assert sorted(h["query_id"] for h in hits) == sorted(
+        ["good-0", "good-0", "nan", "zero", "short", "long", "broken", "good-20", "good-20"]
+    )
     errors = {h["query_id"]: h["error"] for h in hits if h["status"] == "error"}
     assert errors == {
         "nan": "non-finite embedding (NaN or inf)",
         "zero": "zero-norm embedding",
         "short": "embedding has 15 values, expected 16",
         "long": "embedding has 17 values, expected 16",
-        "broken": "embedding failed (error): decode failed",
+        "broken": "decode failed",
     }
     assert all(h["rank"] is None and h["image_id"] is None for h in hits if h["status"] == "error")
     assert [h["image_id"] for h in hits if h["rank"] == 1] == ["img-000000", "img-000020"]

@@ -9,7 +9,9 @@ autofaiss split an index library:
 * :mod:`.store`: ``index.json``, index files by generation, the id map;
 * :mod:`.indexes`: faiss index objects and per-call search parameters;
 * :mod:`.build`: train, add, commit (:func:`build_index`, :func:`add_to_index`);
-* :mod:`.tune`: recall against exact search and the ``nprobe`` that reaches a target;
+* :mod:`.refine`: full-precision vectors beside the index, memory-mapped, for re-ranking;
+* :mod:`.tune`: recall against exact search and the ``nprobe`` (and re-rank factor) that reach a
+  target;
 * :mod:`.gallery`: :class:`GalleryIndex`, open and search.
 
 Reference implementation: faiss (Johnson, Douze, Jégou, "Billion-scale similarity search with

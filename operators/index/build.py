@@ -6,6 +6,7 @@ tune ``nprobe`` on held-out gallery vectors, then commit a new generation (:mod:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -26,7 +27,8 @@ from vbatch.operators.index.embeddings import (
     scan_embeddings,
 )
 from vbatch.operators.index.indexes import METRICS, innermost, ivf_or_none, make_index
-from vbatch.operators.index.plan import IndexPlan, choose_factory, parse_bytes
+from vbatch.operators.index.plan import IndexPlan, choose_factory, is_lossy, parse_bytes
+from vbatch.operators.index.refine import NpyPartWriter, RefineVectors
 from vbatch.operators.index.store import (
     ID_MAP_SCHEMA,
     IndexInfo,
@@ -37,10 +39,16 @@ from vbatch.operators.index.store import (
     now_iso,
     read_id_map,
     read_info,
+    refine_part_name,
     try_read_info,
     vbatch_version,
 )
-from vbatch.operators.index.tune import DEFAULT_TARGET_RECALL, RecallProbe, tune_nprobe
+from vbatch.operators.index.tune import (
+    DEFAULT_TARGET_RECALL,
+    RecallProbe,
+    tune_nprobe,
+    tune_with_rerank,
+)
 from vbatch.operators.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -103,8 +111,10 @@ def _add_stream(
     seen: set[str],
     model_version: str | None,
     probe: RecallProbe | None = None,
+    refine: NpyPartWriter | None = None,
 ) -> tuple[int, int]:
-    """Add every batch whose image_id is new; write its id map rows. Returns (added, skipped)."""
+    """Add every batch whose image_id is new; write its id map rows and, with ``refine``, its
+    full-precision vectors (rows in faiss-id order). Returns (added, skipped)."""
     added = skipped = 0
     for batch in batches:
         ids = batch.image_ids.to_pylist()
@@ -121,6 +131,8 @@ def _add_stream(
         first = index.ntotal
         faiss_ids = np.arange(first, first + len(vectors), dtype=np.int64)
         index.add(vectors)
+        if refine is not None:
+            refine.write(vectors)
         if probe is not None:
             probe.observe(vectors, faiss_ids, batch.ordinals[keep])
         writer.write_table(
@@ -170,6 +182,8 @@ def build_index(
     tune_queries: int = 500,
     seed: int = 0,
     metric: str = "inner_product",
+    refine: bool | None = None,
+    refine_dtype: str = "float32",
 ) -> IndexInfo:
     """Build the gallery index of an embeddings table and write it under ``out_uri``.
 
@@ -194,6 +208,12 @@ def build_index(
         metric: ``"inner_product"`` or ``"l2"``; both rank unit vectors identically, but only
             L2 survives a ``PCA`` pre-transform (faiss' PCA centres the data, which changes
             inner products by a per-vector term); search always returns cosine similarities.
+        refine: keep the full-precision vectors beside the index (``refine/part-NNNNN.npy``,
+            memory-mapped at search time, outside the memory budget) and re-rank the compact
+            index's top ``k x r`` with them; ``None``: on for an automatic plan with a lossy
+            code, off for an explicit factory. The tuner then picks ``nprobe`` and ``r``.
+        refine_dtype: ``"float32"`` (exact re-ranking) or ``"float16"`` (half the disk and
+            page cache).
 
     Returns:
         The committed :class:`IndexInfo` (``added`` = vectors indexed, ``skipped_existing`` =
@@ -222,6 +242,10 @@ def build_index(
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     index = make_index(stats.dim, plan.factory, metric)
     gpu = _want_gpu(use_gpu)
+    if refine is None:
+        refine = factory is None and is_lossy(plan.factory)
+    if refine:
+        logger.info("re-ranking with %s vectors kept beside the index", refine_dtype)
 
     t0 = time.perf_counter()
     probe = None
@@ -229,7 +253,7 @@ def build_index(
         sample, ordinals = sampler.get()
         _train(index, sample, gpu)
         n_q = min(tune_queries, len(sample))
-        if ivf_or_none(index) is not None and n_q:
+        if (refine or ivf_or_none(index) is not None) and n_q:
             probe = RecallProbe(sample[:n_q].copy(), ordinals[:n_q])
         del sample
         sampler.release()
@@ -241,7 +265,14 @@ def build_index(
         workdir = Path(tmp)
         t0 = time.perf_counter()
         adder = _adder(index, gpu)
-        with pq.ParquetWriter(workdir / "ids.parquet", ID_MAP_SCHEMA) as writer:
+        refine_file = workdir / "refine.npy" if refine else None
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(pq.ParquetWriter(workdir / "ids.parquet", ID_MAP_SCHEMA))
+            refine_writer = (
+                stack.enter_context(NpyPartWriter(refine_file, stats.dim, refine_dtype))
+                if refine_file is not None
+                else None
+            )
             added, skipped = _add_stream(
                 adder,
                 iter_embeddings(stats.files, storage, stats.dim, add_batch_rows),
@@ -249,6 +280,7 @@ def build_index(
                 set(),
                 stats.model_version,
                 probe,
+                refine_writer,
             )
         index = _back_to_cpu(index, adder)
         t_add = time.perf_counter() - t0
@@ -256,9 +288,23 @@ def build_index(
             logger.warning("%s: %d duplicate image_ids indexed once", embeddings_uri, skipped)
 
         t0 = time.perf_counter()
-        nprobe = tuned = None
+        nprobe = tuned = rerank = None
         ivf = ivf_or_none(index)
-        if ivf is not None:
+        if refine_file is not None:
+            rerank = 1
+            if probe is not None:
+                nprobe, rerank, tuned = tune_with_rerank(
+                    index,
+                    probe,
+                    None if ivf is None else ivf.nlist,
+                    target_recall,
+                    RefineVectors([refine_file]),
+                )
+            elif ivf is not None:
+                nprobe = min(ivf.nlist, 16)
+            if ivf is not None:
+                ivf.nprobe = nprobe
+        elif ivf is not None:
             nprobe, tuned = (
                 tune_nprobe(index, probe, ivf.nlist, target_recall)
                 if probe is not None
@@ -303,17 +349,21 @@ def build_index(
                     "at": now,
                 }
             ],
+            refine_parts=[] if refine_file is None else [refine_part_name(generation)],
+            refine_dtype=None if refine_file is None else refine_dtype,
+            rerank=rerank,
             added=added,
             skipped_existing=skipped,
         )
-        commit(storage, index, workdir / "ids.parquet", info, previous, workdir)
+        commit(storage, index, workdir / "ids.parquet", info, previous, workdir, refine_file)
     logger.info(
-        "index %s: %d vectors, %s, %.0f B/vector, nprobe=%s (recall@10 %s), %.1f s",
+        "index %s: %d vectors, %s, %.0f B/vector, nprobe=%s, rerank=%s (recall@10 %s), %.1f s",
         out_uri,
         info.count,
         info.factory,
         info.bytes_per_vector,
         info.nprobe,
+        info.rerank,
         info.tuned_recall,
         info.build_seconds["total"],
     )
@@ -366,14 +416,26 @@ def add_to_index(
         index = load_faiss(previous, storage, workdir)
         seen = set(read_id_map(previous, storage).column("image_id").to_pylist())
         part = workdir / "ids-new.parquet"
+        # a gallery with refinement vectors gets a part for the new ones (rows continue the
+        # faiss ids); one built without stays without (re-ranking needs every vector)
+        refine_file = workdir / "refine-new.npy" if previous.refine_parts else None
         adder = _adder(index, _want_gpu(use_gpu))
-        with pq.ParquetWriter(part, ID_MAP_SCHEMA) as writer:
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(pq.ParquetWriter(part, ID_MAP_SCHEMA))
+            refine_writer = (
+                stack.enter_context(
+                    NpyPartWriter(refine_file, previous.dim, previous.refine_dtype or "float32")
+                )
+                if refine_file is not None
+                else None
+            )
             added, skipped = _add_stream(
                 adder,
                 iter_embeddings(stats.files, storage, stats.dim, add_batch_rows),
                 writer,
                 seen,
                 previous.model_version,
+                refine=refine_writer,
             )
         index = _back_to_cpu(index, adder)
         logger.info(
@@ -392,6 +454,8 @@ def add_to_index(
         info.generation = generation
         info.index_file = index_name(generation)
         info.id_parts = [*previous.id_parts, id_part_name(generation)]
+        if refine_file is not None:
+            info.refine_parts = [*previous.refine_parts, refine_part_name(generation)]
         info.history = [
             *previous.history,
             {
@@ -407,5 +471,5 @@ def add_to_index(
         ]
         info.vbatch_version = vbatch_version()
         info.faiss_version = faiss.__version__
-        commit(storage, index, part, info, previous, workdir)
+        commit(storage, index, part, info, previous, workdir, refine_file)
     return info

@@ -41,6 +41,13 @@ def parse_bytes(value: int | float | str | None) -> int | None:
     return int(number * base ** "_kmgt".index(unit or "_"))
 
 
+def is_lossy(factory: str) -> bool:
+    """Whether the factory's codes approximate the vectors (anything but ``Flat`` storage):
+    such an index benefits from re-ranking with the full vectors."""
+    parts = factory.replace(" ", "").split(",")
+    return parts[-1] != "Flat" or any(p.startswith(("PCA", "OPQ")) for p in parts[:-1])
+
+
 # -- choosing the index ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class IndexPlan:

@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from vbatch.operators.index.embeddings import open_parquet
 from vbatch.operators.index.indexes import METRICS
+from vbatch.operators.index.refine import RefineVectors, npy_shape
 from vbatch.operators.storage import Storage, is_remote, join
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST_NAME = "index.json"
 IDS_DIR = "ids"
+REFINE_DIR = "refine"
 _INDEX_FILE_RE = re.compile(r"index-(\d{5})\.faiss$")
 _ID_PART_RE = re.compile(r"part-(\d{5})\.parquet$")
+_REFINE_PART_RE = re.compile(r"part-(\d{5})\.npy$")
 
 ID_MAP_SCHEMA = pa.schema(
     [
@@ -91,6 +94,12 @@ class IndexInfo:
         history: one dict per build/add: generation, operation, source URI, added, skipped…
         added: vectors the operation that returned this info added (not stored).
         skipped_existing: image_ids that operation skipped because they were indexed already.
+        refine_parts: full-precision vectors for re-ranking, ``.npy`` files relative to ``uri``
+            in faiss-id order, one per generation (empty: no re-ranking, as in galleries built
+            before it existed).
+        refine_dtype: ``"float32"`` or ``"float16"`` (``None`` without refine parts).
+        rerank: default re-rank factor ``r``: searches re-rank the compact index's top
+            ``k x r`` with the refinement vectors (``None`` without refine parts).
     """
 
     uri: str
@@ -115,6 +124,9 @@ class IndexInfo:
     index_bytes: int | None = None
     format_version: int = FORMAT_VERSION
     history: list[dict[str, Any]] = field(default_factory=list)
+    refine_parts: list[str] = field(default_factory=list)
+    refine_dtype: str | None = None
+    rerank: int | None = None
     added: int = 0
     skipped_existing: int = 0
 
@@ -182,6 +194,15 @@ class IndexInfo:
             for p in self.id_parts
         ):
             return f"id_parts {self.id_parts!r} are not a list of ids/part-NNNNN.parquet"
+        if not isinstance(self.refine_parts, list) or not all(
+            isinstance(p, str) and re.fullmatch(rf"{REFINE_DIR}/part-\d{{5}}\.npy", p)
+            for p in self.refine_parts
+        ):
+            return f"refine_parts {self.refine_parts!r} are not a list of refine/part-NNNNN.npy"
+        if self.refine_parts and self.refine_dtype not in ("float32", "float16"):
+            return f"refine_dtype must be float32 or float16, got {self.refine_dtype!r}"
+        if self.rerank is not None and (not is_int(self.rerank) or self.rerank < 1):
+            return f"rerank must be an integer >= 1 or null, got {self.rerank!r}"
         return None
 
 
@@ -205,6 +226,10 @@ def id_part_name(generation: int) -> str:
     return f"{IDS_DIR}/part-{generation:05d}.parquet"
 
 
+def refine_part_name(generation: int) -> str:
+    return f"{REFINE_DIR}/part-{generation:05d}.npy"
+
+
 def commit(
     storage: Storage,
     index: faiss.Index,
@@ -212,9 +237,10 @@ def commit(
     info: IndexInfo,
     previous: IndexInfo | None,
     workdir: Path,
+    refine_part: Path | None = None,
 ) -> None:
-    """Upload the generation's index and id part, then the manifest (the commit point), then
-    remove files that neither the new nor the previous manifest names."""
+    """Upload the generation's index, id part and refine part, then the manifest (the commit
+    point), then remove files that neither the new nor the previous manifest names."""
     local_index = workdir / "index.faiss"
     faiss.write_index(index, str(local_index))
     info.index_bytes = local_index.stat().st_size
@@ -222,22 +248,28 @@ def commit(
     storage.put_file(local_index, join(info.uri, info.index_file))
     if id_part is not None:
         storage.put_file(id_part, join(info.uri, id_part_name(info.generation)))
+    if refine_part is not None:
+        storage.put_file(refine_part, join(info.uri, refine_part_name(info.generation)))
     info.updated_at = now_iso()
     storage.write_bytes(join(info.uri, MANIFEST_NAME), info.to_json().encode())
 
-    keep = {join(info.uri, name) for name in [info.index_file, *info.id_parts]}
+    keep = {join(info.uri, name) for name in _files(info)}
     if previous is not None:  # readers holding the previous manifest can still open its files
-        keep |= {join(info.uri, name) for name in [previous.index_file, *previous.id_parts]}
+        keep |= {join(info.uri, name) for name in _files(previous)}
     for file_uri in storage.list_files(info.uri):
+        name = Path(file_uri).name
         ours = (
-            _INDEX_FILE_RE.search(file_uri) and join(info.uri, Path(file_uri).name) == file_uri
-        ) or (
-            _ID_PART_RE.search(file_uri)
-            and join(info.uri, IDS_DIR, Path(file_uri).name) == file_uri
+            (_INDEX_FILE_RE.search(file_uri) and join(info.uri, name) == file_uri)
+            or (_ID_PART_RE.search(file_uri) and join(info.uri, IDS_DIR, name) == file_uri)
+            or (_REFINE_PART_RE.search(file_uri) and join(info.uri, REFINE_DIR, name) == file_uri)
         )
         if ours and file_uri not in keep:
             logger.info("removing stale index file %s", file_uri)
             storage.delete(file_uri)
+
+
+def _files(info: IndexInfo) -> list[str]:
+    return [info.index_file, *info.id_parts, *info.refine_parts]
 
 
 _ID_MAP_READ = pa.schema([ID_MAP_SCHEMA.field("faiss_id"), ID_MAP_SCHEMA.field("image_id")])
@@ -303,6 +335,34 @@ def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
     return _read_checked(storage.get_file(uri, workdir / "index.faiss"), uri, info)
 
 
+def _cache_dir(info: IndexInfo, cache_root: str | Path | None) -> Path:
+    cache = Path(cache_root or os.environ.get("VBATCH_CACHE") or Path.home() / ".cache" / "vbatch")
+    return cache / "indexes" / hashlib.sha256(info.uri.encode()).hexdigest()[:16]
+
+
+def _cached(storage: Storage, uri: str, folder: Path) -> Path:
+    """A local copy of ``uri`` under ``folder``, keyed by its URI, size and ETag (downloaded when
+    missing); the path itself for a local ``uri``."""
+    fs, path = storage.fs(uri)
+    if not is_remote(uri):
+        return Path(path)
+    meta = fs.info(path)
+    stamp = hashlib.sha256(repr((uri, meta.get("size"), meta.get("ETag"))).encode()).hexdigest()
+    target = folder / f"{stamp[:16]}-{Path(path).name}"
+    if target.is_file() and target.stat().st_size == meta.get("size"):
+        return target
+    storage.get_file(uri, target)  # atomic: a temporary name, then a rename
+    logger.info("%s cached at %s", uri, target)
+    return target
+
+
+def _drop_others(folder: Path, pattern: str, keep: list[Path]) -> None:
+    # a process that still maps an older copy keeps its pages (POSIX unlink semantics)
+    for old in folder.glob(pattern):
+        if old not in keep:
+            old.unlink(missing_ok=True)
+
+
 def cached_index_file(
     info: IndexInfo, storage: Storage, cache_root: str | Path | None = None
 ) -> Path:
@@ -314,22 +374,63 @@ def cached_index_file(
     unlink semantics), and the next open maps the new file.
     """
     uri = join(info.uri, info.index_file)
-    fs, path = storage.fs(uri)
-    if not is_remote(uri):
-        return Path(path)
-    meta = fs.info(path)
-    folder = hashlib.sha256(info.uri.encode()).hexdigest()[:16]
-    stamp = hashlib.sha256(repr((uri, meta.get("size"), meta.get("ETag"))).encode()).hexdigest()
-    cache = Path(cache_root or os.environ.get("VBATCH_CACHE") or Path.home() / ".cache" / "vbatch")
-    target = cache / "indexes" / folder / f"{stamp[:16]}-{info.index_file}"
-    if target.is_file() and target.stat().st_size == meta.get("size"):
-        return target
-    storage.get_file(uri, target)  # atomic: a temporary name, then a rename
-    for old in target.parent.glob("*.faiss"):
-        if old != target:
-            old.unlink(missing_ok=True)
-    logger.info("index %s cached at %s", uri, target)
+    folder = _cache_dir(info, cache_root)
+    target = _cached(storage, uri, folder)
+    if is_remote(uri):
+        _drop_others(folder, "*.faiss", [target])
     return target
+
+
+def open_refine(
+    info: IndexInfo, storage: Storage, cache_root: str | Path | None = None
+) -> RefineVectors | None:
+    """The refinement vectors of ``info`` memory-mapped from node-local copies (cached like the
+    index file; parts of earlier generations are reused, not downloaded again).
+
+    Returns:
+        ``None`` for a gallery without refine parts (built before re-ranking existed, or with
+        re-ranking off).
+
+    Raises:
+        ValueError: a part that is not a 2-d ``.npy`` of the manifest's dim and dtype, or rows
+            that do not add up to the gallery's count (naming the part or the index).
+    """
+    if not info.refine_parts:
+        return None
+    folder = _cache_dir(info, cache_root) / REFINE_DIR
+    local = []
+    for name in info.refine_parts:
+        uri = join(info.uri, name)
+        path = _cached(storage, uri, folder)
+        try:
+            shape, dtype = npy_shape(path)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{uri}: not a readable .npy file ({err}); rebuild the index") from err
+        if len(shape) != 2 or shape[1] != info.dim or dtype != info.refine_dtype:
+            raise ValueError(
+                f"{uri}: holds {dtype} {shape}, the manifest says {info.refine_dtype} rows of "
+                f"dim {info.dim}; rebuild the index"
+            )
+        data_bytes = path.stat().st_size - _npy_data_offset(path)
+        if data_bytes != shape[0] * shape[1] * np.dtype(dtype).itemsize:
+            raise ValueError(f"{uri}: truncated ({data_bytes} data bytes for {shape}); rebuild")
+        local.append(path)
+    if any(is_remote(join(info.uri, n)) for n in info.refine_parts):
+        _drop_others(folder, "*.npy", local)
+    vectors = RefineVectors(local)
+    if len(vectors) != info.count:
+        raise ValueError(
+            f"{info.uri}: refine parts hold {len(vectors)} vectors, the index {info.count}; "
+            "rebuild the index"
+        )
+    return vectors
+
+
+def _npy_data_offset(path: Path) -> int:
+    with open(path, "rb") as fh:
+        np.lib.format.read_magic(fh)
+        np.lib.format.read_array_header_1_0(fh)
+        return fh.tell()
 
 
 # IO_FLAG_MMAP_IFC maps the arrays of faiss' in-memory format (flat codes, inverted lists) from

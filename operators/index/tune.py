@@ -1,7 +1,10 @@
-"""Recall of the built index against exact search, and the ``nprobe`` that reaches a target.
+"""Recall of the built index against exact search, and the ``nprobe`` (and re-rank factor
+``r``) that reach a target.
 
 Ground truth is accumulated batch by batch while adding (faiss
 ``contrib.exhaustive_search.knn_ground_truth`` style), so no second pass over the table is needed.
+With re-ranking, one search per ``nprobe`` for the largest candidate list serves every ``r``: the
+top ``k x r`` of the compact index are a prefix of its top ``k x r_max``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import logging
 import faiss
 import numpy as np
 
-from vbatch.operators.index.indexes import search_params
+from vbatch.operators.index.indexes import innermost, ivf_or_none, search_params
+from vbatch.operators.index.refine import RefineVectors, rerank
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET_RECALL = 0.95
 NPROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RERANK_CANDIDATES = (1, 2, 4, 8, 16)
 
 
 class RecallProbe:
@@ -48,6 +53,10 @@ class RecallProbe:
 
     def recall(self, index: faiss.Index, nprobe: int, truth: np.ndarray) -> float:
         _, found = index.search(self.queries, self.k + 1, params=search_params(index, nprobe))
+        return self.score(found, truth)
+
+    def score(self, found: np.ndarray, truth: np.ndarray) -> float:
+        """Recall of (Q, >= k+1) results (the query's own entry included) against ``truth``."""
         found = _drop_self(found, self.self_ids, self.k)
         hits = sum(len(set(a[a >= 0]) & set(b[b >= 0])) for a, b in zip(found, truth, strict=True))
         return hits / max(1, int((truth >= 0).sum()))
@@ -83,3 +92,74 @@ def tune_nprobe(
         best[0],
     )
     return best
+
+
+def _scan_bytes_per_probe(index: faiss.Index, nlist: int | None) -> float:
+    """Code bytes one probed list holds on average (the whole index without IVF)."""
+    ivf = ivf_or_none(index)
+    code = ivf.code_size if ivf is not None else getattr(innermost(index), "code_size", index.d * 4)
+    return float(index.ntotal) * code / (nlist or 1)
+
+
+def tune_with_rerank(
+    index: faiss.Index,
+    probe: RecallProbe,
+    nlist: int | None,
+    target: float,
+    vectors: RefineVectors,
+) -> tuple[int | None, int, float]:
+    """The cheapest ``(nprobe, r)`` whose recall with exact re-ranking of the top ``k x r``
+    reaches ``target`` (else the best recall seen, with a warning).
+
+    Cost is the bytes a query touches: ``nprobe`` lists of codes plus ``k x r`` refinement
+    vectors (both come from the page cache of mapped files at search time).
+
+    Args:
+        index: the compact index.
+        probe: held-out gallery queries and their exact neighbours.
+        nlist: inverted lists (``None``: no IVF, only ``r`` is tuned).
+        target: recall@k to reach.
+        vectors: the refinement vectors of every indexed vector.
+
+    Returns:
+        ``(nprobe or None, r, recall)``.
+    """
+    truth = probe.ground_truth()
+    k = probe.k
+    nprobes: list[int | None] = [None]
+    if nlist is not None:
+        nprobes = [*sorted({min(p, nlist) for p in NPROBE_CANDIDATES})]
+    per_probe = _scan_bytes_per_probe(index, nlist)
+    row_bytes = vectors.dim * vectors.parts[0].dtype.itemsize if vectors.parts else 0
+
+    def cost(nprobe: int | None, r: int) -> float:
+        return (nprobe or 1) * per_probe + (k + 1) * r * row_bytes
+
+    best: tuple[float, int | None, int, float] | None = None  # (cost, nprobe, r, recall)
+    fallback: tuple[int | None, int, float] = (None, 1, -1.0)
+    for nprobe in nprobes:
+        if best is not None and cost(nprobe, RERANK_CANDIDATES[0]) >= best[0]:
+            break  # more probes cannot be cheaper than what already reaches the target
+        kk = (k + 1) * max(RERANK_CANDIDATES)
+        _, cand = index.search(probe.queries, kk, params=search_params(index, nprobe))
+        for r in RERANK_CANDIDATES:
+            _, found = rerank(probe.queries, cand[:, : (k + 1) * r], vectors, k + 1)
+            rec = probe.score(found, truth)
+            logger.info("nprobe=%s rerank=%d: recall@%d %.4f", nprobe, r, k, rec)
+            if rec > fallback[2] + 0.002:
+                fallback = (nprobe, r, rec)
+            if rec >= target:
+                if best is None or cost(nprobe, r) < best[0]:
+                    best = (cost(nprobe, r), nprobe, r, rec)
+                break  # a larger r at this nprobe only costs more
+    if best is not None:
+        return best[1], best[2], best[3]
+    logger.warning(
+        "recall@%d with re-ranking stays below %.2f (best %.4f at nprobe=%s, rerank=%d)",
+        k,
+        target,
+        fallback[2],
+        fallback[0],
+        fallback[1],
+    )
+    return fallback

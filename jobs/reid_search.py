@@ -1,0 +1,469 @@
+"""``vbatch reid search --out``: batch search of many queries as a Ray Data job.
+
+Stages (Ray Data, streaming)::
+
+    --manifest: read manifest → fetch → decode + preprocess → reid model (actor pool) → embedding
+    --embeddings: read the embeddings table (Parquet, on the workers)
+    → search (actor pool: each actor opens the gallery memory-mapped from its node's cache)
+    → hits Parquet: query_id, rank, image_id, score, status, error (+ the queries' own columns)
+
+Nothing passes through the driver's disk or memory but counts: the results are staged and
+committed as a generation of ``<out>/results/`` with ``run.json`` and ``_SUCCESS``, like the image
+jobs (:mod:`vbatch.jobs.publish`). Every query comes out exactly once: ``k`` hit rows (fewer when
+the gallery is smaller) or one error row (it failed to embed, its embedding is invalid, or it
+comes from another model version). The pattern is Ray Data's batch-inference examples with a
+second, stateful actor pool (``release/nightly_tests/dataset/image_embedding_from_uris``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+
+from vbatch.jobs.publish import publish, read_files, stage, write_run_record
+from vbatch.jobs.runtime import (
+    actor_resources,
+    decide_resources,
+    ensure_ray,
+    refuse_local_paths_on_cluster,
+)
+from vbatch.jobs.segment import ImageJobConfig, task_options
+from vbatch.jobs.summary import (
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MAX_INFRA_ERROR_RATE,
+    Counts,
+    JobFailed,
+    Limits,
+    RunClock,
+    check_infrastructure,
+    count_rows,
+    job_record,
+)
+from vbatch.models import check_model_dir, load_transforms, model_entry
+from vbatch.operators.images import decode_and_preprocess, fetch_bytes
+from vbatch.operators.index import GalleryIndex, read_info
+from vbatch.operators.index.embeddings import vectors_from_arrow
+from vbatch.operators.inference import ModelStage
+from vbatch.operators.manifest import read_image_manifest
+from vbatch.operators.outputs import OutputOptions, write_products
+from vbatch.operators.storage import Storage, StorageOptions, join, normalize
+from vbatch.operators.tables import results_files
+from vbatch.schemas.errors import classify_error
+
+logger = logging.getLogger(__name__)
+
+#: queries per search call: large enough that faiss' per-call overhead and the re-rank's
+#: gathers amortise (1024 x 1536 float32 = 6 MB of queries in a block)
+SEARCH_BATCH_ROWS = 1024
+
+#: logical CPUs a search actor reserves (see run_search_job)
+SEARCH_ACTOR_CPUS = 0.5
+
+HIT_FIELDS = [
+    pa.field("query_id", pa.string()),
+    pa.field("rank", pa.int32()),
+    pa.field("image_id", pa.string()),
+    pa.field("score", pa.float32()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("error_class", pa.string()),
+    pa.field("model_version", pa.string()),
+]
+# columns of an embeddings/results row that are not passed through to the hits
+# (nor the image job's own bookkeeping: task, size, time)
+_NOT_PASSED = {
+    "image_id",
+    "status",
+    "error",
+    "error_class",
+    "model_version",
+    "embedding",
+    "task",
+    "width",
+    "height",
+    "processed_at",
+}
+
+
+@dataclass(frozen=True)
+class SearchJobConfig:
+    """The batch search job.
+
+    Attributes:
+        index: the gallery index folder (``reid index``).
+        out: output folder (``<out>/results/`` generations, ``run.json``, ``_SUCCESS``).
+        embeddings: an embeddings table (``reid embed`` output) of the queries, or
+        embed: the image job configuration that embeds a query manifest (task ``reid``).
+        k: hits per query.
+        nprobe, rerank: search parameters (default: the index manifest's tuned values).
+        search_actors: search actors (each maps the gallery once; one per node suffices for
+            page-cache sharing, more add CPU).
+        search_batch_rows: queries per search call.
+        allow_model_mismatch: search queries of another model version than the gallery's.
+        cache_root: node cache folder for the gallery files (default ``$VBATCH_CACHE`` or
+            ``~/.cache/vbatch`` on each worker).
+        search_threads: faiss threads per search actor (default: the node's cores).
+    """
+
+    index: str
+    out: str
+    embeddings: str | None = None
+    embed: ImageJobConfig | None = None
+    k: int = 10
+    nprobe: int | None = None
+    rerank: int | None = None
+    search_actors: int = 1
+    search_batch_rows: int = SEARCH_BATCH_ROWS
+    allow_model_mismatch: bool = False
+    s3_endpoint: str | None = None
+    address: str | None = None
+    forward_s3_env: bool = False
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
+    cache_root: str | None = None
+    search_threads: int | None = None
+
+
+class SearchStage:
+    """Actor: opens the gallery (memory-mapped, cached per node) once, then turns batches of
+    embedded queries into hit rows (``map_batches`` callable class, ``pyarrow`` batches)."""
+
+    def __init__(
+        self,
+        index_uri: str,
+        storage_options: StorageOptions,
+        k: int,
+        nprobe: int | None,
+        rerank: int | None,
+        allow_model_mismatch: bool,
+        cache_root: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import faiss
+
+        # Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1 for 0.5): faiss would search on
+        # one core of a node whose other cores the pipeline leaves idle most of the time
+        faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
+        self.gallery = GalleryIndex.open(index_uri, Storage(storage_options), cache_root=cache_root)
+        self.k, self.nprobe, self.rerank = k, nprobe, rerank
+        self.allow_model_mismatch = allow_model_mismatch
+
+    def _problems(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
+        n = batch.num_rows
+        vectors, problems, _ = vectors_from_arrow(batch.column("embedding"), self.gallery.info.dim)
+        names = batch.column_names
+        status = batch.column("status").to_pylist() if "status" in names else ["ok"] * n
+        errors = batch.column("error").to_pylist() if "error" in names else [None] * n
+        versions = (
+            batch.column("model_version").to_pylist() if "model_version" in names else [None] * n
+        )
+        gallery_version = self.gallery.info.model_version
+        out: list[str | None] = []
+        for st, err, problem, version in zip(status, errors, problems, versions, strict=True):
+            if st != "ok":
+                out.append(err or f"status {st!r}")
+            elif problem is not None:
+                out.append(problem)
+            elif (
+                not self.allow_model_mismatch
+                and version is not None
+                and gallery_version is not None
+                and version != gallery_version
+            ):
+                out.append(
+                    f"query from model_version {version!r}, the gallery from "
+                    f"{gallery_version!r}: not comparable"
+                )
+            else:
+                out.append(None)
+        return vectors, out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Hit rows of a batch of queries (``image_id``, ``embedding``, optional ``status``,
+        ``error``, ``error_class``, ``model_version`` and passthrough columns)."""
+        vectors, problems = self._problems(batch)
+        good = [i for i, p in enumerate(problems) if p is None]
+        scores = np.zeros((0, self.k), np.float32)
+        ids: list[list[str | None]] = []
+        if good:
+            scores, ids = self.gallery.search(
+                vectors[good], k=self.k, nprobe=self.nprobe, rerank=self.rerank
+            )
+        hit_of = {q: j for j, q in enumerate(good)}
+        query_ids = batch.column("image_id").to_pylist()
+        classes = (
+            batch.column("error_class").to_pylist()
+            if "error_class" in batch.column_names
+            else [None] * batch.num_rows
+        )
+        versions = (
+            batch.column("model_version").to_pylist()
+            if "model_version" in batch.column_names
+            else [None] * batch.num_rows
+        )
+        take: list[int] = []
+        cols: dict[str, list[Any]] = {f.name: [] for f in HIT_FIELDS}
+        for i, query_id in enumerate(query_ids):
+            if i not in hit_of:
+                take.append(i)
+                row = {"query_id": query_id, "rank": None, "image_id": None, "score": None}
+                row |= {"status": "error", "error": problems[i], "model_version": versions[i]}
+                row["error_class"] = classes[i] or classify_error(problems[i])
+                for name, value in row.items():
+                    cols[name].append(value)
+                continue
+            j = hit_of[i]
+            for r, image_id in enumerate(ids[j]):
+                if image_id is None:  # the gallery holds fewer than k reachable vectors
+                    break
+                take.append(i)
+                for name, value in (
+                    ("query_id", query_id),
+                    ("rank", r + 1),
+                    ("image_id", image_id),
+                    ("score", float(scores[j, r])),
+                    ("status", "ok"),
+                    ("error", None),
+                    ("error_class", None),
+                    ("model_version", versions[i]),
+                ):
+                    cols[name].append(value)
+        hits = pa.table(cols, schema=pa.schema(HIT_FIELDS))
+        passed = [c for c in batch.column_names if c not in _NOT_PASSED and not c.startswith("_")]
+        carried = batch.select(passed).take(pa.array(take, pa.int64()))
+        for name in passed:
+            hits = hits.append_column(batch.schema.field(name), carried.column(name))
+        return hits
+
+
+def _embedded_queries(cfg: ImageJobConfig, storage: Storage) -> tuple[ray.data.Dataset, int]:
+    """The embedding stages of the image job (:func:`vbatch.jobs.segment.run_image_job`, which
+    also stages, resumes and publishes: none of that is wanted here) over a query manifest."""
+    entry = model_entry("reid")
+    res = decide_resources(
+        "reid",
+        cfg.batch_size,
+        cfg.actors,
+        cfg.gpus_per_actor,
+        cfg.threads_per_actor,
+        cfg.precision,
+        cfg.device,
+    )
+    model_options, transform_options = task_options(entry, cfg, res)
+    local_model_dir = storage.localize_dir(cfg.model_dir)
+    check_model_dir("reid", local_model_dir)
+    transforms = load_transforms("reid", local_model_dir, **transform_options)
+    ds, info = read_image_manifest(
+        cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
+    )
+    logger.info("query manifest %s: %d rows, %s", info.uri, info.num_rows, res.describe())
+    cpu: dict[str, Any] = {
+        "batch_format": "pyarrow",
+        "batch_size": cfg.rows_per_block,
+        "udf_modifying_row_count": False,
+    }
+    ds = ds.map_batches(
+        fetch_bytes,  # type: ignore[arg-type]
+        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
+        **cpu,
+    )
+    ds = ds.map_batches(
+        decode_and_preprocess,  # type: ignore[arg-type]
+        fn_kwargs={
+            "transforms": transforms,
+            "max_pixels": cfg.max_pixels,
+            "keep_bytes": False,
+            "decode": cfg.decode,
+        },
+        **cpu,
+    )
+    ds = ds.map_batches(
+        ModelStage,
+        fn_constructor_kwargs={
+            "task": "reid",
+            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
+            "storage_options": storage.options,
+            "device": res.device,
+            "threads": res.threads,
+            "model_options": model_options,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        num_gpus=res.gpus_per_actor or None,
+        num_cpus=1,
+        memory=res.memory,
+        **actor_resources(cfg.actor_resources),
+        udf_modifying_row_count=False,
+    )
+    options = OutputOptions(
+        out_uri=cfg.out,
+        task="reid",
+        output="embedding",
+        embedding_dim=getattr(transforms, "embed_dim", None),
+    )
+    ds = ds.map_batches(
+        write_products,  # type: ignore[arg-type]
+        fn_kwargs={"transforms": transforms, "options": options, "storage": storage},
+        **{**cpu, "batch_size": None},
+    )
+    return ds, info.num_rows
+
+
+def _embeddings_table(uri: str, storage: Storage, cfg: SearchJobConfig) -> tuple[Any, int]:
+    """The queries of an embeddings table, read by Ray's workers; refuses a table of another
+    model version up front (one column read on the driver)."""
+    files = results_files(uri, storage)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {uri}")
+    fs, _ = storage.arrow_fs(files[0])
+    table = pads.dataset([storage.arrow_fs(f)[1] for f in files], filesystem=fs, format="parquet")
+    rows = table.count_rows()
+    if "embedding" not in table.schema.names or "image_id" not in table.schema.names:
+        raise ValueError(f"{uri}: query embeddings need image_id and embedding columns")
+    if "model_version" in table.schema.names and not cfg.allow_model_mismatch:
+        found = table.to_table(columns=["model_version"]).column("model_version")
+        versions = set(pc.unique(found.drop_null()).to_pylist())
+        gallery = read_info(cfg.index, storage).model_version
+        if gallery is not None and versions and versions != {gallery}:
+            raise ValueError(
+                f"queries come from model_version {sorted(versions)}, the gallery at {cfg.index} "
+                f"from {gallery!r}: embeddings of different models are not comparable "
+                "(--allow-model-mismatch to search anyway)"
+            )
+    ds = ray.data.read_parquet([storage.arrow_fs(f)[1] for f in files], filesystem=fs)
+    return ds, rows
+
+
+@dataclass
+class SearchJobSummary:
+    queries: int
+    failed: int
+    hits: int
+    seconds: float
+    results_uri: str
+    sample_errors: list[tuple[str | None, str]]
+    record: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.record.get("exit_code", 0))
+
+    def report(self) -> str:
+        rate = self.queries / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"reid search: {self.queries} queries — {self.queries - self.failed} searched, "
+            f"{self.failed} failed — {self.hits} hit rows — {self.seconds:.1f} s, "
+            f"{rate:.1f} queries/s",
+            f"results: {self.results_uri}",
+        ]
+        lines += [f"  failed {q!r}: {e}" for q, e in self.sample_errors]
+        if self.failed > len(self.sample_errors):
+            lines.append(f"  … {self.failed - len(self.sample_errors)} more failed queries")
+        return "\n".join(lines)
+
+
+def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> SearchJobSummary:
+    """Search every query of ``cfg.embeddings`` or ``cfg.embed.manifest`` on Ray.
+
+    Raises:
+        Exception: on problems with the job as a whole (no index, no queries, a table of another
+            model version, more infrastructure errors than allowed); never on single queries.
+    """
+    clock = clock or RunClock()
+    if (cfg.embeddings is None) == (cfg.embed is None):
+        raise ValueError("give the queries as embeddings or as a manifest to embed, not both")
+    storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
+    out = normalize(cfg.out)
+    ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
+    refuse_local_paths_on_cluster(
+        {
+            "--index": cfg.index,
+            "--out": cfg.out,
+            "--embeddings": cfg.embeddings,
+            "--manifest": cfg.embed.manifest if cfg.embed else None,
+            "--model-dir": cfg.embed.model_dir if cfg.embed else None,
+        }
+    )
+    info = read_info(cfg.index, storage)  # a missing or damaged index fails here, in seconds
+    if cfg.embed is not None:
+        ds, expected = _embedded_queries(cfg.embed, storage)
+    else:
+        assert cfg.embeddings is not None
+        ds, expected = _embeddings_table(cfg.embeddings, storage, cfg)
+    ds = ds.map_batches(
+        SearchStage,
+        fn_constructor_kwargs={
+            "index_uri": cfg.index,
+            "storage_options": storage.options,
+            "k": cfg.k,
+            "nprobe": cfg.nprobe,
+            "rerank": cfg.rerank,
+            "allow_model_mismatch": cfg.allow_model_mismatch,
+            "cache_root": cfg.cache_root,
+            "threads": cfg.search_threads,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.search_actors),
+        batch_size=cfg.search_batch_rows,
+        batch_format="pyarrow",
+        # faiss' OpenMP threads use the node's cores whatever Ray reserves; half a logical CPU
+        # keeps a 2-CPU node able to run the embedding actor (1 CPU) and the fetch/decode tasks
+        # next to it (a whole CPU each would starve the tasks and stall the job)
+        num_cpus=SEARCH_ACTOR_CPUS,
+        udf_modifying_row_count=True,
+    )
+    staged = stage(ds, out, storage, clock.run_id)
+    columns = ["query_id", "rank", "status", "error", "error_class"]
+    table = read_files(staged, storage, columns) if staged else None
+    if table is not None:
+        # one row per query: its first hit or its error row
+        first = pc.or_kleene(
+            pc.equal(table.column("rank"), 1), pc.not_equal(table.column("status"), "ok")
+        )
+        per_query = table.filter(pc.fill_null(first, False))
+        counts = count_rows(per_query, "query_id")
+    else:
+        counts = Counts(0, {}, {}, [])
+    if counts.rows != expected:
+        raise JobFailed(
+            f"accounting error: {expected} queries but the results hold {counts.rows} "
+            "(an empty gallery has no hits to return)"
+        )
+    limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
+    check_infrastructure(counts, limits, "queries")
+    hits = table.num_rows if table is not None else 0
+    generation = publish(out, storage, clock.run_id, staged, hits)
+    seconds = clock.seconds()
+    summary = SearchJobSummary(
+        queries=counts.rows,
+        failed=counts.errors,
+        hits=hits,
+        seconds=seconds,
+        results_uri=join(out, "results"),
+        sample_errors=counts.sample_errors,
+        record={},
+    )
+    summary.record = job_record(
+        "reid search",
+        clock,
+        counts,
+        limits,
+        index=cfg.index,
+        index_generation=info.generation,
+        k=cfg.k,
+        hits=hits,
+        queries_per_second=counts.rows / seconds if seconds > 0 else 0.0,
+        out=out,
+        results_uri=summary.results_uri,
+        generation=generation,
+    )
+    write_run_record(out, storage, {**summary.record, "config": asdict(cfg)})
+    return summary
