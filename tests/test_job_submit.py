@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -142,6 +143,10 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=5).read()
+            return head, url, temp, ""
+        except urllib.error.HTTPError:
+            # it answers: with token authentication (RAY_AUTH_MODE=token) a request without the
+            # token gets 401, which `ray job submit` sends
             return head, url, temp, ""
         except Exception:
             if head.poll() is not None:
