@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 SEARCH_BATCH_ROWS = 1024
 
 #: logical CPUs a search actor reserves (see run_search_job)
-SEARCH_ACTOR_CPUS = 0.5
+SEARCH_ACTOR_CPUS = 0
 
 HIT_FIELDS = [
     pa.field("query_id", pa.string()),
@@ -414,9 +414,10 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
         compute=ray.data.ActorPoolStrategy(size=cfg.search_actors),
         batch_size=cfg.search_batch_rows,
         batch_format="pyarrow",
-        # faiss' OpenMP threads use the node's cores whatever Ray reserves; half a logical CPU
-        # keeps a 2-CPU node able to run the embedding actor (1 CPU) and the fetch/decode tasks
-        # next to it (a whole CPU each would starve the tasks and stall the job)
+        # faiss' OpenMP threads use the node's cores whatever Ray reserves. Reserving none keeps a
+        # 2-CPU node able to run the embedding actor (1 CPU) and the fetch/decode/write tasks
+        # (1 CPU each) next to it: with half a CPU reserved the tasks found 0.5 free and the job
+        # stalled (seen in the full suite)
         num_cpus=SEARCH_ACTOR_CPUS,
         udf_modifying_row_count=True,
     )
