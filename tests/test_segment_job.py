@@ -212,7 +212,9 @@ def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path, cap
     assert record["versions"]["ray"] and record["started_at"] <= record["ended_at"]
     # run.json and _SUCCESS hold the same summary (run.json also the configuration)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert {k: v for k, v in run.items() if k not in ("config", "manifest_files")} == record
+    assert {
+        k: v for k, v in run.items() if k not in ("config", "manifest_files", "model_identity")
+    } == record
     assert json.loads((tmp_path / "out" / SUCCESS).read_text()) == run
     assert (tmp_path / "out" / POINTER).read_text().strip() == f"results/{record['run_id']}"
 
