@@ -30,12 +30,16 @@ import ray
 
 from vbatch.jobs.publish import publish, read_files, stage, write_run_record
 from vbatch.jobs.runtime import (
-    actor_resources,
-    decide_resources,
     ensure_ray,
     refuse_local_paths_on_cluster,
 )
-from vbatch.jobs.segment import ImageJobConfig, task_options
+from vbatch.jobs.segment import (
+    ImageJobConfig,
+    model_stages,
+    output_options,
+    prepare_image_job,
+    write_stage,
+)
 from vbatch.jobs.summary import (
     DEFAULT_MAX_ERROR_RATE,
     DEFAULT_MAX_INFRA_ERROR_RATE,
@@ -47,13 +51,8 @@ from vbatch.jobs.summary import (
     count_rows,
     job_record,
 )
-from vbatch.models import check_model_dir, load_transforms, model_entry
-from vbatch.operators.images import decode_and_preprocess, fetch_bytes
 from vbatch.operators.index import GalleryIndex, read_info
 from vbatch.operators.index.embeddings import vectors_from_arrow
-from vbatch.operators.inference import ModelStage
-from vbatch.operators.manifest import read_image_manifest
-from vbatch.operators.outputs import OutputOptions, write_products
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 from vbatch.operators.tables import results_files
 from vbatch.schemas.errors import classify_error
@@ -247,75 +246,9 @@ class SearchStage:
 def _embedded_queries(cfg: ImageJobConfig, storage: Storage) -> tuple[ray.data.Dataset, int]:
     """The embedding stages of the image job (:func:`vbatch.jobs.segment.run_image_job`, which
     also stages, resumes and publishes: none of that is wanted here) over a query manifest."""
-    entry = model_entry("reid")
-    res = decide_resources(
-        "reid",
-        cfg.batch_size,
-        cfg.actors,
-        cfg.gpus_per_actor,
-        cfg.threads_per_actor,
-        cfg.precision,
-        cfg.device,
-    )
-    model_options, transform_options = task_options(entry, cfg, res)
-    local_model_dir = storage.localize_dir(cfg.model_dir)
-    check_model_dir("reid", local_model_dir)
-    transforms = load_transforms("reid", local_model_dir, **transform_options)
-    ds, info = read_image_manifest(
-        cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
-    )
-    logger.info("query manifest %s: %d rows, %s", info.uri, info.num_rows, res.describe())
-    cpu: dict[str, Any] = {
-        "batch_format": "pyarrow",
-        "batch_size": cfg.rows_per_block,
-        "udf_modifying_row_count": False,
-    }
-    ds = ds.map_batches(
-        fetch_bytes,  # type: ignore[arg-type]
-        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
-        **cpu,
-    )
-    ds = ds.map_batches(
-        decode_and_preprocess,  # type: ignore[arg-type]
-        fn_kwargs={
-            "transforms": transforms,
-            "max_pixels": cfg.max_pixels,
-            "keep_bytes": False,
-            "decode": cfg.decode,
-        },
-        **cpu,
-    )
-    ds = ds.map_batches(
-        ModelStage,
-        fn_constructor_kwargs={
-            "task": "reid",
-            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
-            "storage_options": storage.options,
-            "device": res.device,
-            "threads": res.threads,
-            "model_options": model_options,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-        num_gpus=res.gpus_per_actor or None,
-        num_cpus=1,
-        memory=res.memory,
-        **actor_resources(cfg.actor_resources),
-        udf_modifying_row_count=False,
-    )
-    options = OutputOptions(
-        out_uri=cfg.out,
-        task="reid",
-        output="embedding",
-        embedding_dim=getattr(transforms, "embed_dim", None),
-    )
-    ds = ds.map_batches(
-        write_products,  # type: ignore[arg-type]
-        fn_kwargs={"transforms": transforms, "options": options, "storage": storage},
-        **{**cpu, "batch_size": None},
-    )
-    return ds, info.num_rows
+    p = prepare_image_job(cfg, storage)
+    ds = model_stages(p, cfg, p.ds)
+    return write_stage(p, ds, output_options(p, cfg, cfg.out)), p.info.num_rows
 
 
 def _embeddings_table(uri: str, storage: Storage, cfg: SearchJobConfig) -> tuple[Any, int]:

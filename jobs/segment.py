@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -236,42 +237,10 @@ def run_image_job(
     refuse_local_paths_on_cluster(
         {"--manifest": cfg.manifest, "--model-dir": cfg.model_dir, "--out": cfg.out}
     )
-    res: Resources = decide_resources(
-        cfg.task,
-        cfg.batch_size,
-        cfg.actors,
-        cfg.gpus_per_actor,
-        cfg.threads_per_actor,
-        cfg.precision,
-        cfg.device,
-    )
-    model_options, transform_options = task_options(entry, cfg, res)
-    # Checked on the driver before any worker starts: a wrong model directory fails in seconds.
-    local_model_dir = storage.localize_dir(cfg.model_dir)
-    check_model_dir(cfg.task, local_model_dir)
-    transforms = load_transforms(cfg.task, local_model_dir, **transform_options)
-    if cfg.task == "matting":  # a graph not yet converted: say so here, not from every actor
-        from vbatch.models.matting.model import resolve_onnx
+    p = prepare_image_job(cfg, storage)
+    entry, res, ds, info, cpu_stage = p.entry, p.res, p.ds, p.info, p.cpu_stage
+    local_model_dir = p.local_model_dir
 
-        resolve_onnx(local_model_dir)
-    ds, info = read_image_manifest(
-        cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
-    )
-    logger.info(
-        "manifest %s: %d rows (%d bad), %s",
-        info.uri,
-        info.num_rows,
-        info.num_bad_rows,
-        res.describe(),
-    )
-
-    cpu_stage: dict[str, Any] = {
-        "batch_format": "pyarrow",
-        # a block of a large manifest holds more rows (see operators.manifest): work through it
-        # this many images at a time
-        "batch_size": cfg.rows_per_block,
-        "udf_modifying_row_count": False,
-    }
     # staged under a key of what decides the results: the rerun of a crashed run finds its files
     # and skips their rows before anything is fetched (jobs.resume)
     key = run_key(
@@ -288,55 +257,8 @@ def run_image_job(
         )
     identity = model_identity(weights_version(cfg.task, local_model_dir), local_model_dir)
     ds, carried, reusable = _split_reused(ds, cfg, info, storage, identity, cpu_stage)
-    # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
-    ds = ds.map_batches(
-        fetch_bytes,  # type: ignore[arg-type]
-        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
-        **cpu_stage,
-    )
-    ds = ds.map_batches(
-        decode_and_preprocess,  # type: ignore[arg-type]
-        fn_kwargs={
-            "transforms": transforms,
-            "max_pixels": cfg.max_pixels,
-            "keep_bytes": entry.output == "rgba",
-            "decode": cfg.decode,
-        },
-        **cpu_stage,
-    )
-    ds = ds.map_batches(
-        ModelStage,
-        fn_constructor_kwargs={
-            "task": cfg.task,
-            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
-            "storage_options": storage.options,
-            "device": res.device,
-            "threads": res.threads,
-            "model_options": model_options,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-        num_gpus=res.gpus_per_actor or None,
-        # one logical CPU: the actor's torch threads use the cores; CPU stages still get scheduled
-        num_cpus=1,
-        # the replica's host memory. Because it differs from the CPU stages' resources, Ray also
-        # never fuses decoding into the actor (it would on a CPU-only cluster): decoding overlaps
-        # with inference instead of waiting for it.
-        memory=res.memory,
-        # custom resources pin the actors to the nodes that carry them (a node type's label)
-        **actor_resources(cfg.actor_resources),
-        udf_modifying_row_count=False,
-    )
-    options = OutputOptions(
-        out_uri=out,
-        task=cfg.task,
-        output=entry.output,
-        background=cfg.background,
-        embedding_dim=getattr(transforms, "embed_dim", None),
-        mask_size=cfg.mask_size,
-        base_uri=info.base_uri,
-    )
+    ds = model_stages(p, cfg, ds)
+    options = output_options(p, cfg, out)
     crash = fault_row(os.environ.get(FAULT_ENV))
     if crash is not None:
         ds = ds.map_batches(
@@ -344,12 +266,7 @@ def run_image_job(
             fn_kwargs={"row": crash[0], "hang": crash[1]},
             **{**cpu_stage, "batch_size": None},
         )
-    ds = ds.map_batches(
-        write_products,  # type: ignore[arg-type]
-        fn_kwargs={"transforms": transforms, "options": options, "storage": storage},
-        # its blocks are the model's batches already
-        **{**cpu_stage, "batch_size": None},
-    )
+    ds = write_stage(p, ds, options)
 
     reused_rows = 0
     if carried is not None and reusable is not None:
@@ -428,6 +345,143 @@ def run_image_job(
         },
     )
     return summary
+
+
+@dataclass
+class ImagePipeline:
+    """An image job's pieces prepared on the driver (:func:`prepare_image_job`): what its stages
+    need, shared by every job that runs images through a model (``segment``, ``reid embed``,
+    ``reid search --manifest``)."""
+
+    entry: ModelEntry
+    res: Resources
+    storage: Storage
+    local_model_dir: Path
+    transforms: Any
+    model_options: dict[str, Any]
+    ds: ray.data.Dataset
+    info: ManifestInfo
+    #: the CPU stages' map_batches arguments
+    cpu_stage: dict[str, Any]
+
+
+def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
+    """Resources, the checked model directory, its transforms and the annotated manifest dataset
+    (after :func:`vbatch.jobs.runtime.ensure_ray`). A wrong model directory fails here, in
+    seconds, before any worker starts."""
+    entry = model_entry(cfg.task)
+    res = decide_resources(
+        cfg.task,
+        cfg.batch_size,
+        cfg.actors,
+        cfg.gpus_per_actor,
+        cfg.threads_per_actor,
+        cfg.precision,
+        cfg.device,
+    )
+    model_options, transform_options = task_options(entry, cfg, res)
+    local_model_dir = storage.localize_dir(cfg.model_dir)
+    check_model_dir(cfg.task, local_model_dir)
+    transforms = load_transforms(cfg.task, local_model_dir, **transform_options)
+    if cfg.task == "matting":  # a graph not yet converted: say so here, not from every actor
+        from vbatch.models.matting.model import resolve_onnx
+
+        resolve_onnx(local_model_dir)
+    ds, info = read_image_manifest(
+        cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
+    )
+    logger.info(
+        "manifest %s: %d rows (%d bad), %s",
+        info.uri,
+        info.num_rows,
+        info.num_bad_rows,
+        res.describe(),
+    )
+
+    cpu_stage: dict[str, Any] = {
+        "batch_format": "pyarrow",
+        # a block of a large manifest holds more rows (see operators.manifest): work through it
+        # this many images at a time
+        "batch_size": cfg.rows_per_block,
+        "udf_modifying_row_count": False,
+    }
+    return ImagePipeline(
+        entry, res, storage, local_model_dir, transforms, model_options, ds, info, cpu_stage
+    )
+
+
+def model_stages(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """fetch → decode + preprocess → the model's actor pool, over manifest rows ``ds``."""
+    storage, info, cpu_stage, res = p.storage, p.info, p.cpu_stage, p.res
+    transforms, entry, local_model_dir, model_options = (
+        p.transforms,
+        p.entry,
+        p.local_model_dir,
+        p.model_options,
+    )
+    # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
+    ds = ds.map_batches(
+        fetch_bytes,  # type: ignore[arg-type]
+        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
+        **cpu_stage,
+    )
+    ds = ds.map_batches(
+        decode_and_preprocess,  # type: ignore[arg-type]
+        fn_kwargs={
+            "transforms": transforms,
+            "max_pixels": cfg.max_pixels,
+            "keep_bytes": entry.output == "rgba",
+            "decode": cfg.decode,
+        },
+        **cpu_stage,
+    )
+    ds = ds.map_batches(
+        ModelStage,
+        fn_constructor_kwargs={
+            "task": cfg.task,
+            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
+            "storage_options": storage.options,
+            "device": res.device,
+            "threads": res.threads,
+            "model_options": model_options,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        num_gpus=res.gpus_per_actor or None,
+        # one logical CPU: the actor's torch threads use the cores; CPU stages still get scheduled
+        num_cpus=1,
+        # the replica's host memory. Because it differs from the CPU stages' resources, Ray also
+        # never fuses decoding into the actor (it would on a CPU-only cluster): decoding overlaps
+        # with inference instead of waiting for it.
+        memory=res.memory,
+        # custom resources pin the actors to the nodes that carry them (a node type's label)
+        **actor_resources(cfg.actor_resources),
+        udf_modifying_row_count=False,
+    )
+    return ds
+
+
+def output_options(p: ImagePipeline, cfg: ImageJobConfig, out: str) -> OutputOptions:
+    return OutputOptions(
+        out_uri=out,
+        task=cfg.task,
+        output=p.entry.output,
+        background=cfg.background,
+        embedding_dim=getattr(p.transforms, "embed_dim", None),
+        mask_size=cfg.mask_size,
+        base_uri=p.info.base_uri,
+    )
+
+
+def write_stage(p: ImagePipeline, ds: ray.data.Dataset, options: OutputOptions) -> ray.data.Dataset:
+    """Postprocess and write each row's products; the result rows."""
+    return ds.map_batches(
+        write_products,  # type: ignore[arg-type]
+        fn_kwargs={"transforms": p.transforms, "options": options, "storage": p.storage},
+        # its blocks are the model's batches already
+        **{**p.cpu_stage, "batch_size": None},
+    )
 
 
 def _split_reused(
