@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vbatch.operators.manifest import ERROR, ROW, id_hashes
+from vbatch.operators.manifest import ERROR, ROW, id_hashes, sorted_lookup
 from vbatch.operators.storage import Storage, is_remote, join
 from vbatch.operators.tables import STAGING
 from vbatch.schemas.errors import INFRASTRUCTURE
@@ -159,13 +159,6 @@ def previous_attempt(out: str, storage: Storage, key: str) -> PreviousAttempt:
     return found
 
 
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    if not len(sorted_set):
-        return np.zeros(len(values), dtype=bool)
-    at = np.clip(np.searchsorted(sorted_set, values), 0, len(sorted_set) - 1)
-    return sorted_set[at] == values
-
-
 def drop_done(batch: pa.Table, done_ids: np.ndarray, done_rows: np.ndarray) -> pa.Table:
     """Ray Data stage on the annotated manifest: the rows an earlier attempt has not staged.
 
@@ -180,8 +173,8 @@ def drop_done(batch: pa.Table, done_ids: np.ndarray, done_rows: np.ndarray) -> p
     if batch.num_rows == 0:
         return batch
     usable = batch.column(ERROR).is_null().to_numpy(zero_copy_only=False)
-    done = usable & _member(id_hashes(batch.column("image_id").combine_chunks()), done_ids)
-    done |= ~usable & _member(batch.column(ROW).to_numpy(), done_rows)
+    done = usable & sorted_lookup(id_hashes(batch.column("image_id").combine_chunks()), done_ids)[0]
+    done |= ~usable & sorted_lookup(batch.column(ROW).to_numpy(), done_rows)[0]
     return batch.filter(pa.array(~done))
 
 

@@ -87,6 +87,15 @@ def id_hashes(image_ids: pa.Array) -> np.ndarray:
     return pd.util.hash_array(values, categorize=False)
 
 
+def sorted_lookup(values: np.ndarray, sorted_set: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each of ``values``: whether it is in ``sorted_set`` (ascending) and where (an index
+    into ``sorted_set``; meaningless where absent)."""
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool), np.zeros(len(values), dtype=np.int64)
+    at = np.clip(np.searchsorted(sorted_set, values), 0, len(sorted_set) - 1)
+    return sorted_set[at] == values, at
+
+
 def duplicate_candidates(hashes: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Rows (ascending) with a usable id whose hash another such row shares: every duplicate id is
     among them, plus any hash collisions, which :func:`first_occurrences` tells apart."""

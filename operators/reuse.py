@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vbatch.operators.columns import set_column
-from vbatch.operators.manifest import ERROR, id_hashes
+from vbatch.operators.manifest import ERROR, id_hashes, sorted_lookup
 from vbatch.operators.quality import GT_COLUMN, GT_ERROR
 from vbatch.operators.storage import Storage, is_http, join, normalize, resolve
 from vbatch.operators.tables import read_text, results_files
@@ -147,8 +147,7 @@ class Listing:
         if not len(self.hashes):
             return [None] * len(locations)
         h = id_hashes(pa.array([loc or "" for loc in locations], pa.string()))
-        at = np.clip(np.searchsorted(self.hashes, h), 0, len(self.hashes) - 1)
-        found = self.hashes[at] == h
+        found, at = sorted_lookup(h, self.hashes)
         fps = self.fingerprints.take(pa.array(at)).to_pylist()
         return [
             fp if ok and loc is not None else None
@@ -286,13 +285,6 @@ def previous_run(reuse: str, storage: Storage, identity: str, options: dict[str,
     return found
 
 
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not len(sorted_set):
-        return np.zeros(len(values), dtype=bool), np.zeros(len(values), dtype=np.int64)
-    at = np.clip(np.searchsorted(sorted_set, values), 0, len(sorted_set) - 1)
-    return sorted_set[at] == values, at
-
-
 def mark(
     batch: pa.Table,
     *,
@@ -305,22 +297,20 @@ def mark(
     """Ray Data stage on the annotated manifest: each row's content fingerprint (``_vb_fingerprint``)
     and whether an earlier run's row can be carried forward (``_vb_reuse``)."""
     n = batch.num_rows
+    fps: pa.Array
     if fingerprint_column is not None:
-        fps = pc.cast(batch.column(fingerprint_column), pa.string())
+        fps = pc.cast(batch.column(fingerprint_column), pa.string()).combine_chunks()
     elif listing is not None:
         uris = batch.column("uri").to_pylist()
         locations = [_location(u, base_uri, storage) if u else None for u in uris]
         fps = pa.array(listing.lookup(locations), pa.string())
     else:
         fps = pa.nulls(n, pa.string())
-    fps = pa.array(fps, pa.string()) if not isinstance(fps, pa.Array) else fps
-    if isinstance(fps, pa.ChunkedArray):
-        fps = fps.combine_chunks()
     usable = batch.column(ERROR).is_null().to_numpy(zero_copy_only=False) & fps.is_valid().to_numpy(
         zero_copy_only=False
     )
     keys = _row_keys(batch.column("image_id"), batch.column("uri"), fps)
-    hit, _ = _member(keys, previous_keys)
+    hit, _ = sorted_lookup(keys, previous_keys)
     batch = set_column(batch, FINGERPRINT, fps)
     return set_column(batch, REUSE, pa.array(usable & hit, pa.bool_()))
 
@@ -351,26 +341,22 @@ def carry_forward(
     schema = image_results_schema(output, embedding_dim=embedding_dim)
     n = batch.num_rows
     keys = _row_keys(batch.column("image_id"), batch.column("uri"), batch.column(FINGERPRINT))
-    hit, at = _member(keys, previous.keys)
+    hit, at = sorted_lookup(keys, previous.keys)
     if not hit.all():  # the stage only ever sees rows that `mark` matched
         raise RuntimeError("reuse: a carried-forward row has no earlier row")
     files, rows = previous.file_index[at], previous.row_index[at]
-    parts: list[pa.Table | None] = [None] * n
-    for f in np.unique(files):
+    # the columns a result row carries over: the results schema, and the ground-truth scores
+    wanted = set(schema.names) | {GT_COLUMN} | {f.name for f in metric_fields(task)}
+    pieces, positions = [], []
+    for f in np.unique(files):  # the rows are read file by file, then put back in batch order
         afs, path = storage.arrow_fs(previous.files[int(f)])
         table = pq.read_table(path, filesystem=afs)
         picked = np.flatnonzero(files == f)
-        taken = table.take(pa.array(rows[picked]))
-        for j, i in enumerate(picked):
-            parts[i] = taken.slice(j, 1)
-    old = pa.concat_tables(
-        [
-            p.select([c for c in schema.names if c in p.column_names])
-            for p in parts
-            if p is not None
-        ],
-        promote_options="permissive",
-    )
+        table = table.select([c for c in table.column_names if c in wanted])
+        pieces.append(table.take(pa.array(rows[picked])))
+        positions.append(picked)
+    old = pa.concat_tables(pieces, promote_options="permissive")
+    old = old.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
     # a hash collision would carry the wrong row: the strings must agree too
     same = pc.all(
         pc.and_(

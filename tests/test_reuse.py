@@ -136,6 +136,78 @@ def test_empty_listing_finds_nothing() -> None:
     assert Listing().lookup(["file:/a", None]) == [None, None]
 
 
+def test_carry_forward_keeps_batch_order_copies_products_and_scores(tmp_path: Path) -> None:
+    """Rows taken from two earlier files come back in the batch's order, their masks copied into
+    the new --out, their ground-truth scores kept only where the ground truth is unchanged."""
+    import datetime as dt
+
+    from vbatch.operators.reuse import Previous, _row_keys, carry_forward
+    from vbatch.schemas.images import image_results_schema
+
+    storage = Storage()
+    before, after = tmp_path / "before", tmp_path / "after"
+    (before / "masks").mkdir(parents=True)
+    schema = image_results_schema("mask")
+    files = []
+    for f, ids in enumerate((["a", "b"], ["c", "d"])):
+        rows = []
+        for image_id in ids:
+            mask = before / "masks" / f"{image_id}.png"
+            mask.write_bytes(image_id.encode() * 3)
+            rows.append(
+                {
+                    "image_id": image_id, "uri": f"{image_id}.jpg", "task": "salient",
+                    "status": "ok", "width": 4, "height": 3, "model_version": "v1",
+                    "processed_at": dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc),
+                    "source_fingerprint": f"fp-{image_id}", "mask_uri": str(mask),
+                    "foreground_ratio": 0.5,
+                }
+            )  # fmt: skip
+        table = pa.Table.from_pylist(rows, schema=schema)
+        table = table.append_column("gt_mae", pa.array([0.1] * 2, pa.float32()))
+        table = table.append_column("gt_mask_uri", pa.array([f"gt/{i}.png" for i in ids]))
+        files.append(str(tmp_path / f"part-{f}.parquet"))
+        pq.write_table(table, files[-1])
+    all_ids = ["a", "b", "c", "d"]
+    keys = _row_keys(
+        pa.array(all_ids),
+        pa.array([f"{i}.jpg" for i in all_ids]),
+        pa.array([f"fp-{i}" for i in all_ids]),
+    )
+    order = np.argsort(keys)
+    previous = Previous(
+        out=str(before),
+        files=files,
+        keys=keys[order],
+        file_index=np.array([0, 0, 1, 1], np.int32)[order],
+        row_index=np.array([0, 1, 0, 1], np.int64)[order],
+    )
+    batch_ids = ["d", "a", "c"]  # interleaves the two files
+    batch = pa.table(
+        {
+            "image_id": batch_ids,
+            "uri": [f"{i}.jpg" for i in batch_ids],
+            "gt_mask_uri": ["gt/d.png", "gt/a-new.png", "gt/c.png"],
+            "sku": ["x", "y", "z"],  # tonight's passthrough
+            FINGERPRINT: [f"fp-{i}" for i in batch_ids],
+        }
+    )
+    out = carry_forward(
+        batch, previous=previous, out=str(after), task="salient", output="mask",
+        embedding_dim=None, storage=storage,
+    )  # fmt: skip
+    assert out.column("image_id").to_pylist() == batch_ids
+    assert out.column("sku").to_pylist() == ["x", "y", "z"]
+    assert out.column("status").to_pylist() == ["ok"] * 3
+    for image_id, uri in zip(batch_ids, out.column("mask_uri").to_pylist(), strict=True):
+        assert uri == str(after / "masks" / f"{image_id}.png")
+        assert Path(uri).read_bytes() == image_id.encode() * 3
+    assert out.column("gt_mae").to_pylist()[0] == pytest.approx(0.1)
+    assert out.column("gt_mae").to_pylist()[1] is None  # its ground truth changed
+    assert "ground truth changed" in out.column("gt_error").to_pylist()[1]
+    assert out.column("gt_error").to_pylist()[2] is None
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 
