@@ -215,7 +215,12 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
     )
     ds = ds.map_batches(
         write_window_masks,  # type: ignore[arg-type]
-        fn_kwargs={"out_uri": out, "storage": storage},
+        fn_kwargs={
+            "out_uri": out,
+            "storage": storage,
+            "gt": info.has_gt,
+            "base_uri": info.base_uri,
+        },
         batch_format="pyarrow",
         batch_size=None,
         udf_modifying_row_count=True,

@@ -5,6 +5,8 @@
   detection papers report with (prediction min-max normalised, ground truth > 128);
 * shop-seg: IoU (Jaccard, region ``J``) and boundary F (``F`` of DAVIS, Perazzi et al., CVPR 2016,
   ``db_eval_boundary``: boundaries matched within 0.8 % of the image diagonal);
+* rvos: per frame, region J (IoU) and boundary F against the manifest's ``gt_mask_dir`` (DAVIS /
+  Ref-YouTube-VOS); the report averages them per video and query and gives J&F = (J + F) / 2;
 * matting: SAD (sum of absolute alpha differences, alpha in [0, 1], reported in thousands as the
   alphamatting.com benchmark does) and MSE (alpha in [0, 1]). Gradient and connectivity errors are
   not computed: no maintained library on PyPI provides them.
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 #: the manifest column naming each image's ground-truth mask (8-bit grey; > 128 is foreground)
 GT_COLUMN = "gt_mask_uri"
+#: the video manifest column naming each video's ground-truth folder:
+#: ``<gt_mask_dir>/<query_index>/<frame_index>.png`` (the layout of the job's own ``frames/``); a
+#: frame without a file there is not scored (Ref-YouTube-VOS annotates every fifth frame)
+GT_DIR_COLUMN = "gt_mask_dir"
 #: why a row's metrics are null although it has a ground truth (unreadable, wrong size …)
 GT_ERROR = "gt_error"
 
@@ -175,6 +181,75 @@ def matting_metrics(alpha: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     return {"gt_sad": float(np.abs(diff).sum() / 1000.0), "gt_mse": float(np.mean(diff**2))}
 
 
+def region_boundary(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Region J and boundary F of one video frame's 0/255 mask (rvos), as DAVIS scores them.
+
+    Returns:
+        ``{"gt_j", "gt_f"}``; both 1.0 when prediction and ground truth are both empty.
+    """
+    m = mask_metrics(pred, gt)
+    return {"gt_j": m["gt_iou"], "gt_f": m["gt_boundary_f"]}
+
+
+def gt_frames(gt_dir: str, query_index: int, storage: Storage) -> set[int]:
+    """The frame indices that have a ground-truth mask for this query (one listing).
+
+    Raises:
+        FileNotFoundError: the query's folder has no ``<frame>.png`` at all (a wrong
+            ``gt_mask_dir`` must not pass as "nothing annotated").
+    """
+    import posixpath
+
+    folder = posixpath.join(gt_dir.rstrip("/"), str(query_index))
+    try:
+        names = [posixpath.basename(f) for f in storage.list_files(folder, ".png")]
+    except FileNotFoundError:
+        names = []
+    frames = {int(n[: -len(".png")]) for n in names if n[: -len(".png")].isdigit()}
+    if not frames:
+        raise FileNotFoundError(f"no ground-truth masks <frame>.png under {folder}/")
+    return frames
+
+
+def score_frames(
+    gt_dir: str | None,
+    base_uri: str,
+    query_index: int,
+    masks: dict[int, np.ndarray],
+    storage: Storage,
+) -> dict[int, tuple[dict[str, float], str | None]]:
+    """J and F of one query's frames against ``<gt_dir>/<query_index>/<frame>.png``.
+
+    Args:
+        gt_dir: the video's ``gt_mask_dir`` (relative: against ``base_uri``); ``None``/blank: none.
+        masks: frame index → the frame's 0/255 mask.
+
+    Returns:
+        frame → (metrics, None) for a scored frame, ({}, message) for a frame whose ground truth
+        cannot be used: every frame when the query has no ground-truth folder or no masks in it,
+        else the frames whose file is unreadable. Frames without a ground truth are left out.
+    """
+    if gt_dir is None or not gt_dir.strip():
+        return {}
+    folder = resolve(gt_dir.strip(), base_uri)
+    try:
+        annotated = gt_frames(folder, query_index, storage)
+    except FileNotFoundError as e:
+        return dict.fromkeys(masks, ({}, f"ground truth: {e}"))
+    except Exception as e:
+        return dict.fromkeys(masks, ({}, f"ground truth: {describe_read_error(e, folder)}"))
+    scores: dict[int, tuple[dict[str, float], str | None]] = {}
+    for frame, mask in masks.items():
+        if frame not in annotated:
+            continue
+        uri = f"{folder.rstrip('/')}/{query_index}/{frame}.png"
+        try:
+            scores[frame] = (region_boundary(mask, decode_gt(storage.read_bytes(uri))), None)
+        except Exception as e:
+            scores[frame] = ({}, f"ground truth {uri}: {type(e).__name__}: {e}")
+    return scores
+
+
 #: the metric function of each task that has one, and the columns it fills
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], dict[str, float]]] = {
     "salient": salient_metrics,
@@ -191,6 +266,8 @@ HIGHER_IS_BETTER = {
     "gt_boundary_f": True,
     "gt_sad": False,
     "gt_mse": False,
+    "gt_j": True,
+    "gt_f": True,
 }
 
 

@@ -8,7 +8,9 @@ order"). Required columns:
 - ``queries`` (``list<string>``): one or more text queries ("a person riding a bike").
 
 Optional: ``start_s`` / ``end_s`` (float or integer seconds): only frames whose timestamp lies in
-``[start_s, end_s)`` are segmented. Other columns are ignored.
+``[start_s, end_s)`` are segmented. ``gt_mask_dir`` (string): the video's ground-truth masks,
+``<gt_mask_dir>/<query_index>/<frame_index>.png``; the results then get per-frame ``gt_j``/``gt_f``
+(:mod:`vbatch.operators.quality`). Other columns are ignored.
 
 A missing or mistyped required column fails the job before any work starts, naming the file and the
 column. A bad *row* never stops the job: null/empty/duplicate id, empty uri, no queries,
@@ -39,12 +41,14 @@ from vbatch.schemas.images import (
 
 __all__ = [
     "INTERNAL_PREFIX",
+    "VIDEO_GT_FIELDS",
     "VIDEO_MANIFEST",
     "VIDEO_RESULTS",
     "ManifestError",
     "check_video_manifest_schema",
     "query_errors",
     "validate_video_results",
+    "video_results_schema",
     "video_row_errors",
 ]
 
@@ -76,6 +80,20 @@ VIDEO_RESULTS = pa.schema(
     ]
 )
 
+#: the columns a video job with ``gt_mask_dir`` adds to :data:`VIDEO_RESULTS`: region J and
+#: boundary F of the frame (null where the frame has no ground truth), and why the ground truth of
+#: a video's query could not be used
+VIDEO_GT_FIELDS = (
+    pa.field("gt_j", pa.float64()),
+    pa.field("gt_f", pa.float64()),
+    pa.field("gt_error", pa.string()),
+)
+
+
+def video_results_schema(gt: bool) -> pa.Schema:
+    """:data:`VIDEO_RESULTS`, with :data:`VIDEO_GT_FIELDS` when the manifest has ground truth."""
+    return pa.schema([*VIDEO_RESULTS, *VIDEO_GT_FIELDS]) if gt else VIDEO_RESULTS
+
 
 def check_video_manifest_schema(schema: pa.Schema, source: str) -> None:
     """Fail fast on a video manifest that cannot be used.
@@ -101,6 +119,11 @@ def check_video_manifest_schema(schema: pa.Schema, source: str) -> None:
                 raise ManifestError(
                     f"manifest {source}: column {name!r} must be a number of seconds, found {typ}"
                 )
+    if "gt_mask_dir" in names and not is_string(schema.field("gt_mask_dir").type):
+        raise ManifestError(
+            f"manifest {source}: column 'gt_mask_dir' must be a string (a folder), found "
+            f"{schema.field('gt_mask_dir').type}"
+        )
     internal = sorted(n for n in names if n.startswith(INTERNAL_PREFIX))
     if internal:
         raise ManifestError(

@@ -14,6 +14,7 @@ from vbatch.operators.quality import (
     mask_metrics,
     matting_metrics,
     salient_metrics,
+    score_frames,
     score_row,
 )
 from vbatch.operators.storage import Storage
@@ -148,3 +149,23 @@ def test_score_row_never_raises(tmp_path) -> None:
     rgba = np.dstack([np.zeros((20, 20, 3), np.uint8), gt])
     metrics, error = score_row("matting", rgba, "gt.png", base, storage)
     assert error is None and metrics == {"gt_sad": 0.0, "gt_mse": 0.0}
+
+
+def test_score_frames_by_hand(tmp_path) -> None:
+    """rvos: J and F per annotated frame of ``<gt_dir>/<query>/<frame>.png``; unannotated frames are
+    left out, an unreadable file is that frame's error, a folder without masks every frame's."""
+    gt = _square((10, 10), 0, 0, 4)
+    (tmp_path / "gt" / "1").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "gt" / "1" / "5.png"), gt)
+    cv2.imwrite(str(tmp_path / "gt" / "1" / "6.png"), np.zeros_like(gt))
+    (tmp_path / "gt" / "1" / "7.png").write_bytes(b"")
+    masks = {f: _square((10, 10), 2, 2, 4) for f in (4, 5, 6, 7)}
+    got = score_frames("gt", str(tmp_path), 1, masks, Storage())
+    assert sorted(got) == [5, 6, 7]  # frame 4 has no ground truth
+    assert got[5][0]["gt_j"] == pytest.approx(4 / 28) and got[5][1] is None
+    assert got[6][0] == {"gt_j": 0.0, "gt_f": 0.0}  # a mask where the truth is empty
+    assert got[7][0] == {} and "gt/1/7.png" in got[7][1] and "empty file" in got[7][1]
+    wrong = score_frames("gt", str(tmp_path), 0, masks, Storage())  # no folder for query 0
+    assert sorted(wrong) == [4, 5, 6, 7]
+    assert all(m == {} and "no ground-truth masks" in e for m, e in wrong.values())
+    assert score_frames(None, str(tmp_path), 1, masks, Storage()) == {}

@@ -371,3 +371,74 @@ def test_every_bad_kind_with_good_clips_exits_3(
         str(out / "renders" / "good.mp4")
     )  # the emoji query did not crash it
     assert len(render) == 25
+
+
+def test_ground_truth_gives_j_and_f_per_frame(
+    ray_session, tmp_path: Path, rvos_dir, videos, expected_masks
+) -> None:
+    """``gt_mask_dir``: J and F for each frame that has a ground truth, ``gt_error`` for a query
+    whose ground truth is unusable (rows stay ok), and the report's J&F table."""
+    from vbatch.jobs.report import build_report
+    from vbatch.operators.quality import boundary_f
+
+    root = tmp_path / "in"
+    (root / "videos").mkdir(parents=True)
+    (root / "videos" / "walk.mp4").write_bytes(videos["walk.mp4"])
+    (root / "videos" / "ride.mp4").write_bytes(videos["ride.mp4"])
+    # walk, query 0: the exact masks (J = F = 1 on every frame); query 1: a hand-made box on every
+    # fifth frame (Ref-YouTube-VOS annotates every fifth), frame 10's file corrupt
+    gt = root / "gt" / "walk"
+    lo, exact = expected_masks["walk", 0]
+    (gt / "0").mkdir(parents=True)
+    for k, mask in enumerate(exact):
+        cv2.imwrite(str(gt / "0" / f"{lo + k}.png"), mask)
+    box = np.zeros((SIZE[1], SIZE[0]), np.uint8)
+    box[4:20, 3:25] = 255
+    (gt / "1").mkdir()
+    for f in range(0, 25, 5):
+        cv2.imwrite(str(gt / "1" / f"{f}.png"), box)
+    (gt / "1" / "10.png").write_bytes(b"not a png")
+    pq.write_table(
+        pa.table(
+            {
+                "video_id": ["walk", "ride/clip"],
+                "uri": ["videos/walk.mp4", "videos/ride.mp4"],
+                "queries": pa.array([CASES[0][2], CASES[2][2]], pa.list_(pa.string())),
+                "start_s": [None, 0.5],
+                "end_s": [None, 1.25],
+                "gt_mask_dir": ["gt/walk", "gt/nowhere"],
+            }
+        ),
+        root / "manifest.parquet",
+    )
+    out = tmp_path / "out"
+    summary = run_video(VideoConfig(str(root / "manifest.parquet"), str(rvos_dir), str(out)))
+    assert summary.videos_ok == 2
+    rows = read_table(str(out / "results"), Storage()).to_pylist()
+    assert all(r["status"] == "ok" for r in rows)
+    walk0 = {r["frame_index"]: r for r in rows if r["video_id"] == "walk" and r["query_index"] == 0}
+    assert sorted(walk0) == list(range(25))
+    assert all(
+        r["gt_j"] == 1.0 and r["gt_f"] == 1.0 and r["gt_error"] is None for r in walk0.values()
+    )
+    walk1 = {r["frame_index"]: r for r in rows if r["video_id"] == "walk" and r["query_index"] == 1}
+    _, masks1 = expected_masks["walk", 1]
+    g = box > 128
+    for f, r in walk1.items():
+        if f % 5 or f == 10:  # not annotated, or its file is unreadable: not scored
+            assert r["gt_j"] is None and r["gt_f"] is None, f
+            continue
+        p = masks1[f] > 128
+        union = np.count_nonzero(p | g)
+        assert r["gt_j"] == pytest.approx(np.count_nonzero(p & g) / union if union else 1.0)
+        assert r["gt_f"] == pytest.approx(boundary_f(p, g))
+    assert "gt/walk/1/10.png" in walk1[10]["gt_error"]
+    assert all(r["gt_error"] is None for f, r in walk1.items() if f != 10)
+    clip = [r for r in rows if r["video_id"] == "ride/clip"]
+    assert clip and all(r["gt_j"] is None for r in clip)
+    assert all("no ground-truth masks" in r["gt_error"] for r in clip)
+
+    build_report(str(out), Storage())
+    html = (out / "report" / "index.html").read_text()
+    assert "Videos against the ground truth: J&amp;F" in html
+    assert ">walk</td>" in html and "region J (IoU), per frame" in html

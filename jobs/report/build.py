@@ -187,9 +187,10 @@ def _metrics(run: RunData) -> str:
         return ""
     return (
         "<h2>Quality against the ground truth</h2>"
-        '<p class="muted">Per-image metrics of the rows whose manifest row named a '
-        "<code>gt_mask_uri</code>; rows whose ground truth could not be used carry "
-        "<code>gt_error</code> and no metrics.</p>"
+        '<p class="muted">Per-image (per-frame for videos) metrics of the rows whose manifest row '
+        "named a ground truth (<code>gt_mask_uri</code>; <code>gt_mask_dir</code> for videos); "
+        "rows whose ground truth could not be used carry <code>gt_error</code> and no "
+        "metrics.</p>"
         + page.table(
             ("metric", "images", "mean", "median", "min", "max"), lines, numeric=(1, 2, 3, 4, 5)
         )
@@ -288,6 +289,9 @@ def build_report(
 
         sections.append(compare_section(run, compare, storage, root, thumbs))
     if videos:
+        from vbatch.jobs.report.video import jf_section
+
+        sections.append(jf_section(run.files, storage))
         sections.append(videos)
     if not videos:
         sections.append(

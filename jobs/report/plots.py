@@ -24,6 +24,8 @@ METRIC_LABELS = {
     "gt_boundary_f": "boundary F",
     "gt_sad": "SAD / 1000 (lower is better)",
     "gt_mse": "MSE (lower is better)",
+    "gt_j": "region J (IoU), per frame",
+    "gt_f": "boundary F, per frame",
 }
 
 

@@ -27,6 +27,67 @@ FRAMES = 6
 TINT = np.array([255, 0, 200], np.float32)
 
 
+def jf_table(files: list[str], storage: Storage) -> tuple[list[dict[str, Any]], float | None]:
+    """J, F and J&F per (video, query) over the frames that have a ground truth, worst first, and
+    the run's J&F (the mean over pairs of (J + F) / 2, as DAVIS and Ref-YouTube-VOS average per
+    object). Reads four columns; ``([], None)`` without ``gt_j``.
+    """
+    import pyarrow.dataset as pads
+
+    if not files:
+        return [], None
+    fs = storage.arrow_fs(files[0])[0]
+    data = pads.dataset([storage.arrow_fs(f)[1] for f in files], filesystem=fs, format="parquet")
+    if "gt_j" not in data.schema.names:
+        return [], None
+    table = data.to_table(
+        columns=["video_id", "query_index", "query", "gt_j", "gt_f"],
+        filter=pads.field("gt_j").is_valid(),
+    )
+    if table.num_rows == 0:
+        return [], None
+    grouped = table.group_by(["video_id", "query_index"]).aggregate(
+        [("gt_j", "mean"), ("gt_f", "mean"), ("gt_j", "count"), ("query", "min")]
+    )
+    rows = [
+        {
+            "video_id": r["video_id"],
+            "query_index": r["query_index"],
+            "query": r["query_min"],
+            "frames": r["gt_j_count"],
+            "j": r["gt_j_mean"],
+            "f": r["gt_f_mean"],
+            "jf": (r["gt_j_mean"] + r["gt_f_mean"]) / 2,
+        }
+        for r in grouped.to_pylist()
+    ]
+    rows.sort(key=lambda r: (r["jf"], r["video_id"], r["query_index"]))
+    return rows, float(np.mean([r["jf"] for r in rows]))
+
+
+def jf_section(files: list[str], storage: Storage, shown: int = 20) -> str:
+    """The report's J&F table (empty without ground truth): the run's J&F, the worst pairs."""
+    rows, overall = jf_table(files, storage)
+    if overall is None:
+        return ""
+    j = float(np.mean([r["j"] for r in rows]))
+    f = float(np.mean([r["f"] for r in rows]))
+    return (
+        f"<h2>Videos against the ground truth: J&amp;F {overall:.3f}</h2>"
+        f'<p class="muted">Over {len(rows)} (video, query) pairs with a <code>gt_mask_dir</code>: '
+        f"J {j:.3f}, F {f:.3f}, each the mean over pairs of the per-frame mean (DAVIS, "
+        f"Ref-YouTube-VOS). The {min(shown, len(rows))} lowest pairs:</p>"
+        + page.table(
+            ("video", "query", "text", "frames scored", "J", "F", "J&F"),
+            (
+                (r["video_id"], r["query_index"], r["query"], r["frames"], r["j"], r["f"], r["jf"])
+                for r in rows[:shown]
+            ),
+            numeric=(1, 3, 4, 5, 6),
+        )
+    )
+
+
 def _frames_with_masks(out: str, video_id: str, query_index: int, storage: Storage) -> list[int]:
     from vbatch.operators.outputs import safe_name
 

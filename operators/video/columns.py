@@ -21,4 +21,4 @@ INPUT_H = f"{INTERNAL_PREFIX}input_h"  # int32: network input size (the resized 
 INPUT_W = f"{INTERNAL_PREFIX}input_w"
 
 #: window rows carry these manifest columns between stages (plus the internal ones above)
-KEY_COLUMNS = ("video_id", "uri", "queries", "start_s", "end_s")
+KEY_COLUMNS = ("video_id", "uri", "queries", "start_s", "end_s", "gt_mask_dir")

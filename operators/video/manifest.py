@@ -24,6 +24,8 @@ class VideoManifestInfo:
     num_bad_rows: int
     #: queries over all rows (bad rows included)
     num_queries: int
+    #: a manifest file has ``gt_mask_dir``: the results get J and F per frame
+    has_gt: bool = False
 
 
 def read_video_manifest(
@@ -53,11 +55,13 @@ def read_video_manifest(
     """
     files = manifest_files(uri, storage)
     tables = []
+    has_gt = False
     for f in files:
         schema = read_manifest_schema(f, storage)
         check_video_manifest_schema(schema, f)
         fs, path = storage.arrow_fs(f)
         columns = [c for c in KEY_COLUMNS if c in schema.names]
+        has_gt = has_gt or "gt_mask_dir" in schema.names
         table = pq.read_table(path, filesystem=fs, columns=columns)
         tables.append(
             pa.table(
@@ -71,6 +75,9 @@ def read_video_manifest(
                         else pa.nulls(table.num_rows, pa.float64())
                         for c in ("start_s", "end_s")
                     },
+                    "gt_mask_dir": table.column("gt_mask_dir").cast(pa.string())
+                    if "gt_mask_dir" in table.column_names
+                    else pa.nulls(table.num_rows, pa.string()),
                 }
             )
         )
@@ -104,5 +111,6 @@ def read_video_manifest(
         num_rows=table.num_rows,
         num_bad_rows=sum(e is not None for e in errors),
         num_queries=sum(len(q or []) for q in queries),
+        has_gt=has_gt,
     )
     return ray.data.from_arrow(blocks), info

@@ -30,7 +30,8 @@ from vbatch.operators.video.container import describe_video_error, probe_video
 #: the columns of a window row, with their types
 WINDOW_TYPES = {
     "video_id": pa.string(), "uri": pa.string(), "queries": pa.list_(pa.string()),
-    "start_s": pa.float64(), "end_s": pa.float64(), ROW: pa.int64(), ERROR: pa.string(),
+    "start_s": pa.float64(), "end_s": pa.float64(), "gt_mask_dir": pa.string(),
+    ROW: pa.int64(), ERROR: pa.string(),
     QUERY_ERRORS: pa.list_(pa.string()), WINDOW: pa.int32(), START: pa.int64(), STOP: pa.int64(),
     OWN_START: pa.int64(), OWN_STOP: pa.int64(), HEIGHT: pa.int32(), WIDTH: pa.int32(),
     TIMES: pa.list_(pa.float64()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -13,6 +14,7 @@ from vbatch.models.rvos.transforms import frame_masks
 from vbatch.operators.columns import decode_array
 from vbatch.operators.manifest import ERROR, ROW
 from vbatch.operators.outputs import encode_png, safe_name
+from vbatch.operators.quality import score_frames
 from vbatch.operators.storage import Storage, join
 from vbatch.operators.video.columns import (
     HEIGHT,
@@ -28,7 +30,7 @@ from vbatch.operators.video.columns import (
 )
 from vbatch.operators.video.queries import valid_queries
 from vbatch.schemas.images import STATUS_ERROR, STATUS_OK
-from vbatch.schemas.videos import VIDEO_RESULTS, query_errors
+from vbatch.schemas.videos import query_errors, video_results_schema
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +77,23 @@ def _result_rows(r: dict, version: str | None) -> Iterator[dict]:
 
 
 def write_window_masks(
-    batch: pa.Table, *, out_uri: str, storage: Storage, io_threads: int = 8
+    batch: pa.Table,
+    *,
+    out_uri: str,
+    storage: Storage,
+    io_threads: int = 8,
+    gt: bool = False,
+    base_uri: str = "",
 ) -> pa.Table:
     """Final masks of each window's owned frames → PNGs; returns :data:`VIDEO_RESULTS` rows.
 
     Upsampling and thresholding of :func:`vbatch.models.rvos.transforms.frame_masks` act frame by
     frame, so applying them to the owned frames alone gives exactly the frames of ``predict_video``.
+
+    Args:
+        gt: the manifest has ``gt_mask_dir``: score each frame that has a ground truth (``gt_j``,
+            ``gt_f``; ``gt_error`` when a query's ground truth cannot be used; the row stays ok).
+        base_uri: the manifest's folder (relative ``gt_mask_dir``).
     """
     results: list[dict] = []
     versions = batch.column("model_version").to_pylist()
@@ -118,6 +131,8 @@ def write_window_masks(
             with ThreadPoolExecutor(max_workers=io_threads) as pool:
                 # PNG encoding releases the GIL and S3 writes wait on the network: threads overlap both
                 list(pool.map(lambda job: storage.write_bytes(job[0], encode_png(job[1])), jobs))
+            if gt:
+                _score(done, masks, r, base_uri, storage)
             results.extend(done)
         except Exception as e:
             logger.exception("writing masks of %r failed", r["video_id"])
@@ -131,4 +146,22 @@ def write_window_masks(
         err = row.get("error")
         row["status"] = STATUS_OK if err is None else STATUS_ERROR
         row.setdefault("error", None)
-    return pa.Table.from_pylist(results, schema=VIDEO_RESULTS)
+    return pa.Table.from_pylist(results, schema=video_results_schema(gt))
+
+
+def _score(done: list[dict], masks: Any, r: dict, base_uri: str, storage: Storage) -> None:
+    """Add ``gt_j``/``gt_f``/``gt_error`` to a window's ok rows ``done`` (masks: (Q, frames, H, W),
+    the valid queries in order)."""
+    frames = range(r[OWN_START], r[OWN_STOP])
+    for j, (qi, _) in enumerate(valid_queries(r["queries"], r[QUERY_ERRORS])):
+        scores = score_frames(
+            r.get("gt_mask_dir"),
+            base_uri,
+            qi,
+            {f: masks[j, k] for k, f in enumerate(frames)},
+            storage,
+        )
+        for row in done:
+            if row["query_index"] == qi:
+                metrics, problem = scores.get(row["frame_index"], ({}, None))
+                row.update(metrics, gt_error=problem)
