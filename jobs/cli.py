@@ -37,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    """--s3-endpoint, --io-retry-seconds, --address (``ray``: commands that run on Ray), -v."""
     p.add_argument(
         "--s3-endpoint",
         metavar="URL",
@@ -53,11 +54,12 @@ def _common(p: argparse.ArgumentParser) -> None:
             f"(default: VBATCH_IO_RETRY_SECONDS or {DEFAULT_RETRY_SECONDS:g})"
         ),
     )
-    p.add_argument(
-        "--address",
-        metavar="ADDR",
-        help="Ray cluster to join (default: RAY_ADDRESS, else local Ray)",
-    )
+    if ray:
+        p.add_argument(
+            "--address",
+            metavar="ADDR",
+            help="Ray cluster to join (default: RAY_ADDRESS, else local Ray)",
+        )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -329,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(idx)
     add_run_arguments(idx, rows=False)
+    _report_option(idx, "<out>/report/index.html: the index and N sample gallery images searched")
     add = rsub.add_parser(
         "add", help="add a new day's embeddings to an existing index (no retraining)"
     )
@@ -343,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(add)
     add_run_arguments(add, rows=False)
+    _report_option(add, "<index>/report/index.html: the index and N sample gallery images searched")
     srch = rsub.add_parser(
         "search",
         help="top-k gallery images for query images",
@@ -405,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pool(srch)
     _common(srch)
     add_run_arguments(srch)
+    _report_option(srch, "with --out: <out>/report/index.html with N sample queries and their hits")
     ev = rsub.add_parser(
         "eval",
         help="mAP and CMC (Market-1501 protocol)",
@@ -473,19 +478,23 @@ def build_parser() -> argparse.ArgumentParser:
             "Build <out>/report/ from what a finished job left on storage (its results table, "
             "run.json, products and inputs): the run at a glance, errors by class, a contact sheet "
             "of a deterministic sample, the images worth a look, distributions and, when the "
-            "manifest had gt_mask_uri, quality metrics. One self-contained folder (index.html, "
-            "thumbnails, plots) that works opened from disk or served from a bucket. Jobs write it "
-            "at the end of every run; this rebuilds it (old runs, backfilled partitions) or "
-            "compares two runs."
+            "manifest had gt_mask_uri (gt_mask_dir for videos), quality metrics; for `reid search "
+            "--out`, the gallery index and sample queries with their top hits. Given a `reid "
+            "index` folder, the index's page (<index>/report/). One self-contained folder "
+            "(index.html, thumbnails, plots) that works opened from disk or served from a bucket. "
+            "Jobs write it at the end of every run; this rebuilds it (old runs, backfilled "
+            "partitions) or compares two runs. Runs in this process (no Ray)."
         ),
     )
-    rep.add_argument("--out", required=True, metavar="URI", help="a finished job's --out")
+    rep.add_argument(
+        "--out", required=True, metavar="URI", help="a finished job's --out, or an index folder"
+    )
     rep.add_argument(
         "--report-samples",
         type=int,
         default=48,
         metavar="N",
-        help="images in the contact sheet (default 48)",
+        help="images in the contact sheet (default 48; re-ID queries: at most 24)",
     )
     rep.add_argument(
         "--compare",
@@ -493,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="another run of the same manifest (e.g. another model version): metric deltas and "
         "the images whose outputs changed most",
     )
-    _common(rep)
+    _common(rep, ray=False)
 
     env = sub.add_parser(
         "env",
@@ -592,14 +601,16 @@ def _resource(text: str) -> tuple[str, float]:
     return name, value
 
 
-def _report_option(p: argparse.ArgumentParser) -> None:
+def _report_option(
+    p: argparse.ArgumentParser, what: str = "<out>/report/index.html with N sample images"
+) -> None:
     p.add_argument(
         "--report-samples",
         type=int,
         default=48,
         metavar="N",
-        help="write <out>/report/index.html at the end with N sample images (default 48; 0: no "
-        "report). A report that fails is a warning, never a failed job",
+        help=f"write {what} at the end (default 48, at most 24 for re-ID; 0: no report). A "
+        "report that fails is a warning, never a failed job",
     )
 
 
@@ -860,14 +871,19 @@ def _write_report(args: argparse.Namespace, record: dict) -> None:
     """``<out>/report/`` after a finished job (``--report-samples`` > 0); a failure is logged as
     a warning and never changes the job's exit status."""
     samples = getattr(args, "report_samples", 0)
-    if samples <= 0 or not record.get("out"):
+    index = None
+    if args.command == "reid" and args.reid_command in ("index", "add"):
+        index = args.out if args.reid_command == "index" else args.index
+    if samples <= 0 or not (record.get("out") or index):
         return
     try:
         from vbatch.jobs.report import build_report
         from vbatch.operators.storage import Storage, StorageOptions
 
         info = build_report(
-            record["out"], Storage(StorageOptions(endpoint_url=args.s3_endpoint)), samples=samples
+            index or record["out"],
+            Storage(StorageOptions(endpoint_url=args.s3_endpoint)),
+            samples=samples,
         )
         # logged (stderr), not printed: stdout stays the job's report and --summary-json -
         logger.info("report: %s", info.index_uri)

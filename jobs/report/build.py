@@ -161,7 +161,8 @@ def _errors(run: RunData, rows: dict[int, dict[str, Any]]) -> str:
     for cls, count in sorted(light.by_error_class.items(), key=lambda kv: -kv[1]):
         examples = [rows[p] for p in light.error_examples.get(cls, []) if p in rows]
         text = "<br>".join(
-            f"<code>{page.esc(r.get('image_id') or r.get('video_id'))}</code>: {page.esc(r.get('error'))}"
+            f"<code>{page.esc(r.get('image_id') or r.get('video_id') or r.get('query_id'))}</code>: "
+            f"{page.esc(r.get('error'))}"
             for r in examples
         )
         body.append((cls, count, page.Raw(text)))
@@ -255,6 +256,12 @@ def build_report(
     """
     t0 = time.perf_counter()
     out = normalize(out)
+    if not storage.exists(join(out, "_LATEST")) and storage.exists(join(out, "index.json")):
+        # a gallery index (reid index / add): its own page
+        from vbatch.jobs.report.reid import build_index_report
+
+        uri = build_index_report(out, storage, samples)
+        return ReportInfo(uri, 0, 0, 0, time.perf_counter() - t0)
     run = load_run(out, storage)
     if not run.files:
         raise FileNotFoundError(f"{out}: no results table (is it a job's --out?)")
@@ -274,6 +281,12 @@ def build_report(
     videos = video_section({p: rows[p] for p in sample}, out, root, storage, run.base_uri)
     if videos:
         sample = []
+    searches = ""
+    if "query_id" in light.columns and "rank" in light.columns:
+        # reid search: the index and query strips replace the contact sheet
+        from vbatch.jobs.report.reid import search_section
+
+        searches, sample = search_section(run.files, run.record, root, storage, samples), []
     thumbs.render({p: rows[p] for p in [*sample, *(p for _, ps in looks for p in ps), *errors]})
 
     sections = [
@@ -288,12 +301,14 @@ def build_report(
         from vbatch.jobs.report.compare import compare_section
 
         sections.append(compare_section(run, compare, storage, root, thumbs))
+    if searches:
+        sections.append(searches)
     if videos:
         from vbatch.jobs.report.video import jf_section
 
         sections.append(jf_section(run.files, storage))
         sections.append(videos)
-    if not videos:
+    if not videos and not searches:
         sections.append(
             f'<h2>Contact sheet</h2><p class="muted">{len(sample)} of {int(light.ok.sum()):,} ok rows, '
             "a deterministic sample (the smallest hashes of the ids: the same rows on every rebuild; "

@@ -50,6 +50,7 @@ DETAIL = (
     "frame_index",
     "timestamp_s",
     "task",
+    "query_id",
 )
 #: error rows shown per error class
 ERROR_EXAMPLES = 3
@@ -122,8 +123,8 @@ def id_key(value: object) -> int:
 
 
 #: the columns that identify a row, by kind of table: images; video frames (one row per video,
-#: query and frame); search hits
-ROW_KEYS = (("image_id",), ("video_id", "query_index", "frame_index"), ("query_id", "rank"))
+#: query and frame); search hits (first: their ``image_id`` is the hit's, not the row's)
+ROW_KEYS = (("query_id", "rank"), ("image_id",), ("video_id", "query_index", "frame_index"))
 
 
 def _key_columns(names: list[str]) -> list[str]:
