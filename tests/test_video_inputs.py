@@ -15,6 +15,7 @@ from vbatch.operators.manifest import ERROR, ROW
 from vbatch.operators.storage import Storage
 from vbatch.operators.video.columns import QUERY_ERRORS, WINDOW
 from vbatch.operators.video.container import container_problem, describe_video_error, probe_video
+from vbatch.operators.video.decode import read_window
 from vbatch.operators.video.plan import plan_video_windows
 from vbatch.operators.video.queries import all_query_errors, rvos_query_check, valid_queries
 from vbatch.operators.video.render import overlay_text
@@ -39,6 +40,21 @@ def boxes(data: bytes) -> dict[str, tuple[int, int]]:
     return out
 
 
+def fast_start(data: bytes) -> bytes:
+    """OpenCV's ``ftyp free mdat moov`` MP4 as ``ftyp moov mdat`` (the index first, as served for
+    streaming; what ``ffmpeg -movflags faststart`` writes), its chunk offsets moved along."""
+    layout = boxes(data)
+    (f, fn), (m, mn), (d, dn) = layout["ftyp"], layout["moov"], layout["mdat"]
+    moov = bytearray(data[m : m + mn])
+    at = moov.index(b"stco")  # one track: one chunk offset table (32-bit offsets)
+    (count,) = struct.unpack(">I", moov[at + 8 : at + 12])
+    shift = (f + fn + mn) - d  # where mdat starts now, minus where it started
+    for k in range(count):
+        o = at + 12 + 4 * k
+        moov[o : o + 4] = struct.pack(">I", struct.unpack(">I", moov[o : o + 4])[0] + shift)
+    return data[f : f + fn] + bytes(moov) + data[d : d + dn]
+
+
 @pytest.fixture(scope="module")
 def bad_videos(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
@@ -51,6 +67,8 @@ def bad_videos(tmp_path_factory) -> dict[str, Path]:
         "cut-in-mdat": good[: layout["mdat"][0] + 100],  # a recording cut before its index
         "cut-in-moov": good[: layout["moov"][0] + 50],
         "garbage-after-header": good[:64] + bytes(range(256)) * 8,
+        # the index first, then the file cut inside the frames: decord says "av_read_frame failed"
+        "fast-start-cut": fast_start(good)[: -layout["mdat"][1] // 2],
         "random": bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
     }
     out = {"good": root / "good.mp4"}
@@ -68,6 +86,7 @@ def bad_videos(tmp_path_factory) -> dict[str, Path]:
         ("cut-in-mdat", "truncated: moov atom missing (the file ends inside the 'mdat' box"),
         ("cut-in-moov", "truncated: moov atom incomplete"),
         ("garbage-after-header", "corrupt: unreadable box at byte"),
+        ("fast-start-cut", "truncated: the file ends inside the 'mdat' box, at byte"),
         ("random", "not a video container (unknown magic bytes"),
     ],
 )
@@ -79,9 +98,16 @@ def test_unreadable_videos_say_why(bad_videos: dict[str, Path], name: str, messa
     assert text.startswith("cannot read video s3://b/v.mp4: ") and message in text, text
 
 
-def test_a_good_video_shows_no_problem(bad_videos: dict[str, Path]) -> None:
+def test_a_good_video_shows_no_problem(bad_videos: dict[str, Path], tmp_path: Path) -> None:
     assert container_problem(str(bad_videos["good"])) is None
     assert probe_video(str(bad_videos["good"])).num_frames == 25
+    fast = tmp_path / "fast.mp4"  # the helper's fast-start file is a good video
+    fast.write_bytes(fast_start(bad_videos["good"].read_bytes()))
+    assert list(boxes(fast.read_bytes())) == ["ftyp", "moov", "mdat"]
+    assert container_problem(str(fast)) is None
+    assert np.array_equal(
+        read_window(str(fast), 0, 25), read_window(str(bad_videos["good"]), 0, 25)
+    )
     # a download that failed (no local file) keeps the storage layer's message
     assert describe_video_error(FileNotFoundError("x"), "s3://b/v.mp4", None) == (
         "object not found: s3://b/v.mp4"
