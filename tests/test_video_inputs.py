@@ -1,9 +1,15 @@
 """What the video job says about bad inputs: files decord cannot open, queries the text encoder
-cannot take, unsupported URIs, and query texts the overlay font cannot draw."""
+cannot take, unsupported URIs, http(s) videos that cannot be fetched, relative ``file://`` URIs,
+and query texts the overlay font cannot draw."""
 
 from __future__ import annotations
 
+import functools
+import http.server
+import os
 import struct
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -11,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from vbatch.operators.cache import localize_video
 from vbatch.operators.manifest import ERROR, ROW
-from vbatch.operators.storage import Storage
+from vbatch.operators.storage import Storage, StorageOptions, describe_read_error
 from vbatch.operators.video.columns import QUERY_ERRORS, WINDOW
 from vbatch.operators.video.container import container_problem, describe_video_error, probe_video
 from vbatch.operators.video.decode import read_window
@@ -136,6 +143,107 @@ def test_an_unsupported_uri_is_that_video_s_error_row(tmp_path: Path, uri: str) 
     assert rows[0]["uri"] == uri and rows[0][WINDOW] is None
     assert rows[0][ERROR].startswith(f"cannot resolve video uri {uri!r}: "), rows[0][ERROR]
     assert [r[WINDOW] for r in rows[1:]] == [0, 1] and all(r[ERROR] is None for r in rows[1:])
+
+
+# -- http(s) --------------------------------------------------------------------------------------
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.startswith("/down/"):
+            self.send_error(503, "slow down")
+        elif self.path.startswith("/private/"):
+            self.send_error(403, "forbidden")
+        else:
+            super().do_GET()
+
+    do_HEAD = do_GET  # fsspec looks a file up with HEAD first
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_url(bad_videos: dict[str, Path]) -> Iterator[str]:
+    """A plain HTTP server on the folder of ``bad_videos``; ``https://`` to it fails its TLS."""
+    directory = str(bad_videos["good"].parent)
+    handler = functools.partial(_Handler, directory=directory)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_videos_fail_as_images_do(http_url: str, bad_videos: dict[str, Path]) -> None:
+    """Fetching a video goes through the store's own answer: fsspec's HTTP look-up calls every
+    failure "not found", which made a 503, a 403 or a TLS error an `object not found` row that was
+    never retried. A video's row now says what an image's row says for the same URL."""
+    storage = Storage(StorageOptions(retry_seconds=1.0))
+    good = f"http://{http_url}/good.mp4"
+    assert probe_video(localize_video(storage, good)).num_frames == 25
+    cases = {
+        f"http://{http_url}/nope.mp4": "object not found: http://",
+        f"http://{http_url}/private/good.mp4": "ClientResponseError: 403",
+        f"http://{http_url}/down/good.mp4": "storage unavailable after",  # retried, then infra
+        f"https://{http_url}/good.mp4": "SSL",  # a TLS handshake with a plain HTTP server
+    }
+    for uri, fragment in cases.items():
+        with pytest.raises(Exception) as video_err:
+            localize_video(storage, uri)
+        with pytest.raises(Exception) as image_err:
+            storage.read_bytes(uri)
+        video_text = describe_video_error(video_err.value, uri, None)
+        image_text = describe_read_error(image_err.value, uri, what="video ")
+        assert fragment in video_text, video_text
+        if "storage unavailable" in fragment:  # (the retry counts differ)
+            assert image_text.startswith("storage unavailable after"), image_text
+        else:
+            assert video_text == image_text
+
+
+def test_http_and_relative_file_uris_in_the_plan(
+    http_url: str, bad_videos: dict[str, Path]
+) -> None:
+    """The plan stage: an http video runs, a failing https one is that video's error row, and a
+    relative ``file://`` uri names a file next to the manifest, not in the worker's directory."""
+    root = bad_videos["good"].parent
+    uris = [
+        f"http://{http_url}/good.mp4",
+        f"https://{http_url}/good.mp4",
+        f"file://{root.name}/good.mp4",  # relative to the manifest's folder, root's parent
+        f"file://{root.name}/fast-start-cut.mp4",
+    ]
+    n = len(uris)
+    batch = pa.table(
+        {
+            "video_id": [f"v{i}" for i in range(n)],
+            "uri": uris,
+            "queries": pa.array([["q"]] * n, pa.list_(pa.string())),
+            "start_s": pa.array([None] * n, pa.float64()),
+            "end_s": pa.array([None] * n, pa.float64()),
+            ROW: pa.array(range(n), pa.int64()),
+            ERROR: pa.array([None] * n, pa.string()),
+            QUERY_ERRORS: pa.array([[None]] * n, pa.list_(pa.string())),
+        }
+    )
+    assert os.getcwd() != str(root.parent)
+    storage = Storage(StorageOptions(retry_seconds=1.0))
+    rows = plan_video_windows(batch, storage=storage, base_uri=str(root.parent)).to_pylist()
+    by_video: dict[str, list[dict]] = {}
+    for r in rows:
+        by_video.setdefault(r["video_id"], []).append(r)
+    assert [r[WINDOW] for r in by_video["v0"]] == [0, 1] and by_video["v0"][0][ERROR] is None
+    assert [r[WINDOW] for r in by_video["v2"]] == [0, 1] and by_video["v2"][0][ERROR] is None
+    assert by_video["v2"][0]["uri"] == str(root / "good.mp4")
+    (https,) = by_video["v1"]
+    assert https[WINDOW] is None and https[ERROR].startswith(f"cannot read video {uris[1]}: ")
+    assert "SSL" in https[ERROR], https[ERROR]
+    (cut,) = by_video["v3"]
+    size = bad_videos["fast-start-cut"].stat().st_size
+    whole = len(fast_start(bad_videos["good"].read_bytes()))  # mdat is the last box
+    assert cut[ERROR] == (
+        f"cannot read video {root / 'fast-start-cut.mp4'}: truncated: the file ends inside the "
+        f"'mdat' box, at byte {size} of {whole}"
+    )
 
 
 # -- queries ----------------------------------------------------------------------------------------
