@@ -223,7 +223,7 @@ def localize_video(storage: Storage, uri: str) -> str:
         return path
     fs, path = storage.fs(uri)
     budget = storage.options.retry_seconds
-    info = with_retries(lambda: fs.info(path), f"look up {uri}", budget)  # FileNotFoundError
+    info = storage.info(uri)  # FileNotFoundError only for a missing object, retries the rest
     if info.get("type") == "directory":
         raise IsADirectoryError(uri)
     if is_remote(uri):

@@ -165,6 +165,19 @@ def resolve(uri: str, base: str) -> str:
     return normalize(uri)
 
 
+def _hidden_http_error(e: FileNotFoundError) -> BaseException | None:
+    """The failure that fsspec's HTTP ``info`` hid behind ``e``, or ``None`` for a true 404/410.
+
+    fsspec raises ``FileNotFoundError(url)`` for every failure of its HEAD and GET: a 503, a 403, a
+    refused connection or a TLS error alike. Re-raised as themselves, they are retried or reported
+    as :meth:`Storage.read_bytes` reports them, so an image and a video fail with the same words.
+    """
+    cause = e.__cause__
+    if cause is None or getattr(cause, "status", None) in (404, 410):
+        return None
+    return cause
+
+
 def describe_read_error(e: BaseException, uri: str, what: str = "") -> str:
     """The error message of a row whose object at ``uri`` could not be read (``what``: e.g.
     ``"video "`` for "cannot read video …")."""
@@ -361,9 +374,24 @@ class Storage:
         fs, path = self.fs(uri)
         return self._retry("read", lambda: fs.cat_file(path), uri)
 
-    def size(self, uri: str) -> int:
+    def info(self, uri: str) -> dict[str, Any]:
+        """The object's metadata (``size``; ``ETag`` on S3); ``FileNotFoundError`` only when the
+        store says there is no such object (see :func:`_hidden_http_error`)."""
         fs, path = self.fs(uri)
-        return int(self._retry("size of", lambda: fs.size(path), uri))
+
+        def look_up() -> dict[str, Any]:
+            try:
+                return dict(fs.info(path))
+            except FileNotFoundError as e:
+                hidden = _hidden_http_error(e) if is_http(uri) else None
+                if hidden is None:
+                    raise
+            raise hidden  # outside the except: no cycle through e's __context__
+
+        return self._retry("look up", look_up, uri)
+
+    def size(self, uri: str) -> int:
+        return int(self.info(uri)["size"])
 
     def exists(self, uri: str) -> bool:
         fs, path = self.fs(uri)

@@ -8,7 +8,9 @@ error rows, and that a long video is decoded window by window.
 from __future__ import annotations
 
 import io
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.video_data import boxes, fast_start
 from vbatch.jobs.publish import read_table
 from vbatch.jobs.video import VideoConfig, run_video
 from vbatch.models import load_model
@@ -292,57 +295,102 @@ def test_each_frame_owned_by_the_last_window_containing_it(n: int) -> None:
 
 # -- every bad kind at once, through the CLI -------------------------------------------------------
 LONG_QUERY = "the small red ball next to the green box " * 70  # > 512 tokens
-# video_id, uri (relative: under videos/), queries, expected {query_index: "ok" | error fragment}
+# video_id, uri, queries, expected {query_index: "ok" | error fragment}; a uri is relative (under
+# videos/) without a scheme, {http} is a local HTTP server on videos/ (https:// to it fails its TLS)
 MIXED = [
     ("good", "walk.mp4", ["a red ball", LONG_QUERY, "a person riding a 🚲"],
      {0: "ok", 1: "query 1: query has", 2: "ok"}),
     ("gs", "gs://bucket/v.mp4", ["a"], {0: "unsupported URI scheme 'gs'"}),
     ("hdfs", "hdfs://namenode/v.mp4", ["a", "b"], {0: "unsupported URI scheme", 1: "unsupported"}),
+    ("http", "http://{http}/walk.mp4", ["a red ball"], {0: "ok"}),
+    ("https", "https://{http}/walk.mp4", ["a", "b"],
+     {0: "cannot read video https://{http}/walk.mp4: ClientConnectorSSLError", 1: "SSL"}),
+    ("http-404", "http://{http}/gone.mp4", ["a"], {0: "object not found: http://{http}/gone.mp4"}),
+    ("file-relative", "file://videos/walk.mp4", ["the green box"], {0: "ok"}),  # next to manifest
     ("empty", "empty.mp4", ["a"], {0: "empty file (0 bytes)"}),
     ("text", "notes.mp4", ["a"], {0: "not a video container (the file starts with text"}),
     ("truncated", "cut.mp4", ["a", "b"], {0: "truncated: moov atom missing", 1: "moov atom missing"}),
+    ("fast-start-cut", "fastcut.mp4", ["a"], {0: "truncated: the file ends inside the 'mdat' box"}),
     ("only-long", "walk.mp4", [LONG_QUERY], {0: "no query can run (query 0: query has"}),
 ]  # fmt: skip
 
 
+@pytest.fixture()
+def http_videos(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``host:port`` of a plain HTTP server on a folder (the Ray workers reach it on loopback)."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "in" / "videos"
+    root.mkdir(parents=True)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+
+
 def test_every_bad_kind_with_good_clips_exits_3(
-    ray_session, tmp_path: Path, rvos_dir, videos, capsys
+    ray_session, tmp_path: Path, rvos_dir, videos, http_videos, capsys
 ) -> None:
-    """Unsupported schemes, an over-long query, empty/text/truncated files and an emoji query
-    (rendered) next to a good clip: the job ends with exit 0 and the right rows."""
+    """Unsupported schemes, http(s) videos (one served, one whose TLS fails, one missing), a
+    relative file:// uri, an over-long query next to good ones, empty/text/truncated files and an
+    emoji query (rendered) next to good clips: one row per (video, query[, frame]), the good
+    queries' masks those of predict_video, errors that say why, and exit 3 (published, more error
+    rows than --max-error-rate), none of them counted as infrastructure."""
     from vbatch.jobs.cli import main
 
-    root = tmp_path / "in"
-    (root / "videos").mkdir(parents=True)
+    host, videos_dir = http_videos
+    root = videos_dir.parent
     walk = videos["walk.mp4"]
-    (root / "videos" / "walk.mp4").write_bytes(walk)
-    (root / "videos" / "empty.mp4").write_bytes(b"")
-    (root / "videos" / "notes.mp4").write_text("a shopping list, not a video\n" * 20)
-    (root / "videos" / "cut.mp4").write_bytes(walk[: walk.index(b"mdat") + 200])  # no index yet
+    (videos_dir / "walk.mp4").write_bytes(walk)
+    (videos_dir / "empty.mp4").write_bytes(b"")
+    (videos_dir / "notes.mp4").write_text("a shopping list, not a video\n" * 20)
+    (videos_dir / "cut.mp4").write_bytes(walk[: walk.index(b"mdat") + 200])  # no index yet
+    # the index first, the file cut in the middle of its frames
+    (videos_dir / "fastcut.mp4").write_bytes(fast_start(walk)[: -boxes(walk)["mdat"][1] // 2])
+    mixed = [
+        (vid, uri.format(http=host), queries, {q: e.format(http=host) for q, e in expect.items()})
+        for vid, uri, queries, expect in MIXED
+    ]
     pq.write_table(
         pa.table(
             {
-                "video_id": [m[0] for m in MIXED],
-                "uri": [m[1] if "://" in m[1] else f"videos/{m[1]}" for m in MIXED],
-                "queries": pa.array([m[2] for m in MIXED], pa.list_(pa.string())),
+                "video_id": [m[0] for m in mixed],
+                "uri": [m[1] if "://" in m[1] else f"videos/{m[1]}" for m in mixed],
+                "queries": pa.array([m[2] for m in mixed], pa.list_(pa.string())),
             }
         ),
         root / "manifest.parquet",
     )
     out = tmp_path / "out"
     args = ["video", "--manifest", str(root / "manifest.parquet"), "--model-dir", str(rvos_dir)]
+    summary_json = tmp_path / "summary.json"
     # published with more error rows than --max-error-rate allows: exit 3 (jobs.summary)
-    assert main([*args, "--out", str(out), "--render"]) == 3
+    assert main([*args, "--out", str(out), "--render", "--summary-json", str(summary_json)]) == 3
     report = capsys.readouterr().out
-    assert report.startswith(f"rvos: {len(MIXED)} videos — 0 ok, {len(MIXED)} with errors"), report
-    assert "renders: 1 under" in report
+    assert report.startswith(f"rvos: {len(mixed)} videos — 2 ok, {len(mixed) - 2} with errors"), (
+        report
+    )
+    assert "renders: 3 under" in report  # good, http and file-relative
+    record = json.loads(summary_json.read_text())
+    assert (record["exit_code"], record["status"]) == (3, "too_many_errors")
+    assert "infrastructure" not in record["by_error_class"], record["by_error_class"]
+    assert record["by_status"]["ok"] == 4 * 25  # good (2 queries), http, file-relative
 
     table = read_table(str(out / "results"), Storage())
     validate_video_results(table)
     rows = table.to_pylist()
-    assert sorted({r["manifest_row"] for r in rows}) == list(range(len(MIXED)))
+    assert sorted({r["manifest_row"] for r in rows}) == list(range(len(mixed)))
     predictor = load_model("rvos", rvos_dir, device="cpu")
-    for m, (vid, _uri, queries, expect) in enumerate(MIXED):
+    for m, (vid, _uri, queries, expect) in enumerate(mixed):
         got = [r for r in rows if r["manifest_row"] == m]
         assert {r["query_index"] for r in got} == set(expect) and {r["video_id"] for r in got} == {
             vid
@@ -359,7 +407,7 @@ def test_every_bad_kind_with_good_clips_exits_3(
             assert len(q_rows) == 1 and q_rows[0]["status"] == "error", q_rows
             assert status in q_rows[0]["error"], q_rows[0]["error"]
         if ok:  # the good queries ran, unharmed by the long one: predict_video's masks
-            frames = decode_all(str(root / "videos" / "walk.mp4"))
+            frames = decode_all(str(videos_dir / "walk.mp4"))  # every good row is this clip
             want = predictor.predict_video(frames, [queries[qi] for qi in ok])
             for j, qi in enumerate(ok):
                 for r in (r for r in got if r["query_index"] == qi):

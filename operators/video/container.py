@@ -1,7 +1,8 @@
 """Opening a video file with decord, and saying what is wrong with one it cannot open.
 
-decord (FFmpeg) reports every unreadable file as ``Error reading <path>...``, whether it is empty, a
-text file or a camera recording cut short before its index was written. When decord fails, the file
+decord (FFmpeg) reports every unreadable file as ``Error reading <path>...`` (or ``av_read_frame
+failed``), whether it is empty, a text file, a camera recording cut short before its index was
+written or a "fast start" file (index first) cut short in its frames. When decord fails, the file
 itself is looked at (size, magic bytes, the top-level boxes of an ISO media file) so that the
 error row says which it is.
 """
@@ -89,12 +90,12 @@ def _iso_problem(f, size: int) -> str | None:
                     f"truncated: moov atom incomplete (the file ends at byte {size}, "
                     f"the atom at byte {pos + length})"
                 )
+            where = f"the file ends inside the {kind.decode('latin-1')!r} box, at byte {size} of"
             if "moov" not in seen:
-                return (
-                    f"truncated: moov atom missing (the file ends inside the "
-                    f"{kind.decode('latin-1')!r} box, at byte {size} of {pos + length})"
-                )
-            return None
+                return f"truncated: moov atom missing ({where} {pos + length})"
+            # the index came first (a "fast start" file, as served for streaming): the frames
+            # it points past the end are gone
+            return f"truncated: {where} {pos + length}"
         seen.append(kind.decode("latin-1"))
         pos += length
     if "moov" not in seen:
