@@ -110,3 +110,18 @@ def test_search_report_frames_hits_by_person(ray_session, tmp_path: Path) -> Non
     assert all(_close(c, OTHER) for c in colours["q-001"])
     assert all(_close(c, UNKNOWN) for c in colours["q-002"])
     assert all(_close(c, SAME) for c in colours["q-000"])
+
+
+def test_index_page_renders_in_a_browser(tmp_path: Path) -> None:
+    import pytest
+
+    from tests.test_report_browser import CHROMIUM, _console_errors, _run
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (.ci/run installs it in CI)")
+    info = build_report(_gallery(tmp_path), Storage(), samples=3)
+    result = _run(Path(info.index_uri), tmp_path / "profile", "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    marker = re.search(r'<body[^>]*data-images="(\d+)/(\d+) loaded"', result.stdout)
+    assert marker and marker.group(1) == marker.group(2) == str(3 * 6)
+    assert _console_errors(result.stderr) == []
