@@ -12,10 +12,14 @@ on a rerun (``--force`` redoes it); a partition that crashed resumes (``jobs.res
 backfill's summary lists every partition's status, and its exit code is the worst partition's
 (1 failed > 3 too many error rows > 0).
 
-Partitions run one after another in one Ray session: Ray's start-up is paid once, and the model
-directory is localised once; each partition still starts its own actor pool (one dataset per
-partition keeps publishing per partition simple; a shared pool would need one dataset with a
-partition column and a per-partition publish).
+The partitions to run go through **one Ray Data pipeline and one actor pool**
+(:func:`vbatch.jobs.segment.run_image_jobs`): each partition's manifest is fetched and decoded on its
+own, the decoded rows of every partition share the model's actors, and a partition column routes
+each result row to its own ``--out`` (products) and staging folder; then each partition is
+counted, checked and published on its own, so one partition failing its checks fails alone. Ray's
+start-up, the actors' start and the model loading are paid once for the whole backfill.
+``--separate`` (or partitions whose model options differ: ``{date}`` outside ``--manifest``,
+``--out``, ``--reuse``) runs them one after another instead, each with its own pool.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from vbatch.jobs.segment import PoolMismatch
 from vbatch.jobs.summary import (
     EXIT_FAILED,
     EXIT_OK,
@@ -111,6 +116,8 @@ def run_backfill(
     run_job: Callable[[argparse.Namespace, RunClock], dict[str, Any]],
     config_of: Callable[[argparse.Namespace], dict[str, Any]],
     force: bool = False,
+    run_shared: Callable[[list[argparse.Namespace], list[RunClock]], list[dict[str, Any]]]
+    | None = None,
 ) -> dict[str, Any]:
     """Run the job once per date, skipping the partitions already finished.
 
@@ -121,6 +128,10 @@ def run_backfill(
         run_job: runs one parsed job command, prints its report, returns its summary.
         config_of: the job's configuration as a dict (compared with the one ``_SUCCESS`` records).
         force: redo finished partitions too.
+        run_shared: runs several parsed partitions through one pipeline and actor pool, prints
+            their reports, returns their records in order (``None``: one after another). It
+            raises :class:`vbatch.jobs.segment.PoolMismatch` when the partitions cannot share a
+            pool; they then run one after another.
 
     Returns:
         The backfill's summary: ``command, status, exit_code, partitions`` (``date, out, status,
@@ -134,21 +145,42 @@ def run_backfill(
     from vbatch.jobs.runtime import ensure_ray
 
     ensure_ray(parsed[0][1].address)  # one session for every partition
-    partitions: list[dict[str, Any]] = []
-    for (date, args), out in zip(parsed, outs, strict=True):
+    done: dict[int, dict[str, Any]] = {}
+    for n, ((date, args), out) in enumerate(zip(parsed, outs, strict=True)):
         storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
-        done = None if force else finished_record(out, storage, config_of(args))
-        if done is not None:
-            logger.info("backfill %s: finished before (run %s), skipped", date, done.get("run_id"))
-            record, skipped = done, True
-        else:
-            logger.info("backfill %s: running %s", date, " ".join(partition_argv(job_argv, date)))
-            command = f"reid {args.reid_command}" if args.command == "reid" else args.command
-            record = run_record(command, args, functools.partial(run_job, args))
-            skipped = False
-            # a dataset that failed keeps its actor pool until its executor is collected: free
-            # the pool's CPUs/GPUs for the next partition
-            gc.collect()
+        record = None if force else finished_record(out, storage, config_of(args))
+        if record is not None:
+            logger.info(
+                "backfill %s: finished before (run %s), skipped", date, record.get("run_id")
+            )
+            done[n] = record
+    todo = [n for n in range(len(parsed)) if n not in done]
+    records: dict[int, dict[str, Any]] = {}
+    pooled = False
+    if run_shared is not None and len(todo) > 1:
+        try:
+            logger.info("backfill: %d partitions through one actor pool", len(todo))
+            shared = run_shared([parsed[n][1] for n in todo], [RunClock() for _ in todo])
+            records, pooled = dict(zip(todo, shared, strict=True)), True
+        except PoolMismatch as e:
+            logger.warning(
+                "backfill: the partitions cannot share one actor pool (%s); "
+                "running them one after another",
+                e,
+            )
+    for n in todo:
+        if n in records:
+            continue
+        date, args = parsed[n]
+        logger.info("backfill %s: running %s", date, " ".join(partition_argv(job_argv, date)))
+        command = f"reid {args.reid_command}" if args.command == "reid" else args.command
+        records[n] = run_record(command, args, functools.partial(run_job, args))
+        # a dataset that failed keeps its actor pool until its executor is collected: free
+        # the pool's CPUs/GPUs for the next partition
+        gc.collect()
+    partitions: list[dict[str, Any]] = []
+    for n, ((date, _), out) in enumerate(zip(parsed, outs, strict=True)):
+        record, skipped = (done[n], True) if n in done else (records[n], False)
         partitions.append(
             {
                 "date": date,
@@ -176,6 +208,7 @@ def run_backfill(
         "dates": dates,
         "partitions_by_status": by_status,
         "partitions": partitions,
+        "shared_pool": pooled,
         "seconds": round(clock.seconds(), 3),
         "started_at": utc_iso(clock.started),
         "ended_at": utc_iso(dt.datetime.now(dt.timezone.utc).timestamp()),

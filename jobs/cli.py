@@ -442,8 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
             "job's arguments (after --) becomes the partition's date (YYYY-MM-DD). Each partition is "
             "published atomically to its own --out with its own run.json and _SUCCESS; a rerun skips "
             "the partitions whose _SUCCESS records a finished run (exit 0 or 3) of the same "
-            "configuration, and a partition that crashed resumes. Partitions run one after another "
-            "(each starts its own actor pool). Exit status: the worst partition's (1 > 3 > 0)."
+            "configuration, and a partition that crashed resumes. The partitions to run go through one "
+            "pipeline and one actor pool (actors start and load the model once); each partition is "
+            "still counted, checked and published on its own. Exit status: the worst partition's "
+            "(1 > 3 > 0)."
         ),
         epilog="example: vbatch backfill --dates 2026-10-01..2026-10-10 -- segment --task salient "
         "--manifest 's3://cat/{date}.parquet' --model-dir s3://models/salient --out 's3://cat/masks/{date}'",
@@ -456,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.add_argument(
         "--force", action="store_true", help="also redo partitions that finished before"
+    )
+    bf.add_argument(
+        "--separate",
+        action="store_true",
+        help="run the partitions one after another, each with its own actor pool (default: all "
+        "through one pipeline and one actor pool)",
     )
     bf.add_argument(
         "--summary-json",
@@ -847,8 +855,54 @@ def _backfill(args: argparse.Namespace) -> int:
     def config_of(a: argparse.Namespace) -> dict:
         return asdict(_image_job_config(a, "reid" if a.command == "reid" else a.task))
 
+    def run_shared(parsed: list[argparse.Namespace], clocks: list) -> list[dict]:
+        """The partitions through one pipeline and actor pool; their reports; their records."""
+        from vbatch.jobs.segment import run_image_jobs
+        from vbatch.jobs.summary import JobFailed, failed_record
+
+        command = "reid embed" if parsed[0].command == "reid" else "segment"
+        cfgs = [config_of_image(a) for a in parsed]
+        try:
+            results: list = run_image_jobs(cfgs, clocks, command)
+        except PoolMismatch:
+            raise
+        except (
+            Exception
+        ) as e:  # the shared pipeline failed: every partition failed (staged rows stay)
+            if args.verbose:
+                logger.exception("failed")
+            results = [e] * len(parsed)
+        records = []
+        for a, clock, result in zip(parsed, clocks, results, strict=True):
+            if isinstance(result, Exception):
+                print(
+                    f"vbatch {command} ({a.out}): error: {describe_failure(result)}",
+                    file=sys.stderr,
+                )
+                partial = result.record if isinstance(result, JobFailed) else None
+                record = failed_record(command, clock, result, partial)
+            else:
+                print(result.report())
+                record = result.record
+                _write_report(a, record)
+            records.append(record)
+        return records
+
+    def config_of_image(a: argparse.Namespace):
+        return _image_job_config(a, "reid" if a.command == "reid" else a.task)
+
+    from vbatch.jobs.segment import PoolMismatch
+
     try:
-        summary = run_backfill(dates, job, parser.parse_args, _job, config_of, force=args.force)
+        summary = run_backfill(
+            dates,
+            job,
+            parser.parse_args,
+            _job,
+            config_of,
+            force=args.force,
+            run_shared=None if args.separate else run_shared,
+        )
     except Exception as e:  # before any partition ran (bad templates, no Ray)
         if args.verbose:
             logger.exception("failed")

@@ -108,6 +108,56 @@ def stage(ds: ray.data.Dataset, out: str, storage: Storage, run_id: str) -> list
     return staged_files(out, storage, run_id)
 
 
+#: the column that routes a row of a shared pipeline to its job (``vbatch backfill``)
+PARTITION = "_vb_partition"
+
+
+def stage_partitions(
+    ds: ray.data.Dataset, targets: dict[int, tuple[str, str]], storage: Storage
+) -> dict[int, list[str]]:
+    """Execute ``ds``, whose rows carry their job's number in :data:`PARTITION`, into each job's
+    staging folder ``<out>/.staging/<key>/`` (``targets``: number → (out, key)): one Parquet file
+    per block and job, each written whole (one PUT on S3). Returns each job's staged files, with
+    those of an earlier, unfinished attempt (``jobs.resume``)."""
+    for out, key in targets.values():
+        storage.makedirs(join(out, STAGING, key))
+    written = ds.map_batches(
+        _write_staged,  # type: ignore[arg-type]
+        fn_kwargs={"targets": targets, "storage": storage},
+        batch_format="pyarrow",
+        batch_size=None,
+        udf_modifying_row_count=True,
+    )
+    for _ in written.iter_batches(batch_size=None):  # runs the pipeline; the counts are small
+        pass
+    return {i: staged_files(out, storage, key) for i, (out, key) in targets.items()}
+
+
+def _write_staged(
+    batch: pa.Table, *, targets: dict[int, tuple[str, str]], storage: Storage
+) -> pa.Table:
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    numbers = batch.column(PARTITION).to_numpy()
+    counts = []
+    for number in np.unique(numbers):
+        rows = batch.filter(pa.array(numbers == number)).drop_columns([PARTITION])
+        out, key = targets[int(number)]
+        buf = io.BytesIO()
+        pq.write_table(rows, buf)
+        storage.write_bytes(join(out, STAGING, key, f"{uuid.uuid4().hex}.parquet"), buf.getvalue())
+        counts.append((int(number), rows.num_rows))
+    return pa.table(
+        {
+            "partition": pa.array([c[0] for c in counts], pa.int32()),
+            "rows": pa.array([c[1] for c in counts], pa.int64()),
+        }
+    )
+
+
 def staged_files(out: str, storage: Storage, run_id: str) -> list[str]:
     """The Parquet files staged for ``run_id``, listed from the store rather than from a cached
     listing (Ray's workers wrote them from other processes)."""

@@ -16,20 +16,25 @@ exactly once, ``ok`` or ``error``; the job checks that before it publishes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import ray
 
 from vbatch.jobs.publish import (
     FAULT_ENV,
+    PARTITION,
     publish,
     read_files,
     report_details,
     stage,
+    stage_partitions,
     write_run_record,
 )
 from vbatch.jobs.resume import (
@@ -62,6 +67,7 @@ from vbatch.jobs.summary import (
 from vbatch.models import check_model_dir, load_transforms, model_entry
 from vbatch.models import model_version as weights_version
 from vbatch.models.registry import ModelEntry
+from vbatch.operators.columns import set_column
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
 from vbatch.operators.images import decode_and_preprocess, fetch_bytes
 from vbatch.operators.inference import ModelStage
@@ -221,6 +227,135 @@ def run_image_job(
             Nothing new is published then.
     """
     clock = clock or RunClock()
+    storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
+    ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
+    part = _plan(cfg, storage)
+    ds = model_stages(part.p, cfg, part.ds)
+    crash = fault_row(os.environ.get(FAULT_ENV))
+    if crash is not None:
+        ds = ds.map_batches(
+            raise_from_row,  # type: ignore[arg-type]
+            fn_kwargs={"row": crash[0], "hang": crash[1]},
+            **{**part.p.cpu_stage, "batch_size": None},
+        )
+    ds = write_stage(part.p, ds, part.options)
+    carried = _carried(part)
+    if carried is not None:
+        ds = ds.union(carried)
+    staged = stage(ds, part.out, storage, part.key)
+    return _finish(part, clock, command or "segment", staged)
+
+
+def run_image_jobs(
+    cfgs: list[ImageJobConfig], clocks: list[RunClock], command: str | None = None
+) -> list[JobSummary | Exception]:
+    """Run several image jobs of the same model as one Ray Data pipeline through **one actor
+    pool** (``vbatch backfill``): each job's manifest is fetched and decoded on its own, the
+    decoded rows of all jobs share the model's actors, and each job's result rows are staged,
+    checked and published to its own ``--out`` as :func:`run_image_job` would.
+
+    Args:
+        cfgs: the jobs; they may differ only in ``manifest``, ``out``, ``reuse`` and ``limit``.
+        clocks: one per job (each publishes its own generation under its own run id).
+        command: the command named in the summaries.
+
+    Returns:
+        Per job, its summary, or the exception that failed it (a job that fails its own checks
+        fails alone; the others still publish).
+
+    Raises:
+        PoolMismatch: the jobs differ in more than those fields.
+        Exception: the shared pipeline failed (nothing new is published; the staged rows of
+            every job remain for a rerun to resume from).
+    """
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        if dataclasses.replace(c, **_OWN_FIELDS(first)) != first:
+            raise PoolMismatch(
+                "one actor pool needs one model configuration: these jobs differ in more than "
+                "--manifest, --out, --reuse and --limit"
+            )
+    storage = Storage(StorageOptions(endpoint_url=first.s3_endpoint))
+    ensure_ray(first.address, forward_s3_env=first.forward_s3_env)
+    results: list[JobSummary | Exception | None] = [None] * len(cfgs)
+    parts: dict[int, _Partition] = {}
+    for i, c in enumerate(cfgs):
+        try:
+            parts[i] = _plan(c, storage)
+        except Exception as e:  # this job's manifest or output: it fails alone
+            results[i] = e
+    if parts:
+        p0 = next(iter(parts.values())).p
+        inputs = [
+            cpu_stages(part.p, cfgs[i], part.ds).map_batches(
+                tag_partition,  # type: ignore[arg-type]
+                fn_kwargs={"partition": i},
+                **{**part.p.cpu_stage, "batch_size": None},
+            )
+            for i, part in parts.items()
+        ]
+        ds = inputs[0].union(*inputs[1:]) if len(inputs) > 1 else inputs[0]
+        ds = model_stage(p0, first, ds)
+        ds = ds.map_batches(
+            write_partitioned,  # type: ignore[arg-type]
+            fn_kwargs={
+                "transforms": p0.transforms,
+                "options": {i: part.options for i, part in parts.items()},
+                "storage": storage,
+            },
+            **{**p0.cpu_stage, "batch_size": None},
+        )
+        for i, part in parts.items():
+            carried = _carried(part)
+            if carried is not None:
+                ds = ds.union(
+                    carried.map_batches(
+                        tag_partition,  # type: ignore[arg-type]
+                        fn_kwargs={"partition": i},
+                        **{**part.p.cpu_stage, "batch_size": None},
+                    )
+                )
+        staged = stage_partitions(
+            ds, {i: (part.out, part.key) for i, part in parts.items()}, storage
+        )
+        for i, part in parts.items():
+            try:
+                results[i] = _finish(part, clocks[i], command or "segment", staged[i])
+            except Exception as e:
+                results[i] = e
+    return [r if r is not None else RuntimeError("not run") for r in results]
+
+
+class PoolMismatch(ValueError):
+    """Jobs that cannot share one actor pool (another model, other model options)."""
+
+
+def _OWN_FIELDS(cfg: ImageJobConfig) -> dict[str, Any]:
+    """The fields a job of a shared pool keeps for itself (:func:`run_image_jobs`)."""
+    return {"manifest": cfg.manifest, "out": cfg.out, "reuse": cfg.reuse, "limit": cfg.limit}
+
+
+@dataclass
+class _Partition:
+    """One job planned on the driver: its pipeline pieces, its staging key and what it reuses."""
+
+    cfg: ImageJobConfig
+    out: str
+    p: ImagePipeline
+    key: str
+    previous: Any  # jobs.resume.PreviousAttempt
+    identity: str
+    #: the manifest rows to process (after resume and --reuse)
+    ds: ray.data.Dataset
+    #: the rows --reuse carries forward, and the earlier run's rows
+    carried: ray.data.Dataset | None
+    reusable: Previous | None
+    options: OutputOptions
+
+
+def _plan(cfg: ImageJobConfig, storage: Storage) -> _Partition:
+    """Check the job, read its manifest, find what a crashed attempt staged and what ``--reuse``
+    carries forward (after :func:`vbatch.jobs.runtime.ensure_ray`)."""
     entry = model_entry(cfg.task)
     if entry.output not in ("mask", "rgba", "embedding"):
         raise ValueError(
@@ -230,63 +365,53 @@ def run_image_job(
         raise ValueError(
             f"--mask-size {cfg.mask_size} is for mask tasks; {cfg.task} writes {entry.output}s"
         )
-    storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
-
-    ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
     refuse_local_paths_on_cluster(
         {"--manifest": cfg.manifest, "--model-dir": cfg.model_dir, "--out": cfg.out}
     )
     p = prepare_image_job(cfg, storage)
-    entry, res, ds, info, cpu_stage = p.entry, p.res, p.ds, p.info, p.cpu_stage
-    local_model_dir = p.local_model_dir
-
     # staged under a key of what decides the results: the rerun of a crashed run finds its files
     # and skips their rows before anything is fetched (jobs.resume)
     key = run_key(
         asdict(cfg),
-        file_fingerprints(list(info.files), storage),
-        model_dir_fingerprint(local_model_dir),
+        file_fingerprints(list(p.info.files), storage),
+        model_dir_fingerprint(p.local_model_dir),
     )
     previous = previous_attempt(out, storage, key)
+    ds = p.ds
     if previous.rows:
         ds = ds.map_batches(
             drop_done,  # type: ignore[arg-type]
             fn_kwargs={"done_ids": previous.done_ids, "done_rows": previous.done_rows},
-            **{**cpu_stage, "udf_modifying_row_count": True},
+            **{**p.cpu_stage, "udf_modifying_row_count": True},
         )
-    identity = model_identity(weights_version(cfg.task, local_model_dir), local_model_dir)
-    ds, carried, reusable = _split_reused(ds, cfg, info, storage, identity, cpu_stage)
-    ds = model_stages(p, cfg, ds)
+    identity = model_identity(weights_version(cfg.task, p.local_model_dir), p.local_model_dir)
+    ds, carried, reusable = _split_reused(ds, cfg, p.info, storage, identity, p.cpu_stage)
     options = output_options(p, cfg, out)
-    crash = fault_row(os.environ.get(FAULT_ENV))
-    if crash is not None:
-        ds = ds.map_batches(
-            raise_from_row,  # type: ignore[arg-type]
-            fn_kwargs={"row": crash[0], "hang": crash[1]},
-            **{**cpu_stage, "batch_size": None},
-        )
-    ds = write_stage(p, ds, options)
+    return _Partition(cfg, out, p, key, previous, identity, ds, carried, reusable, options)
 
-    reused_rows = 0
-    if carried is not None and reusable is not None:
-        reused_rows = carried.count()
-        ds = ds.union(
-            carried.map_batches(
-                carry_forward,  # type: ignore[arg-type]
-                fn_kwargs={
-                    "previous": reusable,
-                    "out": out,
-                    "task": cfg.task,
-                    "output": entry.output,
-                    "embedding_dim": options.embedding_dim,
-                    "storage": storage,
-                },
-                **cpu_stage,
-            )
-        )
 
-    staged = stage(ds, out, storage, key)
+def _carried(part: _Partition) -> ray.data.Dataset | None:
+    """The result rows of the rows ``--reuse`` carries forward (products copied into ``out``)."""
+    if part.carried is None or part.reusable is None:
+        return None
+    return part.carried.map_batches(
+        carry_forward,  # type: ignore[arg-type]
+        fn_kwargs={
+            "previous": part.reusable,
+            "out": part.out,
+            "task": part.cfg.task,
+            "output": part.p.entry.output,
+            "embedding_dim": part.options.embedding_dim,
+            "storage": part.p.storage,
+        },
+        **part.p.cpu_stage,
+    )
+
+
+def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) -> JobSummary:
+    """Count the staged rows, check them, publish, write run.json; the job's summary."""
+    cfg, out, storage, info = part.cfg, part.out, part.p.storage, part.p.info
     # counted on the staged files, before anything is published: a job that fails its checks
     # leaves the previous table committed
     columns = ["image_id", "status", "error", "error_class", "model_version"]
@@ -299,8 +424,11 @@ def run_image_job(
         )
     limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
     check_infrastructure(counts, limits, "images")
-    generation = publish(out, storage, clock.run_id, staged, counts.rows, staging_name=key)
+    generation = publish(out, storage, clock.run_id, staged, counts.rows, staging_name=part.key)
     model_version = _model_version(table)
+    reused_rows = (
+        part.carried.count() if part.carried is not None and part.reusable is not None else 0
+    )
 
     summary = JobSummary(
         task=cfg.task,
@@ -311,13 +439,13 @@ def run_image_job(
         results_uri=join(out, "results"),
         out=out,
         model_version=model_version,
-        resources=res.describe(),
+        resources=part.p.res.describe(),
         sample_errors=counts.sample_errors,
-        resumed_rows=previous.rows,
+        resumed_rows=part.previous.rows,
         reused_rows=reused_rows,
     )
     summary.record = job_record(
-        command or "segment",
+        command,
         clock,
         counts,
         limits,
@@ -327,9 +455,9 @@ def run_image_job(
         out=out,
         results_uri=summary.results_uri,
         generation=generation,
-        resources=res.describe(),
+        resources=part.p.res.describe(),
         # rows an earlier, crashed attempt of this run had staged: not fetched or inferred again
-        resumed_rows=previous.rows,
+        resumed_rows=part.previous.rows,
         # rows carried forward from --reuse: not fetched or inferred either
         reused_rows=reused_rows,
     )
@@ -341,7 +469,7 @@ def run_image_job(
             "config": asdict(cfg),
             "manifest_files": info.files,
             # what a later --reuse of this run compares (operators.reuse)
-            "model_identity": identity,
+            "model_identity": part.identity,
         },
     )
     return summary
@@ -412,38 +540,41 @@ def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
 
 def model_stages(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
     """fetch → decode + preprocess → the model's actor pool, over manifest rows ``ds``."""
-    storage, info, cpu_stage, res = p.storage, p.info, p.cpu_stage, p.res
-    transforms, entry, local_model_dir, model_options = (
-        p.transforms,
-        p.entry,
-        p.local_model_dir,
-        p.model_options,
-    )
+    return model_stage(p, cfg, cpu_stages(p, cfg, ds))
+
+
+def cpu_stages(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """fetch → decode + preprocess (CPU tasks), over manifest rows ``ds``."""
     # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
     ds = ds.map_batches(
         fetch_bytes,  # type: ignore[arg-type]
-        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
-        **cpu_stage,
+        fn_kwargs={"storage": p.storage, "base_uri": p.info.base_uri},
+        **p.cpu_stage,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         decode_and_preprocess,  # type: ignore[arg-type]
         fn_kwargs={
-            "transforms": transforms,
+            "transforms": p.transforms,
             "max_pixels": cfg.max_pixels,
-            "keep_bytes": entry.output == "rgba",
+            "keep_bytes": p.entry.output == "rgba",
             "decode": cfg.decode,
         },
-        **cpu_stage,
+        **p.cpu_stage,
     )
-    ds = ds.map_batches(
+
+
+def model_stage(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """The model's actor pool over decoded rows ``ds``."""
+    storage, res = p.storage, p.res
+    return ds.map_batches(
         ModelStage,
         fn_constructor_kwargs={
             "task": cfg.task,
-            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
+            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(p.local_model_dir),
             "storage_options": storage.options,
             "device": res.device,
             "threads": res.threads,
-            "model_options": model_options,
+            "model_options": p.model_options,
         },
         compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
         batch_size=res.batch_size,
@@ -459,7 +590,6 @@ def model_stages(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) ->
         **actor_resources(cfg.actor_resources),
         udf_modifying_row_count=False,
     )
-    return ds
 
 
 def output_options(p: ImagePipeline, cfg: ImageJobConfig, out: str) -> OutputOptions:
@@ -482,6 +612,31 @@ def write_stage(p: ImagePipeline, ds: ray.data.Dataset, options: OutputOptions) 
         # its blocks are the model's batches already
         **{**p.cpu_stage, "batch_size": None},
     )
+
+
+def tag_partition(batch: pa.Table, partition: int) -> pa.Table:
+    """Mark rows with their job's number."""
+    return set_column(batch, PARTITION, pa.array(np.full(batch.num_rows, partition, np.int32)))
+
+
+def write_partitioned(
+    batch: pa.Table,
+    *,
+    transforms: Any,
+    options: dict[int, OutputOptions],
+    storage: Storage,
+) -> pa.Table:
+    """:func:`vbatch.operators.outputs.write_products` for rows of several jobs: each job's rows
+    with its own options (``--out``, manifest folder); the rows keep their job's number."""
+    parts = []
+    numbers = batch.column(PARTITION).to_numpy()
+    for number in np.unique(numbers):
+        rows = batch.filter(pa.array(numbers == number))
+        written = write_products(
+            rows, transforms=transforms, options=options[int(number)], storage=storage
+        )
+        parts.append(tag_partition(written, int(number)))
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def _split_reused(

@@ -84,3 +84,39 @@ def test_backfill_partitions_and_rerun_skips_finished(
     assert {d: by_date[d]["run_id"] for d in (dates[0], dates[2])} == first_runs
     assert summary["partitions_by_status"] == {"ok": 1, "skipped": 2}
     assert read_table(str(tmp_path / "out" / dates[1]), storage).num_rows == 3
+
+
+def test_one_actor_pool_gives_what_separate_runs_give(
+    ray_session, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The partitions of a backfill share one pipeline and one actor pool; each partition's table
+    and masks are what its own `segment` run writes, in its own --out."""
+    from vbatch.models.salient.modeldir import write_random_model_dir
+
+    model = write_random_model_dir(tmp_path / "salient", norm_size=(64, 64))
+    storage = Storage()
+    root = str(tmp_path / "in")
+    dates = ["2026-10-01", "2026-10-02"]
+    for n, date in zip((3, 5), dates, strict=True):
+        _manifest(storage, root, date, n)
+    job = ["segment", "--task", "salient", "--manifest", f"{root}/{{date}}.parquet"]
+    job += ["--model-dir", str(model), "--batch-size", "3", "--report-samples", "0"]
+    argv = ["backfill", "--dates", ",".join(dates), "--summary-json", "-", "--", *job]
+    assert main([*argv, "--out", str(tmp_path / "pooled" / "{date}")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["shared_pool"] is True
+    assert [p["rows"] for p in summary["partitions"]] == [3, 5]
+    for date in dates:
+        alone = str(tmp_path / "alone" / date)
+        assert main([*partition_argv(job, date), "--out", alone]) == 0
+        pooled = str(tmp_path / "pooled" / date)
+        a = read_table(pooled, storage).sort_by("image_id")
+        b = read_table(alone, storage).sort_by("image_id")
+        assert a.column("image_id").to_pylist() == b.column("image_id").to_pylist()
+        assert a.column("status").to_pylist() == ["ok"] * a.num_rows
+        for ma, mb in zip(
+            a.column("mask_uri").to_pylist(), b.column("mask_uri").to_pylist(), strict=True
+        ):
+            assert ma.startswith(pooled) and mb.startswith(alone)
+            assert Path(ma).read_bytes() == Path(mb).read_bytes()
+        assert not list((Path(pooled) / ".staging").glob("*/*.parquet"))
