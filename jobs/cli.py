@@ -669,13 +669,15 @@ def _reid(args: argparse.Namespace, clock) -> dict:
         print(job.report())
         return job.record
     if args.reid_command == "search":
+        from vbatch.jobs.summary import check_infrastructure, job_record
         from vbatch.operators.index import GalleryIndex
 
         if args.manifest:
             raise ValueError("--manifest runs as a batch job: give --out")
         index = GalleryIndex.open(args.index, storage)
         if args.embeddings:
-            queries = reid.queries_from_table(read_table(args.embeddings, storage))
+            table = read_table(args.embeddings, storage)
+            queries = reid.queries_from_table(table, index.info.dim, args.embeddings)
         elif not args.model_dir:
             raise ValueError("--model-dir is needed to embed query images")
         else:
@@ -685,6 +687,9 @@ def _reid(args: argparse.Namespace, clock) -> dict:
         if failed and len(failed) == len(queries.ids):
             first = "; ".join(f"{q}: {e}" for q, e in failed[:3])
             raise ValueError(f"all {len(failed)} queries failed, nothing to search ({first})")
+        # failed queries are error rows: exit 3 above --max-error-rate, as for the batch job
+        counts, limits = reid.search_counts(queries), limits_of(args)
+        check_infrastructure(counts, limits, "queries")
         hits = reid.search_table(index, queries, args.k, args.nprobe, args.rerank)
         print(hits.to_pandas().to_string(index=False))
         print(f"queries: {len(queries.ids) - len(failed)} searched, {len(failed)} failed")
@@ -695,20 +700,26 @@ def _reid(args: argparse.Namespace, clock) -> dict:
         written = reid.write_parquet(hits, args.out, storage) if args.out else None
         if written:
             print(f"written: {written}")
-        return {
-            "queries": len(queries.ids),
-            "failed": len(failed),
-            "hits": hits.num_rows,
-            "written": written,
-        }
+        return job_record(
+            "reid search",
+            clock,
+            counts,
+            limits,
+            index=args.index,
+            k=args.k,
+            queries=len(queries.ids),
+            failed=len(failed),
+            hits=hits.num_rows,
+            written=written,
+        )
     if args.reid_command == "eval":
         import math
 
-        from vbatch.operators.reid_eval import evaluate
+        from vbatch.operators.reid_eval import evaluate, read_embeddings
 
         result = evaluate(
-            read_table(args.query, storage),
-            read_table(args.gallery, storage),
+            read_embeddings(args.query, storage),  # errors name the file and its row
+            read_embeddings(args.gallery, storage),
             allow_model_mismatch=args.allow_model_mismatch,
         )
         # NaN (no query could be evaluated) is not JSON: null

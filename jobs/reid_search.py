@@ -157,7 +157,8 @@ class SearchStage:
 
     def _problems(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
         n = batch.num_rows
-        vectors, problems, _ = vectors_from_arrow(batch.column("embedding"), self.gallery.info.dim)
+        checked = vectors_from_arrow(batch.column("embedding"), self.gallery.info.dim)
+        vectors, problems = checked.vectors, checked.problems
         names = batch.column_names
         status = batch.column("status").to_pylist() if "status" in names else ["ok"] * n
         errors = batch.column("error").to_pylist() if "error" in names else [None] * n
