@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
             "actors that memory-map the gallery from each node's cache) and commits <out>/results/ "
             "(the queries' other columns pass through), run.json and _SUCCESS like `segment`; exit 3 "
             "above --max-error-rate. --image (and --embeddings without --out) search in this process "
-            "and print the hits; exit 1 when every query failed. A table of queries of another "
-            "model_version than the gallery's is refused."
+            "and print the hits; exit 3 above --max-error-rate, 1 when every query failed. Queries "
+            "(a table or --model-dir) of another model_version than the gallery's are refused."
         ),
     )
     srch.add_argument(
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srch.add_argument(
         "--rerank",
-        type=int,
+        type=_non_negative_int,
         metavar="R",
         help="re-rank the top k x R with the full vectors kept beside the index; 0: off "
         "(default: the tuned factor of a gallery built with them)",
@@ -611,6 +611,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
