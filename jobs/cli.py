@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
             "actors that memory-map the gallery from each node's cache) and commits <out>/results/ "
             "(the queries' other columns pass through), run.json and _SUCCESS like `segment`; exit 3 "
             "above --max-error-rate. --image (and --embeddings without --out) search in this process "
-            "and print the hits; exit 1 when every query failed. A table of queries of another "
-            "model_version than the gallery's is refused."
+            "and print the hits; exit 3 above --max-error-rate, 1 when every query failed. Queries "
+            "(a table or --model-dir) of another model_version than the gallery's are refused."
         ),
     )
     srch.add_argument(
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srch.add_argument(
         "--rerank",
-        type=int,
+        type=_non_negative_int,
         metavar="R",
         help="re-rank the top k x R with the full vectors kept beside the index; 0: off "
         "(default: the tuned factor of a gallery built with them)",
@@ -633,6 +633,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _reid(args: argparse.Namespace, clock) -> dict:
     """Run a `reid` command; returns its summary (see jobs.summary.run_command)."""
     from vbatch.jobs import reid
@@ -688,13 +699,15 @@ def _reid(args: argparse.Namespace, clock) -> dict:
         print(job.report())
         return job.record
     if args.reid_command == "search":
+        from vbatch.jobs.summary import check_infrastructure, job_record
         from vbatch.operators.index import GalleryIndex
 
         if args.manifest:
             raise ValueError("--manifest runs as a batch job: give --out")
         index = GalleryIndex.open(args.index, storage)
         if args.embeddings:
-            queries = reid.queries_from_table(read_table(args.embeddings, storage))
+            table = read_table(args.embeddings, storage)
+            queries = reid.queries_from_table(table, index.info.dim, args.embeddings)
         elif not args.model_dir:
             raise ValueError("--model-dir is needed to embed query images")
         else:
@@ -704,6 +717,9 @@ def _reid(args: argparse.Namespace, clock) -> dict:
         if failed and len(failed) == len(queries.ids):
             first = "; ".join(f"{q}: {e}" for q, e in failed[:3])
             raise ValueError(f"all {len(failed)} queries failed, nothing to search ({first})")
+        # failed queries are error rows: exit 3 above --max-error-rate, as for the batch job
+        counts, limits = reid.search_counts(queries), limits_of(args)
+        check_infrastructure(counts, limits, "queries")
         hits = reid.search_table(index, queries, args.k, args.nprobe, args.rerank)
         print(hits.to_pandas().to_string(index=False))
         print(f"queries: {len(queries.ids) - len(failed)} searched, {len(failed)} failed")
@@ -714,20 +730,26 @@ def _reid(args: argparse.Namespace, clock) -> dict:
         written = reid.write_parquet(hits, args.out, storage) if args.out else None
         if written:
             print(f"written: {written}")
-        return {
-            "queries": len(queries.ids),
-            "failed": len(failed),
-            "hits": hits.num_rows,
-            "written": written,
-        }
+        return job_record(
+            "reid search",
+            clock,
+            counts,
+            limits,
+            index=args.index,
+            k=args.k,
+            queries=len(queries.ids),
+            failed=len(failed),
+            hits=hits.num_rows,
+            written=written,
+        )
     if args.reid_command == "eval":
         import math
 
-        from vbatch.operators.reid_eval import evaluate
+        from vbatch.operators.reid_eval import evaluate, read_embeddings
 
         result = evaluate(
-            read_table(args.query, storage),
-            read_table(args.gallery, storage),
+            read_embeddings(args.query, storage),  # errors name the file and its row
+            read_embeddings(args.gallery, storage),
             allow_model_mismatch=args.allow_model_mismatch,
         )
         # NaN (no query could be evaluated) is not JSON: null

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from vbatch.jobs.segment import ImageJobConfig, JobSummary, run_image_job
-from vbatch.jobs.summary import RunClock
+from vbatch.jobs.summary import Counts, RunClock, count_rows
 from vbatch.models import load_model
 from vbatch.operators.decode import decode_image
 from vbatch.operators.index import GalleryIndex
@@ -99,22 +99,29 @@ def embed_images(
     return Queries(list(uris), vectors, errors, predictor.model_version)
 
 
-def queries_from_table(table: pa.Table) -> Queries:
+def queries_from_table(table: pa.Table, dim: int | None = None, uri: str = "") -> Queries:
     """Every row of an embeddings table (``reid embed`` output) as a query.
 
     Rows whose ``status`` is not ``ok`` fail with their ``error``; ok rows without a valid
-    embedding (null, another length, non-finite, zero norm) fail saying why.
+    embedding (null, another length than ``dim``, non-finite, zero norm) fail saying why.
+
+    Args:
+        table: the queries.
+        dim: the gallery's dimension (``None``: the most common length of the rows).
+        uri: where the table was read, for messages.
 
     Raises:
         ValueError: a missing column, or ok rows of several model versions.
     """
+    where = f"query embeddings {uri}".rstrip()
     missing = [c for c in ("image_id", "embedding") if c not in table.column_names]
     if missing:
-        raise ValueError(f"query embeddings table lacks column(s) {missing}")
+        raise ValueError(f"{where}: the table lacks column(s) {missing}")
     n = table.num_rows
     status = table.column("status").to_pylist() if "status" in table.column_names else ["ok"] * n
     error_col = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
-    vectors, problems, _ = vectors_from_arrow(table.column("embedding"))
+    checked = vectors_from_arrow(table.column("embedding"), dim)
+    vectors, problems = checked.vectors, checked.problems
     errors: list[str | None] = []
     for st, err, problem in zip(status, error_col, problems, strict=True):
         if st != "ok":
@@ -129,9 +136,23 @@ def queries_from_table(table: pa.Table) -> Queries:
             if e is None and v is not None
         }
     if len(versions) > 1:
-        raise ValueError(f"query embeddings mix model versions {sorted(versions)}")
+        raise ValueError(f"{where}: ok rows mix model versions {sorted(versions)}")
     ids = [str(v) for v in table.column("image_id").to_pylist()]
     return Queries(ids, vectors, errors, next(iter(versions), None))
+
+
+def search_counts(queries: Queries) -> Counts:
+    """The queries by status (``ok`` or ``error``) and error class, for the run's summary and
+    exit code (:func:`vbatch.jobs.summary.job_record`): a failed query is an error row."""
+    failed = [e is not None for e in queries.errors]
+    table = pa.table(
+        {
+            "query_id": pa.array(queries.ids, pa.string()),
+            "status": pa.array(["error" if f else "ok" for f in failed], pa.string()),
+            "error": pa.array(queries.errors, pa.string()),
+        }
+    )
+    return count_rows(table, "query_id")
 
 
 def check_model_version(queries: Queries, index: GalleryIndex, allow_mismatch: bool) -> None:

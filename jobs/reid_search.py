@@ -51,8 +51,10 @@ from vbatch.jobs.summary import (
     count_rows,
     job_record,
 )
-from vbatch.operators.index import GalleryIndex, read_info
+from vbatch.models import check_model_dir, model_version
+from vbatch.operators.index import GalleryIndex, IndexInfo, read_info
 from vbatch.operators.index.embeddings import vectors_from_arrow
+from vbatch.operators.index.gallery import check_search_options
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 from vbatch.operators.tables import results_files
 from vbatch.schemas.errors import classify_error
@@ -157,7 +159,8 @@ class SearchStage:
 
     def _problems(self, batch: pa.Table) -> tuple[np.ndarray, list[str | None]]:
         n = batch.num_rows
-        vectors, problems, _ = vectors_from_arrow(batch.column("embedding"), self.gallery.info.dim)
+        checked = vectors_from_arrow(batch.column("embedding"), self.gallery.info.dim)
+        vectors, problems = checked.vectors, checked.problems
         names = batch.column_names
         status = batch.column("status").to_pylist() if "status" in names else ["ok"] * n
         errors = batch.column("error").to_pylist() if "error" in names else [None] * n
@@ -251,6 +254,21 @@ def _embedded_queries(cfg: ImageJobConfig, storage: Storage) -> tuple[ray.data.D
     return write_stage(p, ds, output_options(p, cfg, cfg.out)), p.info.num_rows
 
 
+def _check_model_dir_version(model_dir: str, info: IndexInfo, storage: Storage) -> None:
+    """Refuse, before anything is embedded, a model whose version differs from the gallery's
+    (every query would only come back as an error row). The version is the weights file's
+    content hash, computed without loading the model."""
+    local = storage.localize_dir(model_dir)
+    check_model_dir("reid", local)  # a wrong folder is named as such, not as a missing hash
+    version = model_version("reid", local)
+    if info.model_version is not None and version != info.model_version:
+        raise ValueError(
+            f"the model at {model_dir} is model_version {version!r}, the gallery at {info.uri} "
+            f"holds {info.model_version!r}: embeddings of different models are not comparable "
+            "(--allow-model-mismatch to search anyway)"
+        )
+
+
 def _embeddings_table(uri: str, storage: Storage, cfg: SearchJobConfig) -> tuple[Any, int]:
     """The queries of an embeddings table, read by Ray's workers; refuses a table of another
     model version up front (one column read on the driver)."""
@@ -327,7 +345,11 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
         }
     )
     info = read_info(cfg.index, storage)  # a missing or damaged index fails here, in seconds
+    # here, not once per search actor inside Ray's task errors
+    check_search_options(info, cfg.k, cfg.nprobe, cfg.rerank)
     if cfg.embed is not None:
+        if not cfg.allow_model_mismatch:
+            _check_model_dir_version(cfg.embed.model_dir, info, storage)
         ds, expected = _embedded_queries(cfg.embed, storage)
     else:
         assert cfg.embeddings is not None

@@ -26,6 +26,7 @@ The query × gallery similarity is computed in chunks of queries, never as one Q
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vbatch.operators.index.embeddings import vectors_from_arrow
+from vbatch.operators.index.embeddings import list_parquet, open_parquet, vectors_from_arrow
+from vbatch.operators.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +44,58 @@ MARKET1501_JUNK_IDS = (-1,)
 MARKET1501_DISTRACTOR_IDS = (0,)
 
 
+#: columns :func:`read_embeddings` adds: the file (an index into the schema metadata's file
+#: list) and the row within it, so that an error names both
+FILE_COLUMN, ROW_COLUMN, FILES_METADATA = "_file", "_row", b"vbatch.files"
+
+
+def read_embeddings(uri: str, storage: Storage) -> pa.Table:
+    """The embeddings table at ``uri`` (a job's output, a folder or a file), file by file, with
+    the source file and the row within it of every row (``_file``, ``_row``) for messages.
+
+    Raises:
+        FileNotFoundError: no Parquet file under ``uri``.
+    """
+    files = list_parquet(storage, uri)
+    tables = []
+    for f, file_uri in enumerate(files):
+        table = open_parquet(storage, file_uri).read()
+        n = table.num_rows
+        tables.append(
+            table.append_column(FILE_COLUMN, pa.array(np.full(n, f, np.int32)))
+            .append_column(ROW_COLUMN, pa.array(np.arange(n, dtype=np.int64)))
+            .replace_schema_metadata(None)
+        )
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.replace_schema_metadata({FILES_METADATA: json.dumps(files)})
+
+
 def _row_name(table: pa.Table, i: int) -> str:
-    """``row 7 (image_id=x)`` when the table has image ids, else ``row 7``."""
-    if "image_id" in table.column_names:
-        return f"row {i} (image_id={table.column('image_id')[i].as_py()})"
-    return f"row {i}"
+    """``row 7 (image_id=x)`` (``image_id`` when the table has one), preceded by the file when
+    the table comes from :func:`read_embeddings`."""
+    names = table.column_names
+    where = f"row {table.column(ROW_COLUMN)[i].as_py() if ROW_COLUMN in names else i}"
+    files = _files(table)
+    if files and FILE_COLUMN in names:
+        where = f"{files[table.column(FILE_COLUMN)[i].as_py()]}: {where}"
+    if "image_id" in names:
+        where += f" (image_id={table.column('image_id')[i].as_py()})"
+    return where
+
+
+def _files(table: pa.Table) -> list[str]:
+    """The files a table of :func:`read_embeddings` was read from (empty for other tables)."""
+    metadata = table.schema.metadata or {}
+    return json.loads(metadata[FILES_METADATA]) if FILES_METADATA in metadata else []
+
+
+def _source(table: Any) -> str:
+    """`` (in FILE)`` / `` (in FILE and N more)`` for a table of :func:`read_embeddings`."""
+    files = _files(table) if isinstance(table, pa.Table) else []
+    if not files:
+        return ""
+    more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+    return f" (in {files[0]}{more})"
 
 
 def _person_ids(column: pa.ChunkedArray | pa.Array, name: str, table: pa.Table) -> np.ndarray:
@@ -87,17 +136,20 @@ def _columns(table: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     missing = [c for c in ("embedding", "person_id", "camera_id") if c not in table.column_names]
     if missing:
         raise ValueError(f"{name} table lacks column(s) {missing}")
+    if ROW_COLUMN not in table.column_names:  # rows are named as the caller numbers them
+        table = table.append_column(ROW_COLUMN, pa.array(np.arange(table.num_rows)))
     if "status" in table.column_names:
         table = table.filter(pc.fill_null(pc.equal(table.column("status"), "ok"), False))
-    x, problems, _ = vectors_from_arrow(table.column("embedding"))
-    bad = [i for i, p in enumerate(problems) if p is not None]
-    if bad:
-        i = bad[0]
-        more = f" ({len(bad)} such rows in all)" if len(bad) > 1 else ""
-        raise ValueError(f"{name} table: ok {_row_name(table, i)}: {problems[i]}{more}")
+    checked = vectors_from_arrow(table.column("embedding"))
+    if len(checked.bad):
+        i, n_bad = int(checked.bad[0]), len(checked.bad)
+        more = f" ({n_bad} such rows in all)" if n_bad > 1 else ""
+        raise ValueError(
+            f"{name} table: {_row_name(table, i)} has status 'ok' but {checked.problems[i]}{more}"
+        )
     pids = _person_ids(table.column("person_id").combine_chunks(), name, table)
     cams = _camera_ids(table.column("camera_id").combine_chunks())
-    return x, pids, cams
+    return checked.vectors, pids, cams
 
 
 def _camera_ids(column: pa.Array) -> np.ndarray:
@@ -121,10 +173,13 @@ def model_versions(table: Any) -> set[str] | None:
     return {str(v) for v in pc.unique(table.column("model_version")).to_pylist() if v is not None}
 
 
-def check_model_versions(query: set[str] | None, gallery: set[str] | None) -> None:
+def check_model_versions(
+    query: set[str] | None, gallery: set[str] | None, sources: tuple[str, str] = ("", "")
+) -> None:
     """Refuse embeddings of different model versions: their similarities mean nothing.
 
-    ``None`` (no ``model_version`` column) on either side is not checked.
+    ``None`` (no ``model_version`` column) on either side is not checked; ``sources`` are
+    appended to "query embeddings" and "the gallery" in the message (e.g. `` (in FILE)``).
 
     Raises:
         ValueError: the two sides differ or one side mixes versions.
@@ -133,8 +188,8 @@ def check_model_versions(query: set[str] | None, gallery: set[str] | None) -> No
         return
     if query != gallery or len(query) > 1:
         raise ValueError(
-            f"query embeddings come from model_version {sorted(query)} and the gallery from "
-            f"{sorted(gallery)}: embeddings of different models are not comparable (pass "
+            f"query embeddings{sources[0]} come from model_version {sorted(query)} and the "
+            f"gallery{sources[1]} from {sorted(gallery)}: embeddings of different models are not comparable (pass "
             "--allow-model-mismatch / allow_model_mismatch=True to score them anyway)"
         )
 
@@ -155,6 +210,7 @@ def evaluate(
             ``pa.table`` accepts) with ``embedding`` (list of float, length D), ``person_id`` and
             ``camera_id``; rows whose optional ``status`` is not ``"ok"`` are ignored.
             ``person_id`` may be integers or strings of integers (``"0002"``, ``"-1"``).
+            Errors name the file and its row for tables of :func:`read_embeddings`.
         k_max: longest CMC rank reported.
         junk_ids: identities removed from every ranking (Market-1501: -1).
         distractor_ids: identities kept as negatives only (Market-1501: 0).
@@ -171,11 +227,18 @@ def evaluate(
             person_id that is not an integer), different dimensions or model versions.
     """
     if not allow_model_mismatch:
-        check_model_versions(model_versions(query_table), model_versions(gallery_table))
+        check_model_versions(
+            model_versions(query_table),
+            model_versions(gallery_table),
+            (_source(query_table), _source(gallery_table)),
+        )
     q, q_pid, q_cam = _columns(query_table, "query")
     g, g_pid, g_cam = _columns(gallery_table, "gallery")
     if len(q) and len(g) and q.shape[1] != g.shape[1]:
-        raise ValueError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
+        raise ValueError(
+            f"query dim {q.shape[1]}{_source(query_table)} != gallery dim {g.shape[1]}"
+            f"{_source(gallery_table)}"
+        )
     if len(q) and len(g) and (q_cam.dtype == object) != (g_cam.dtype == object):
         raise ValueError(
             "camera_id holds integers on one side and other strings on the other "

@@ -41,8 +41,10 @@ def test_vectors_from_arrow_checks_each_row():
     rows[2] = [math.nan, *rows[2][1:]]
     rows[3] = [0.0] * 8
     rows[4] = None
-    vectors, problems, dim = vectors_from_arrow(pa.array(rows, pa.list_(pa.float32())))
+    checked = vectors_from_arrow(pa.array(rows, pa.list_(pa.float32())))
+    vectors, problems, dim = checked.vectors, checked.problems, checked.dim
     assert dim == 8 and vectors.shape == (10, 8)
+    assert checked.bad.tolist() == [2, 3, 4, 7, 8]
     assert problems[7] == "embedding has 7 values, expected 8"
     assert problems[8] == "embedding has 9 values, expected 8"
     assert problems[2] == "non-finite embedding (NaN or inf)"
@@ -54,7 +56,9 @@ def test_vectors_from_arrow_checks_each_row():
     assert not vectors[[2, 3, 4, 7, 8]].any()
     # a fixed-size column of another dimension fails on every row
     fixed = pa.array([list(v) for v in x], pa.list_(pa.float32(), 8))
-    assert set(vectors_from_arrow(fixed, dim=16)[1]) == {"embedding has 8 values, expected 16"}
+    assert set(vectors_from_arrow(fixed, dim=16).problems) == {
+        "embedding has 8 values, expected 16"
+    }
     assert vector_problems(np.full((1, 4), 1e30, np.float32)) == [
         "embedding too large to normalise"
     ]

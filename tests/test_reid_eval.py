@@ -150,7 +150,8 @@ def test_rows_of_shifted_lengths_are_refused():
     )
     with pytest.raises(
         ValueError,
-        match=r"gallery table: ok row 1 \(image_id=img1\): embedding has 9 values, expected 10 \(2 such rows",
+        match=r"gallery table: row 1 \(image_id=img1\) has status 'ok' but embedding has 9 values, "
+        r"expected 10 \(2 such rows",
     ):
         evaluate(table(q, QUERY_PID, QUERY_CAM), gallery)
 
@@ -160,12 +161,14 @@ def test_nan_or_zero_vectors_are_refused_never_scored(bad, message):
     q, g = embeddings_with_similarities(SIMS)
     q = q.copy()
     q[1] = bad  # a query that would otherwise count as evaluated
-    with pytest.raises(ValueError, match=rf"query table: ok row 1 \(image_id=img1\): {message}"):
+    with pytest.raises(
+        ValueError, match=rf"query table: row 1 \(image_id=img1\) has status 'ok' but {message}"
+    ):
         evaluate(table(q, QUERY_PID, QUERY_CAM), table(g, GALLERY_PID, GALLERY_CAM))
     q, g = embeddings_with_similarities(SIMS)
     g = g.copy()
     g[6] = bad
-    with pytest.raises(ValueError, match=rf"gallery table: ok row 6 .*{message}"):
+    with pytest.raises(ValueError, match=rf"gallery table: row 6 .*{message}"):
         evaluate(table(q, QUERY_PID, QUERY_CAM), table(g, GALLERY_PID, GALLERY_CAM))
     # an error row (status not ok) may hold anything: it is not read
     g_rows = table(g, GALLERY_PID, GALLERY_CAM, ["ok"] * 6 + ["error"])

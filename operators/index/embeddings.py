@@ -92,9 +92,10 @@ def scan_embeddings(uri: str, storage: Storage) -> TableStats:
                 for v in pc.unique(batch.column("model_version").filter(ok)).to_pylist():
                     versions.setdefault(str(v), file_uri)
         if file_dim is None and pf.metadata.num_rows:
+            # the most common length of the first rows, not the first row's: a damaged first
+            # row is then the one named (iter_embeddings checks every row against this)
             first = next(pf.iter_batches(batch_size=1024, columns=["embedding"]))
-            lengths = pc.list_value_length(first.column("embedding")).drop_null()
-            file_dim = int(lengths[0].as_py()) if len(lengths) else None
+            file_dim = common_length(first.column("embedding"))
         if file_dim is not None:
             if dim is not None and file_dim != dim:
                 raise ValueError(f"{file_uri}: embedding dim {file_dim}, other files have {dim}")
@@ -129,6 +130,18 @@ class EmbeddingBatch:
 MIN_NORM = 1e-6
 
 
+def _problem_masks(vectors: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    """(rows (N,) bool, problem) of each kind of unusable vector, disjoint, computed at once."""
+    finite = np.isfinite(vectors).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(vectors, axis=1)
+    return [
+        (~finite, "non-finite embedding (NaN or inf)"),
+        (finite & ~np.isfinite(norms), "embedding too large to normalise"),
+        (finite & np.isfinite(norms) & (norms < MIN_NORM), "zero-norm embedding"),
+    ]
+
+
 def vector_problems(vectors: np.ndarray) -> list[str | None]:
     """Why each row of ``vectors`` cannot be searched or indexed (``None``: it can).
 
@@ -136,69 +149,98 @@ def vector_problems(vectors: np.ndarray) -> list[str | None]:
         vectors: (N, D) float32.
 
     Returns:
-        N entries: ``"non-finite embedding (NaN or inf)"``, ``"zero-norm embedding"`` or ``None``.
+        N entries: ``"non-finite embedding (NaN or inf)"``, ``"embedding too large to
+        normalise"``, ``"zero-norm embedding"`` or ``None``.
     """
-    finite = np.isfinite(vectors).all(axis=1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        norms = np.linalg.norm(vectors, axis=1)
-    problems: list[str | None] = []
-    for row_finite, norm in zip(finite, norms, strict=True):
-        if not row_finite:
-            problems.append("non-finite embedding (NaN or inf)")
-        elif not np.isfinite(norm):
-            problems.append("embedding too large to normalise")
-        elif norm < MIN_NORM:
-            problems.append("zero-norm embedding")
-        else:
-            problems.append(None)
+    problems: list[str | None] = [None] * len(vectors)
+    for rows, problem in _problem_masks(vectors):
+        for row in np.flatnonzero(rows).tolist():  # Python touches the bad rows only
+            problems[row] = problem
     return problems
+
+
+def common_length(embeddings: pa.Array | pa.ChunkedArray) -> int | None:
+    """The most common length of the non-null rows of a list column (``None``: no such row);
+    ties go to the first of them in row order."""
+    lengths = pc.list_value_length(embeddings).drop_null()
+    if len(lengths) == 0:
+        return None
+    values, first, counts = np.unique(
+        lengths.to_numpy(zero_copy_only=False), return_index=True, return_counts=True
+    )
+    best = np.flatnonzero(counts == counts.max())
+    return int(values[best[np.argmin(first[best])]])
+
+
+@dataclass
+class CheckedVectors:
+    """The vectors of a list column, each row checked on its own.
+
+    Attributes:
+        vectors: (N, D) float32 unit rows; zero on problem rows.
+        problems: (N,) ``None`` or why the row is unusable (null, wrong length, non-finite,
+            zero norm).
+        bad: (N,) int64, the rows with a problem, ascending.
+        dim: the dimension checked against (``None``: every row is null).
+    """
+
+    vectors: np.ndarray
+    problems: list[str | None]
+    bad: np.ndarray
+    dim: int | None
 
 
 def vectors_from_arrow(
     embeddings: pa.Array | pa.ChunkedArray, dim: int | None = None
-) -> tuple[np.ndarray, list[str | None], int | None]:
+) -> CheckedVectors:
     """Checked, L2-normalised vectors of a list column, row by row.
 
-    Every row's own length is checked (its list offsets), not only the total number of values:
-    rows of 1535 and 1537 values add up to two rows of 1536 and would silently shift.
+    Every row's own length is checked (its list offsets, vectorised), not only the total number
+    of values: rows of 1535 and 1537 values add up to two rows of 1536 and would silently shift.
 
     Args:
         embeddings: ``list<float>`` / ``fixed_size_list<float, D>`` column, nulls allowed.
-        dim: expected dimension; ``None`` takes the first non-null row's length.
+        dim: expected dimension; ``None`` takes the most common length of the non-null rows
+            (:func:`common_length`), so that the odd rows are the ones flagged.
 
     Returns:
-        ``(vectors (N, D) float32 unit rows, problems (N,), dim)``: a problem row's vector is
-        zero and its problem says why (null, wrong length, non-finite, zero norm).
+        :class:`CheckedVectors`: a problem row's vector is zero and its problem says why.
     """
     if isinstance(embeddings, pa.ChunkedArray):
-        embeddings = embeddings.combine_chunks()
+        embeddings = (
+            embeddings.combine_chunks() if embeddings.num_chunks else pa.array([], embeddings.type)
+        )
     n = len(embeddings)
+    if dim is None:
+        dim = common_length(embeddings)
+    if dim is None:
+        return CheckedVectors(
+            np.zeros((n, 0), np.float32), ["no embedding"] * n, np.arange(n), None
+        )
     lengths = pc.list_value_length(embeddings).to_numpy(zero_copy_only=False)
     null = np.asarray(embeddings.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    if dim is None:
-        valid_lengths = lengths[~null]
-        dim = int(valid_lengths[0]) if len(valid_lengths) else None
-    if dim is None:
-        return np.zeros((n, 0), np.float32), ["no embedding"] * n, None
     good = ~null & (np.where(null, -1, lengths) == dim)
     vectors = np.zeros((n, dim), dtype=np.float32)
     if good.any():
         values = embeddings.filter(pa.array(good)).flatten()
         vectors[good] = values.to_numpy(zero_copy_only=False).reshape(-1, dim)
     problems: list[str | None] = [None] * n
+    bad = ~good
+    for rows, problem in _problem_masks(vectors):
+        rows &= good  # a wrong-length row's zero vector says nothing more
+        for row in np.flatnonzero(rows).tolist():  # Python touches the bad rows only
+            problems[row] = problem
+        bad |= rows
     for row in np.flatnonzero(~good).tolist():
         problems[row] = (
             "no embedding"
             if null[row]
             else f"embedding has {int(lengths[row])} values, expected {dim}"
         )
-    for row, problem in enumerate(vector_problems(vectors)):
-        if problems[row] is None and problem is not None:
-            problems[row] = problem
-            vectors[row] = 0
+    vectors[bad] = 0
     # the tables promise unit norm; renormalising is cheap and makes IP == cosine for sure
     faiss.normalize_L2(vectors)
-    return vectors, problems, dim
+    return CheckedVectors(vectors, problems, np.flatnonzero(bad).astype(np.int64), dim)
 
 
 def iter_embeddings(
@@ -223,19 +265,18 @@ def iter_embeddings(
             batch = batch.filter(ok)
             if batch.num_rows == 0:
                 continue
-            vectors, problems, _ = vectors_from_arrow(batch.column("embedding"), dim)
-            bad = [i for i, p in enumerate(problems) if p is not None]
-            if bad:
-                i = bad[0]
-                more = f" (and {len(bad) - 1} more rows of this batch)" if len(bad) > 1 else ""
+            checked = vectors_from_arrow(batch.column("embedding"), dim)
+            if len(checked.bad):
+                i, n_bad = int(checked.bad[0]), len(checked.bad)
+                more = f" (and {n_bad - 1} more rows of this batch)" if n_bad > 1 else ""
                 raise ValueError(
                     f"{file_uri}: row {int(rows[i])} (image_id={batch.column('image_id')[i]}) "
-                    f"has status 'ok' but {problems[i]}{more}"
+                    f"has status 'ok' but {checked.problems[i]}{more}"
                 )
             n = batch.num_rows
             yield EmbeddingBatch(
                 batch.column("image_id").cast(pa.string()),
-                vectors,
+                checked.vectors,
                 np.arange(ordinal, ordinal + n, dtype=np.int64),
             )
             ordinal += n

@@ -24,6 +24,24 @@ from vbatch.operators.index.store import (
 from vbatch.operators.storage import Storage
 
 
+def check_search_options(info: IndexInfo, k: int, nprobe: int | None, rerank: int | None) -> None:
+    """Refuse search parameters the gallery of ``info`` cannot take (also on a job's driver,
+    before any search actor starts).
+
+    Raises:
+        ValueError: ``k < 1``, ``nprobe < 1``, ``rerank < 0``, or ``rerank >= 1`` on a gallery
+            without refinement vectors.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if nprobe is not None and nprobe < 1:
+        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+    if rerank is not None and rerank < 0:
+        raise ValueError(f"rerank must be >= 0, got {rerank}")
+    if rerank and not info.refine_parts:
+        raise ValueError(f"{info.uri}: no refinement vectors to re-rank with (built without them)")
+
+
 class GalleryIndex:
     """A loaded gallery index: FAISS index, id map and manifest; safe to search from threads.
 
@@ -115,16 +133,7 @@ class GalleryIndex:
                 without refinement vectors, another dimension, or a query that is not finite or
                 has zero norm (naming its row).
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if nprobe is not None and nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
-        if rerank is not None and rerank < 0:
-            raise ValueError(f"rerank must be >= 0, got {rerank}")
-        if rerank and self.refine is None:
-            raise ValueError(
-                f"{self.info.uri}: no refinement vectors to re-rank with (built without them)"
-            )
+        check_search_options(self.info, k, nprobe, rerank)
         factor = (self.info.rerank or 1) if rerank is None else rerank
         if self.refine is None:
             factor = 0

@@ -17,11 +17,13 @@ removes; a repeated run therefore never duplicates anything (the habits of faiss
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -174,8 +176,12 @@ class IndexInfo:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if self.metric not in METRICS:
+        if not isinstance(self.metric, str) or self.metric not in METRICS:
             return f"unknown metric {self.metric!r} (expected one of {sorted(METRICS)})"
+        if not isinstance(self.factory, str) or not self.factory:
+            return f"factory must be a faiss factory string, got {self.factory!r}"
+        if self.model_version is not None and not isinstance(self.model_version, str):
+            return f"model_version must be a string or null, got {self.model_version!r}"
         if not is_int(self.dim) or self.dim < 1:
             return f"dim must be a positive integer, got {self.dim!r}"
         if not is_int(self.count) or self.count < 0:
@@ -203,12 +209,27 @@ class IndexInfo:
             return f"refine_dtype must be float32 or float16, got {self.refine_dtype!r}"
         if self.rerank is not None and (not is_int(self.rerank) or self.rerank < 1):
             return f"rerank must be an integer >= 1 or null, got {self.rerank!r}"
+        if not isinstance(self.history, list):
+            return f"history must be a list, got {type(self.history).__name__}"
         return None
 
 
 def read_info(uri: str, storage: Storage) -> IndexInfo:
-    """The manifest of the index at ``uri``; ``FileNotFoundError`` if there is none."""
-    return IndexInfo.from_json(storage.read_bytes(join(uri, MANIFEST_NAME)), uri)
+    """The manifest of the index at ``uri``.
+
+    Raises:
+        FileNotFoundError: there is no ``index.json`` at ``uri`` (no index there).
+        ValueError: the manifest is damaged (see :meth:`IndexInfo.from_json`).
+    """
+    where = join(uri, MANIFEST_NAME)
+    try:
+        data = storage.read_bytes(where)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"no gallery index at {uri}: {where} does not exist (build one with `vbatch reid "
+            "index`)"
+        ) from err
+    return IndexInfo.from_json(data, uri)
 
 
 def try_read_info(uri: str, storage: Storage) -> IndexInfo | None:
@@ -287,6 +308,11 @@ def read_id_map(info: IndexInfo, storage: Storage) -> pa.Table:
         try:
             part = open_parquet(storage, part_uri).read(columns=_ID_MAP_READ.names)
             tables.append(part.cast(_ID_MAP_READ))
+        except FileNotFoundError as err:
+            raise ValueError(
+                f"{part_uri}: missing, but {MANIFEST_NAME} names it; the index is damaged, "
+                "rebuild it"
+            ) from err
         except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as err:
             raise ValueError(
                 f"{part_uri}: unreadable id map part ({err}); rebuild the index"
@@ -324,6 +350,17 @@ def _read_checked(local: Path, uri: str, info: IndexInfo, io_flags: int = 0) -> 
     return index
 
 
+@contextlib.contextmanager
+def _missing_file(uri: str) -> Iterator[None]:
+    """A file the manifest names but the store lacks: a damaged index, named."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"{uri}: missing, but {MANIFEST_NAME} names it; the index is damaged, rebuild it"
+        ) from err
+
+
 def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
     """Download and read the index file of ``info`` into memory (an index to modify).
 
@@ -332,7 +369,9 @@ def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
             the message names the file's URI (never the local copy).
     """
     uri = join(info.uri, info.index_file)
-    return _read_checked(storage.get_file(uri, workdir / "index.faiss"), uri, info)
+    with _missing_file(uri):
+        local = storage.get_file(uri, workdir / "index.faiss")
+    return _read_checked(local, uri, info)
 
 
 def _cache_dir(info: IndexInfo, cache_root: str | Path | None) -> Path:
@@ -375,7 +414,9 @@ def cached_index_file(
     """
     uri = join(info.uri, info.index_file)
     folder = _cache_dir(info, cache_root)
-    target = _cached(storage, uri, folder)
+    with _missing_file(uri):
+        target = _cached(storage, uri, folder)
+        target.stat()  # a local index is its own file: it must exist
     if is_remote(uri):
         _drop_others(folder, "*.faiss", [target])
     return target
@@ -401,7 +442,9 @@ def open_refine(
     local = []
     for name in info.refine_parts:
         uri = join(info.uri, name)
-        path = _cached(storage, uri, folder)
+        with _missing_file(uri):
+            path = _cached(storage, uri, folder)
+            path.stat()
         try:
             shape, dtype = npy_shape(path)
         except (ValueError, OSError) as err:
