@@ -12,11 +12,18 @@ rerun started: resumed rows keep the crashed attempt's).
 content and night two runs twice over the same manifest: in full (no ``--reuse``) and with
 ``--reuse`` night one. Prints the wall time and the rows the model ran on of each.
 
+``video``: a ``vbatch video`` job (tiny MTTR, random weights) over V synthetic clips runs as its own
+process; once about half of its result rows are staged the driver's process group is killed and the
+same command is run again. Prints the windows the crashed attempt staged, and the windows the rerun
+decoded and inferred: those whose rows are in the Parquet files the rerun wrote (each frame's row
+belongs to the window that owns the frame).
+
 ``backfill``: P partitions of M images, one ``vbatch backfill`` command against P ``vbatch
 segment`` commands (wall time of each, every command a fresh process as a scheduler runs it).
 
     python bench/bench_resume.py resume --images 200
     python bench/bench_resume.py reuse --images 1000 --changed 0.02
+    python bench/bench_resume.py video --videos 4 --seconds 4
     python bench/bench_resume.py backfill --partitions 10 --images 20
 """
 
@@ -171,6 +178,103 @@ def reuse(args: argparse.Namespace) -> None:
     )
 
 
+def video(args: argparse.Namespace) -> None:
+    import cv2
+    import numpy as np
+
+    from vbatch.models.rvos import TINY, owned_frames, plan_windows
+    from vbatch.models.rvos.modeldir import write_random_model_dir
+
+    work = Path(tempfile.mkdtemp(prefix="vbatch-video-resume-"))
+    (work / "in").mkdir()
+    frames = round(args.seconds * 24)
+    for v in range(args.videos):  # two shapes moving over noise, 160x120 at 24 fps
+        rng = np.random.default_rng(v)
+        writer = cv2.VideoWriter(
+            str(work / "in" / f"v{v}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 24, (160, 120)
+        )
+        bg = rng.integers(0, 80, (120, 160, 3), dtype=np.uint8)
+        for t in range(frames):
+            frame = bg.copy()
+            cv2.circle(frame, ((4 * t) % 160, 60), 20, (0, 0, 230), -1)
+            cv2.rectangle(frame, (100, (2 * t) % 120), (130, (2 * t) % 120 + 25), (0, 200, 0), -1)
+            writer.write(frame)
+        writer.release()
+    queries = ["a red ball", "the green box"]
+    manifest = work / "in" / "manifest.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "video_id": [f"v{v}" for v in range(args.videos)],
+                "uri": [f"v{v}.mp4" for v in range(args.videos)],
+                "queries": pa.array([queries] * args.videos, pa.list_(pa.string())),
+            }
+        ),
+        manifest,
+    )
+    model = write_random_model_dir(work / "rvos", config=TINY)
+    out = work / "out"
+    cmd = [*CLI, "video", "--manifest", str(manifest), "--model-dir", str(model)]
+    cmd += ["--out", str(out), "--summary-json", "-"]
+    owned_starts = np.array([a for a, _ in owned_frames(plan_windows(frames))])
+    windows = args.videos * len(owned_starts)
+    rows = args.videos * frames * len(queries)
+
+    def units(table: pa.Table) -> set[tuple[int, int]]:
+        """(manifest row, window) of result rows with a frame: the window owning the frame."""
+        t = table.filter(pc.is_valid(table.column("frame_index")))
+        found = np.searchsorted(owned_starts, t.column("frame_index").to_numpy(), "right") - 1
+        return set(zip(t.column("manifest_row").to_pylist(), found.tolist(), strict=True))
+
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    t0 = time.perf_counter()
+    while proc.poll() is None and staged_rows(out) < rows * args.kill_at:
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        raise SystemExit(f"the job ended (rc {proc.returncode}) before half its rows were staged")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    proc.wait()
+    killed_after = time.perf_counter() - t0
+    staged: dict[str, pa.Table] = {}
+    for f in (out / ".staging").rglob("*.parquet"):
+        try:
+            staged[f.name] = pq.read_table(f)
+        except Exception:  # cut short: the rerun drops it
+            pass
+    staged_units = set().union(*(units(t) for t in staged.values()))
+    t1 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    rerun_s = time.perf_counter() - t1
+    if done.returncode != 0:
+        raise SystemExit(f"rerun failed (rc {done.returncode}): {done.stderr[-2000:]}")
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    generation = out / (out / "_LATEST").read_text().strip()
+    files = sorted(generation.glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    rerun_units = units(pa.concat_tables([pq.read_table(f) for f in files if f.name not in staged]))
+    keys = table.select(["manifest_row", "query_index", "frame_index"]).to_pylist()
+    distinct = len({tuple(k.values()) for k in keys})
+    print(
+        f"videos={args.videos} x {frames} frames x {len(queries)} queries: {windows} windows, "
+        f"{rows} rows; cpus={os.cpu_count()}, load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"killed after {killed_after:.1f} s with {len(staged_units)} windows staged "
+        f"({sum(t.num_rows for t in staged.values())} rows)"
+    )
+    print(
+        f"rerun: resumed_rows={record['resumed_rows']}, windows decoded and inferred "
+        f"{len(rerun_units)} of {windows} ({len(rerun_units) / windows:.0%}), "
+        f"overlap with the staged ones {len(rerun_units & staged_units)}, {rerun_s:.1f} s"
+    )
+    print(
+        f"final table: {table.num_rows} rows, {distinct} distinct (video, query, frame), "
+        f"status {record['by_status']}, masks {len(list((out / 'frames').rglob('*.png')))}"
+    )
+
+
 def backfill(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="vbatch-backfill-"))
     model = model_dir(work)
@@ -235,11 +339,15 @@ def main() -> None:
     u.add_argument(
         "--norm-size", type=int, default=320, help="salient input size (320: the model card's)"
     )
+    v = sub.add_parser("video")
+    v.add_argument("--videos", type=int, default=4)
+    v.add_argument("--seconds", type=float, default=4.0, help="clip length at 24 fps")
+    v.add_argument("--kill-at", type=float, default=0.5, help="fraction of rows staged")
     b = sub.add_parser("backfill")
     b.add_argument("--partitions", type=int, default=10)
     b.add_argument("--images", type=int, default=20)
     args = p.parse_args()
-    {"resume": resume, "reuse": reuse, "backfill": backfill}[args.what](args)
+    {"resume": resume, "reuse": reuse, "video": video, "backfill": backfill}[args.what](args)
 
 
 if __name__ == "__main__":

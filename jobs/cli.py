@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
             "window. Writes <out>/frames/<video_id>/<query_index>/<frame_index>.png and "
             "<out>/results/ (a committed table, see README) with one row per (video, query, frame) and "
             "error rows (a bad video, or a query longer than the text encoder's 512 tokens, fails "
-            "alone)."
+            "alone). Rerunning the same command after a crash resumes it: the windows whose result "
+            "rows the crashed run had staged are not decoded or inferred again (see README, Resume)."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

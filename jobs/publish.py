@@ -5,7 +5,8 @@ place. Each run writes a new *generation* and commits it with one single-object 
 ``operators/faiss_index.py`` commits an index (and Iceberg/Delta commit a snapshot)::
 
     <out>/.staging/<run id>/*.parquet    Ray's output while the job runs; never read by readers
-                                         (the image jobs name it by run key: ``jobs.resume``)
+                                         (the image and video jobs name it by run key:
+                                         ``jobs.resume``, ``jobs.video_resume``)
     <out>/results/<run id>/*.parquet     a generation: written once, never modified
     <out>/results/<run id>/_SUCCESS      JSON: the generation's files and rows (Hadoop's S3A
                                          committers write the same kind of manifest)

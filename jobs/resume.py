@@ -198,13 +198,19 @@ def raise_from_row(batch: pa.Table, row: int, hang: bool = False) -> pa.Table:
     """Ray Data stage before the write stage: raise (or block, ``hang``) on a batch holding
     manifest row ``row`` or later."""
     if batch.num_rows and pc.max(batch.column(ROW)).as_py() >= row:
-        if hang:
-            import time
-
-            logger.warning("VBATCH_FAULT=hang:%d: blocking until killed", row)
-            while True:
-                time.sleep(60)
-        from vbatch.jobs.publish import InjectedFault
-
-        raise InjectedFault(f"injected fault at manifest row >= {row} (VBATCH_FAULT=rows:{row})")
+        stop_here(f"manifest row >= {row}", f"{row}", hang)
     return batch
+
+
+def stop_here(where: str, spec: str, hang: bool) -> None:
+    """Block until killed (``hang``) or raise :class:`vbatch.jobs.publish.InjectedFault`: the
+    fault of a ``VBATCH_FAULT=hang:<spec>`` or ``rows:<spec>`` that was reached at ``where``."""
+    if hang:
+        import time
+
+        logger.warning("VBATCH_FAULT=hang:%s: blocking at %s until killed", spec, where)
+        while True:
+            time.sleep(60)
+    from vbatch.jobs.publish import InjectedFault
+
+    raise InjectedFault(f"injected fault at {where} (VBATCH_FAULT=rows:{spec})")

@@ -10,12 +10,15 @@ Memory is bounded by a window (24 frames) in every stage, whatever the video's l
 ``<out>/frames/<video_id>/<query_index>/<frame_index>.png`` (0/255 masks at the original size),
 ``<out>/results/`` (one row per video, query and frame; staged, counted and committed as a new
 generation like ``vbatch segment``'s, :mod:`vbatch.jobs.publish`), ``<out>/renders/<video_id>.mp4``
-with ``--render``, and ``run.json`` (the summary of :mod:`vbatch.jobs.summary`).
+with ``--render``, and ``run.json`` (the summary of :mod:`vbatch.jobs.summary`). Results are staged
+under ``<out>/.staging/<run key>/``: the rerun of a crashed run skips the windows whose rows are
+staged (:mod:`vbatch.jobs.video_resume`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +26,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from vbatch.jobs.publish import publish, read_files, report_details, stage, write_run_record
+from vbatch.jobs.publish import (
+    FAULT_ENV,
+    publish,
+    read_files,
+    report_details,
+    stage,
+    write_run_record,
+)
+from vbatch.jobs.resume import file_fingerprints, model_dir_fingerprint, run_key
 from vbatch.jobs.runtime import (
     Resources,
     actor_resources,
@@ -42,6 +53,15 @@ from vbatch.jobs.summary import (
     check_infrastructure,
     count_rows,
     job_record,
+)
+from vbatch.jobs.video_resume import (
+    VIDEO_NOT_IN_KEY,
+    drop_done_windows,
+    drop_failed_videos,
+    drop_staged_rows,
+    fault_window,
+    previous_video_attempt,
+    stop_from_window,
 )
 from vbatch.models import check_model_dir, model_entry
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
@@ -111,6 +131,9 @@ class VideoSummary:
     record: dict[str, Any] = field(default_factory=dict)
     #: result rows by status and error class
     counts: Counts = field(default_factory=lambda: Counts(0, {}, {}, []))
+    #: result rows taken from the staged files of a crashed attempt of the same run (their
+    #: windows were not decoded or inferred again: jobs.video_resume)
+    resumed_rows: int = 0
 
     @property
     def frames_per_second(self) -> float:
@@ -126,13 +149,16 @@ class VideoSummary:
             f"{self.frames} frames, {self.rows_ok} masks — {self.seconds:.1f} s, "
             f"{self.frames_per_second:.2f} frames/s ({self.resources})"
         )
-        renders = (f"renders: {self.renders} under {join(self.out, 'renders')}",)
+        extra: tuple[str, ...] = ()
+        if self.resumed_rows:
+            extra += (
+                f"resumed: {self.resumed_rows} rows staged by an unfinished earlier attempt "
+                "(their windows not decoded or inferred again)",
+            )
+        if self.renders:
+            extra += (f"renders: {self.renders} under {join(self.out, 'renders')}",)
         details = report_details(
-            self.results_uri,
-            self.model_version,
-            self.sample_errors,
-            self.rows_error,
-            extra=renders if self.renders else (),
+            self.results_uri, self.model_version, self.sample_errors, self.rows_error, extra=extra
         )
         return "\n".join([headline, *details])
 
@@ -175,7 +201,22 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         res.describe(),
     )
     cpu_stage: dict[str, Any] = {"batch_format": "pyarrow", "udf_modifying_row_count": False}
+    filtering: dict[str, Any] = {**cpu_stage, "batch_size": None, "udf_modifying_row_count": True}
+    # staged under a key of what decides the results: the rerun of a crashed run finds its files
+    # and skips the videos and windows whose rows are there (jobs.video_resume)
+    key = run_key(
+        {k: v for k, v in asdict(cfg).items() if k not in VIDEO_NOT_IN_KEY},
+        file_fingerprints(list(info.files), storage),
+        model_dir_fingerprint(local_model_dir),
+    )
+    previous = previous_video_attempt(out, storage, key)
     # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
+    if previous.rows:  # failed videos staged: not fetched or probed again
+        ds = ds.map_batches(
+            drop_failed_videos,  # type: ignore[arg-type]
+            fn_kwargs={"staged": previous.staged},
+            **filtering,
+        )
     ds = ds.map_batches(
         plan_video_windows,  # type: ignore[arg-type]
         fn_kwargs={"storage": storage, "base_uri": info.base_uri},
@@ -183,6 +224,12 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         batch_size=None,
         udf_modifying_row_count=True,
     )
+    if previous.rows:  # windows staged: not decoded or inferred again
+        ds = ds.map_batches(
+            drop_done_windows,  # type: ignore[arg-type]
+            fn_kwargs={"staged": previous.staged},
+            **filtering,
+        )
     # one window per block: a long video's windows spread over every worker, and each decode task
     # holds one window's frames
     ds = ds.repartition(target_num_rows_per_block=1)
@@ -213,6 +260,13 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         **actor_resources(cfg.actor_resources),
         udf_modifying_row_count=False,
     )
+    crash = fault_window(os.environ.get(FAULT_ENV))
+    if crash is not None:
+        ds = ds.map_batches(
+            stop_from_window,  # type: ignore[arg-type]
+            fn_kwargs={"row": crash[0], "window": crash[1], "hang": crash[2]},
+            **{**cpu_stage, "batch_size": None},
+        )
     ds = ds.map_batches(
         write_window_masks,  # type: ignore[arg-type]
         fn_kwargs={
@@ -225,8 +279,14 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         batch_size=None,
         udf_modifying_row_count=True,
     )
+    if previous.rows:  # a window a lost file held in part is completed, never duplicated
+        ds = ds.map_batches(
+            drop_staged_rows,  # type: ignore[arg-type]
+            fn_kwargs={"staged": previous.staged},
+            **filtering,
+        )
 
-    staged = stage(ds, out, storage, clock.run_id)
+    staged = stage(ds, out, storage, key)
     # counted and checked on the staged files: a failed check publishes nothing
     table = read_files(staged, storage) if staged else None
     if table is None:
@@ -234,9 +294,10 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
             f"accounting error: the job wrote no result rows for {info.num_rows} videos"
         )
     summary = summarize(table, info.num_rows, join(out, "results"), clock.seconds(), res)
+    summary.resumed_rows = previous.rows
     limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
     check_infrastructure(summary.counts, limits, "result rows")
-    generation = publish(out, storage, clock.run_id, staged, table.num_rows)
+    generation = publish(out, storage, clock.run_id, staged, table.num_rows, staging_name=key)
     summary.renders = render_all(table, out, storage) if cfg.render else 0
     summary.seconds = clock.seconds()
     summary.record = job_record(
@@ -255,6 +316,8 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         results_uri=summary.results_uri,
         generation=generation,
         resources=res.describe(),
+        # rows an earlier, crashed attempt of this run had staged: their windows not redone
+        resumed_rows=previous.rows,
     )
     write_run_record(
         out, storage, {**summary.record, "config": asdict(cfg), "manifest_files": info.files}
@@ -284,6 +347,12 @@ def summarize(
     keys = ["manifest_row", "query_index", "frame_index"]
     if framed.group_by(keys).aggregate([]).num_rows != framed.num_rows:
         raise JobFailed(f"accounting error: a (video, query, frame) appears twice in {results}")
+    # a failed video's rows and a failed query's: one per (video, query), or one without a query
+    unframed = table.filter(pc.is_null(table.column("frame_index")))
+    if unframed.group_by(keys[:2]).aggregate([]).num_rows != unframed.num_rows:
+        raise JobFailed(
+            f"accounting error: an error row of a (video, query) appears twice in {results}"
+        )
     is_ok = pc.equal(table.column("status"), "ok")
     bad_videos = len(pc.unique(table.filter(pc.invert(is_ok)).column("manifest_row")))
     # a frame counts when every query's row of it is ok

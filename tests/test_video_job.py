@@ -246,6 +246,7 @@ def test_long_video_is_decoded_window_by_window(tmp_path: Path) -> None:
             "queries": pa.array([["q"]], pa.list_(pa.string())),
             "start_s": pa.array([None], pa.float64()),
             "end_s": pa.array([None], pa.float64()),
+            "gt_mask_dir": pa.array([None], pa.string()),
             ROW: pa.array([0], pa.int64()),
             ERROR: pa.array([None], pa.string()),
             QUERY_ERRORS: pa.array([[None]], pa.list_(pa.string())),

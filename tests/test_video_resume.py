@@ -1,0 +1,382 @@
+"""Resume of the video job after a crash (``jobs.video_resume``): the rerun of the same command
+decodes and infers only the windows the crashed run had not staged, and the published table has
+every (video, query, frame) row, and every failed video's rows, exactly once.
+
+The unit test stages every mix of whole, partial and missing windows of a manifest with a
+duplicate id, failed videos and a query that cannot run, and checks the rerun's stages complete
+it exactly. The end-to-end test runs the job as its own driver with ``VBATCH_FAULT=hang:<row>:<k>``
+(the write stage blocks at window k of manifest row ``row``), SIGKILLs the driver's process group
+and reruns the same command, as ``tests/test_resume.py`` does for the image jobs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_video_job import (  # noqa: F401  (fixtures)
+    CASES,
+    FPS,
+    FRAMES_OF,
+    check_results,
+    expected_masks,
+    rvos_dir,
+    videos,
+    write_inputs,
+)
+from vbatch.jobs.cli import main
+from vbatch.jobs.publish import FAULT_ENV, InjectedFault, read_files, read_table
+from vbatch.jobs.resume import run_key
+from vbatch.jobs.video_resume import (
+    VIDEO_NOT_IN_KEY,
+    StagedRows,
+    drop_done_windows,
+    drop_failed_videos,
+    drop_staged_rows,
+    fault_window,
+    previous_video_attempt,
+    stop_from_window,
+)
+from vbatch.models.rvos import owned_frames, plan_windows
+from vbatch.operators.manifest import ERROR, ROW
+from vbatch.operators.storage import Storage, join
+from vbatch.operators.tables import POINTER, STAGING
+from vbatch.operators.video.columns import (
+    LOGITS,
+    OWN_START,
+    OWN_STOP,
+    QUERY_ERRORS,
+    START,
+    STOP,
+    TIMES,
+    WINDOW,
+)
+from vbatch.operators.video.plan import WINDOW_TYPES
+from vbatch.operators.video.write import write_window_masks
+
+# -- the window-skipping stages, without Ray -------------------------------------------------------
+# video_id, queries, per-query errors, frames (None: the whole video failed), the video's error
+UNIT = [
+    ("a", ["q0", "q1"], [None, None], 43, None),  # 3 windows
+    ("a", ["x"], [None], None, "manifest row 1: duplicate video_id 'a' (first at row 0)"),
+    ("b", ["q", ""], [None, "query is empty"], 25, None),  # 2 windows, a query that cannot run
+    ("c", ["p", "r"], [None, None], None, "cannot read video c.mp4: corrupt: unreadable box"),
+    ("d", [], [], None, "manifest row 4: queries is empty (at least one text query is needed)"),
+    ("e", ["s"], [None], 18, None),  # 1 window
+]
+
+
+def _unit_manifest() -> pa.Table:
+    return pa.table(
+        {
+            "video_id": [u[0] for u in UNIT],
+            "queries": pa.array([u[1] for u in UNIT], pa.list_(pa.string())),
+            ROW: pa.array(range(len(UNIT)), pa.int64()),
+            ERROR: pa.array([u[4] for u in UNIT], pa.string()),
+            QUERY_ERRORS: pa.array([u[2] for u in UNIT], pa.list_(pa.string())),
+        }
+    )
+
+
+def _unit_windows() -> pa.Table:
+    """What the plan stage emits for :data:`UNIT`, every window failed at inference (its result
+    rows have the keys of ok rows: one per valid query and owned frame, plus window 0's
+    query-error rows)."""
+    rows = []
+    for m, (vid, queries, q_errors, frames, error) in enumerate(UNIT):
+        base = {k: None for k in WINDOW_TYPES} | {
+            "video_id": vid,
+            "uri": f"{vid}.mp4",
+            "queries": queries,
+            ROW: m,
+            QUERY_ERRORS: q_errors,
+            ERROR: error,
+        }
+        if frames is None:
+            rows.append(base)
+            continue
+        windows = plan_windows(frames)
+        for k, ((s, e), (a, b)) in enumerate(zip(windows, owned_frames(windows), strict=True)):
+            rows.append(
+                base
+                | {
+                    WINDOW: k,
+                    START: s,
+                    STOP: e,
+                    OWN_START: a,
+                    OWN_STOP: b,
+                    TIMES: [f / FPS for f in range(a, b)],
+                    ERROR: f"frames {a}-{b - 1}: inference failed: RuntimeError: test",
+                }
+            )
+    table = pa.Table.from_pylist(rows, schema=pa.schema(WINDOW_TYPES))
+    table = table.append_column(LOGITS, pa.nulls(table.num_rows, pa.large_binary()))
+    return table.append_column("model_version", pa.nulls(table.num_rows, pa.string()))
+
+
+def _write(windows: pa.Table) -> pa.Table:
+    return write_window_masks(windows, out_uri="/nonexistent", storage=Storage())
+
+
+def _key(r: dict) -> tuple:
+    q, f = r["query_index"], r["frame_index"]
+    return (r["manifest_row"], q is None, q or 0, f is None, f or 0)
+
+
+def test_rerun_stages_complete_any_staged_state_exactly() -> None:
+    """Whole, partial and missing windows (and failed videos' rows), drawn at random: the rerun
+    redoes exactly the windows not wholly staged, and staged + new rows are every row once."""
+    windows = _unit_windows()
+    per_window = [_write(windows.slice(i, 1)) for i in range(windows.num_rows)]
+    full = sorted(pa.concat_tables(per_window).to_pylist(), key=_key)
+    assert len({_key(r) for r in full}) == len(full) == 2 * 43 + 25 + 1 + 1 + 2 + 1 + 18
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        state = rng.integers(0, 3, windows.num_rows)  # 0 missing, 1 whole, 2 partial
+        staged_parts = []
+        for i, rows in enumerate(per_window):
+            if state[i] == 2 and rows.num_rows == 1:  # a window of one row cannot be partial
+                state[i] = 0
+            if state[i] == 2:
+                keep = rng.permutation(rows.num_rows)[: rng.integers(1, rows.num_rows)]
+                staged_parts.append(rows.take(np.sort(keep)))
+            elif state[i] == 1:
+                staged_parts.append(rows)
+        staged_table = pa.concat_tables([per_window[0].slice(0, 0), *staged_parts])
+        staged = StagedRows.from_table(staged_table)
+
+        manifest = drop_failed_videos(_unit_manifest(), staged)
+        todo = windows.filter(pc.is_in(windows.column(ROW), manifest.column(ROW)))
+        todo = drop_done_windows(todo, staged)
+        redone = {(r[ROW], r[WINDOW]) for r in todo.select([ROW, WINDOW]).to_pylist()}
+        every = [(r[ROW], r[WINDOW]) for r in windows.select([ROW, WINDOW]).to_pylist()]
+        assert redone == {w for w, s in zip(every, state, strict=True) if s != 1}
+        new = drop_staged_rows(_write(todo), staged)
+        got = sorted(staged_table.to_pylist() + new.to_pylist(), key=_key)
+        assert got == full
+
+
+def test_failed_video_and_query_error_rows_are_told_apart() -> None:
+    """A good video's query-error row (window 0) does not make it a failed video; a duplicate id
+    is known by its manifest row, not its id."""
+    windows = _unit_windows()  # rows: a (3 windows), a (duplicate), b (2), c, d, e (1)
+    b0 = _write(windows.slice(4, 1))
+    query_error = b0.filter(pc.is_null(b0.column("frame_index")))
+    assert query_error.select(["manifest_row", "query_index"]).to_pylist() == [
+        {"manifest_row": 2, "query_index": 1}
+    ]
+    duplicate, failed = _write(windows.slice(3, 1)), _write(windows.slice(6, 1))
+    staged = StagedRows.from_table(pa.concat_tables([query_error, duplicate, failed]))
+    assert drop_failed_videos(_unit_manifest(), staged).column(ROW).to_pylist() == [0, 2, 4, 5]
+    # b's window 0 is not done without its frames; the duplicate and c are
+    assert drop_done_windows(windows, staged).column(ROW).to_pylist() == [0, 0, 0, 2, 2, 4, 5]
+
+
+def test_previous_attempt_drops_cut_and_infrastructure_files(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    staging = tmp_path / "out" / STAGING / "run-x"
+    staging.mkdir(parents=True)
+    rows = _write(_unit_windows().slice(0, 1))  # "a", window 0: 2 queries x 18 frames
+    pq.write_table(rows, staging / "good.parquet")
+    buf = io.BytesIO()
+    pq.write_table(_write(_unit_windows().slice(1, 1)), buf)
+    (staging / "cut.parquet").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    infra = _write(_unit_windows().slice(2, 1))
+    errors = ["frames 36-42: write failed: OSError: storage unavailable after 5 retries: x"] + [
+        None
+    ] * (infra.num_rows - 1)
+    infra = infra.set_column(
+        infra.schema.get_field_index("error"), "error", pa.array(errors, pa.string())
+    )
+    pq.write_table(infra, staging / "infra.parquet")
+    attempt = previous_video_attempt(out, Storage(), "run-x")
+    assert (attempt.rows, attempt.dropped) == (36, 2)
+    assert sorted(p.name for p in staging.iterdir()) == ["good.parquet"]
+    assert attempt.staged.covered(
+        np.array([0 << 32 | 1, 0 << 32 | 2]), np.array([0, 0]), np.array([18, 18])
+    ).all()
+    assert not attempt.staged.covered(np.array([0 << 32 | 1]), np.array([0]), np.array([19]))[0]
+
+
+def test_fault_spec_and_run_key() -> None:
+    assert fault_window("hang:3") == (3, 0, True)
+    assert fault_window("rows:1:2") == (1, 2, False)
+    assert fault_window("publish:after-stage") is None and fault_window(None) is None
+    windows = _unit_windows()
+    stop_from_window(windows.slice(0, 2), 0, 2)  # windows 0 and 1 of row 0: before the fault
+    with pytest.raises(InjectedFault, match="window 2 of manifest row 0"):
+        stop_from_window(windows.slice(1, 2), 0, 2)
+    with pytest.raises(InjectedFault):
+        stop_from_window(windows.slice(3, 1), 1, 0)  # row 2 is after row 1
+    config = {"manifest": "m", "render": False, "actors": 1, "precision": "fp32", "limit": None}
+
+    def key(c: dict) -> str:
+        return run_key({k: v for k, v in c.items() if k not in VIDEO_NOT_IN_KEY}, [], [])
+
+    assert key({**config, "render": True, "actors": 4}) == key(config)
+    assert key({**config, "precision": "bf16"}) != key(config)
+    assert key({**config, "limit": 2}) != key(config)
+
+
+# -- a real driver killed mid-run, then the same command again -------------------------------------
+#: the killed run's write stage blocks at window 1 of manifest row 1 ("ride", 3 windows): rows
+#: 0 (2 windows) and row 1's window 0 come before it
+HANG = "1:1"
+
+
+def _units(rows: list[dict]) -> set[tuple[int, int]]:
+    """The work units result rows come from: (manifest row, window), (manifest row, -1) for a
+    failed video. A query-error row is window 0's."""
+    owned: dict[int, list[tuple[int, int]]] = {}
+    for m, (_vid, name, _q, start, end, expect) in enumerate(CASES):
+        if isinstance(expect, dict) and "ok" in expect.values():
+            lo = 0 if start is None else round(start * FPS)
+            hi = FRAMES_OF[name] if end is None else round(end * FPS)
+            owned[m] = [(lo + a, lo + b) for a, b in owned_frames(plan_windows(hi - lo))]
+    units = set()
+    for r in rows:
+        m, f = r["manifest_row"], r["frame_index"]
+        if m not in owned:
+            units.add((m, -1))
+        elif f is None:
+            units.add((m, 0))
+        else:
+            units.add((m, next(k for k, (a, b) in enumerate(owned[m]) if a <= f < b)))
+    return units
+
+
+def _staged(storage: Storage, out: str) -> dict[str, list[dict]]:
+    """The rows of each readable staged file (a local file being written has no footer yet)."""
+    fs, path = storage.fs(join(out, STAGING))
+    fs.invalidate_cache(path)
+    found = {}
+    for f in storage.list_files(join(out, STAGING), suffix=".parquet"):
+        afs, apath = storage.arrow_fs(f)
+        try:
+            found[f.rsplit("/", 1)[-1]] = pq.read_table(apath, filesystem=afs).to_pylist()
+        except Exception:
+            pass
+    return found
+
+
+def _kill_at_hang(storage: Storage, argv: list[str], out: str) -> dict[str, list[dict]]:
+    """Run the job as its own driver on the tests' Ray with ``VBATCH_FAULT=hang:<HANG>``,
+    SIGKILL its process group once the write stage blocks; returns the staged files' rows."""
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[FAULT_ENV] = f"hang:{HANG}"
+    address = ray.get_runtime_context().gcs_address
+    log = Path(tempfile.mkdtemp()) / "driver.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vbatch.jobs.cli", *argv, "--address", address],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 600
+        # the blocked task's warning reaches the driver's stderr (Ray forwards worker logs)
+        while f"VBATCH_FAULT=hang:{HANG}" not in log.read_text(errors="replace"):
+            if proc.poll() is not None:
+                pytest.fail(f"the job ended (rc {proc.returncode}): {log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the write stage did not reach the fault in 10 minutes")
+            time.sleep(0.5)
+        time.sleep(1)  # a file written just before the block lands
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, no cleanup
+        proc.wait()
+    return _staged(storage, out)
+
+
+def _comparable(table: pa.Table, out: str, storage: Storage) -> list[tuple]:
+    """Rows without the output folder in ``mask_uri``, each with its mask PNG's pixels."""
+    rows = []
+    for r in table.to_pylist():
+        png = None
+        if r["mask_uri"] is not None:
+            data = storage.read_bytes(r["mask_uri"])
+            png = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).tobytes()
+            r["mask_uri"] = r["mask_uri"][len(out) :]
+        rows.append((tuple(sorted(r.items(), key=lambda kv: kv[0])), png))
+    return sorted(rows, key=repr)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_video_resume_after_killed_driver(
+    request: pytest.FixtureRequest,
+    ray_session,
+    tmp_path: Path,
+    rvos_dir,  # noqa: F811
+    videos,  # noqa: F811
+    expected_masks,  # noqa: F811
+    where: str,
+) -> None:
+    if where == "local":
+        storage, root, endpoint = Storage(), str(tmp_path), []
+    else:
+        server = request.getfixturevalue("s3_server")
+        storage, root = server.storage(), server.new_bucket()
+        endpoint = ["--s3-endpoint", server.endpoint]
+    manifest = write_inputs(storage, join(root, "in"), videos)
+
+    def command(out: str) -> list[str]:
+        return [
+            "video", "--manifest", manifest, "--model-dir", str(rvos_dir), "--out", out,
+            "--max-error-rate", "1", *endpoint,  # 6 of the 8 videos are bad
+        ]  # fmt: skip
+
+    out = join(root, "out")
+    argv = command(out)
+    killed = _kill_at_hang(storage, argv, out)
+    staged_rows = [r for rows in killed.values() for r in rows]
+    staged_units = _units(staged_rows)
+    assert staged_units and (1, 1) not in staged_units, staged_units
+
+    rerun_start = time.time()
+    summary = Path(tempfile.mkdtemp()) / "summary.json"
+    assert main([*argv, "--summary-json", str(summary)]) == 0
+    record = json.loads(summary.read_text())
+    assert record["resumed_rows"] == len(staged_rows)
+
+    # every (video, query, frame) once, the masks predict_video's (test_video_job's checks)
+    check_results(storage, out, expected_masks)
+    generation = storage.read_bytes(join(out, POINTER)).decode().strip()
+    files = storage.list_files(join(out, generation), suffix=".parquet")
+    table = read_files(files, storage)
+    assert record["rows"] == table.num_rows
+    # the rerun's files hold exactly the windows (and failed videos) the killed run had not staged
+    new_files = [f for f in files if f.rsplit("/", 1)[-1] not in killed]
+    assert len(new_files) == len(files) - len(killed)
+    redone = _units(read_files(new_files, storage).to_pylist()) if new_files else set()
+    every = _units(table.to_pylist())
+    assert len(every) == 6 + 5  # 2 + 3 + 1 windows, 5 failed videos
+    assert redone == every - staged_units, (redone, staged_units)
+    if where == "local":  # a staged window's masks were not written again
+        for r in staged_rows:
+            if r["mask_uri"] is not None:
+                assert os.stat(r["mask_uri"]).st_mtime < rerun_start, r
+        # the rows are a clean run's
+        clean = str(tmp_path / "clean")
+        assert main(command(clean)) == 0
+        assert _comparable(table, out, storage) == _comparable(
+            read_table(clean, storage), clean, storage
+        )
+    assert not storage.list_files(join(out, STAGING), suffix=".parquet")
