@@ -948,7 +948,7 @@ def _write_report(args: argparse.Namespace, record: dict) -> None:
     a warning and never changes the job's exit status."""
     samples = getattr(args, "report_samples", 0)
     index = None
-    if args.command == "reid" and args.reid_command in ("index", "add"):
+    if getattr(args, "command", None) == "reid" and args.reid_command in ("index", "add"):
         index = args.out if args.reid_command == "index" else args.index
     if samples <= 0 or not (record.get("out") or index):
         return

@@ -62,7 +62,7 @@ def plan_video_windows(batch: pa.Table, *, storage: Storage, base_uri: str) -> p
 
     def emit(r: dict, uri: str | None, err: str | None, **window) -> None:
         for k in (*KEY_COLUMNS, ROW, QUERY_ERRORS):
-            out[k].append(r[k])
+            out[k].append(r.get(k))  # (optional columns: gt_mask_dir)
         out["uri"][-1] = uri
         out[ERROR].append(err)
         for k in _WINDOW_COLUMNS:
