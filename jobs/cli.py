@@ -107,6 +107,10 @@ def _pool(
             "model actors to the nodes started with it (ray start --resources)"
         ),
     )
+    _forward_s3_env(g)
+
+
+def _forward_s3_env(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--forward-s3-env",
         action="store_true",
@@ -116,6 +120,22 @@ def _pool(
             "credentials (instance role, a Secret in the pod spec)"
         ),
     )
+
+
+def _index_workers(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray workers")
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help=(
+            "encode and add the embeddings in N shards, each in its own Ray task, then merge "
+            "them in one more task (the same index as one process builds, byte for byte); "
+            "default 1: everything in this process, without Ray"
+        ),
+    )
+    _forward_s3_env(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="refinement vectors: float32 (exact re-ranking) or float16 (half the disk)",
     )
+    _index_workers(idx)
     _common(idx)
     add_run_arguments(idx, rows=False)
     _report_option(idx, "<out>/report/index.html: the index and N sample gallery images searched")
@@ -345,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="the new embeddings (`reid embed` output); image_ids already indexed are skipped",
     )
+    _index_workers(add)
     _common(add)
     add_run_arguments(add, rows=False)
     _report_option(add, "<index>/report/index.html: the index and N sample gallery images searched")
@@ -658,6 +680,17 @@ def _reid(args: argparse.Namespace, clock) -> dict:
     if args.reid_command in ("index", "add"):
         from vbatch.operators.index import add_to_index, build_index
 
+        if args.workers > 1:
+            from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
+
+            ensure_ray(args.address, forward_s3_env=args.forward_s3_env)
+            index_uri = args.out if args.reid_command == "index" else args.index
+            refuse_local_paths_on_cluster(
+                {
+                    "--embeddings": args.embeddings,
+                    "--out" if args.reid_command == "index" else "--index": index_uri,
+                }
+            )
         if args.reid_command == "index":
             info = build_index(
                 args.embeddings,
@@ -667,9 +700,10 @@ def _reid(args: argparse.Namespace, clock) -> dict:
                 memory_budget=args.memory_budget,
                 refine=None if args.refine == "auto" else args.refine == "on",
                 refine_dtype=args.refine_dtype,
+                workers=args.workers,
             )
         else:
-            info = add_to_index(args.index, args.embeddings, storage)
+            info = add_to_index(args.index, args.embeddings, storage, workers=args.workers)
         print(info.to_json())
         return json.loads(info.to_json())
     if args.reid_command == "search" and args.out and (args.manifest or args.embeddings):

@@ -67,7 +67,7 @@ def test_malformed_manifest_names_the_file(built):
         ({"dim": "16"}, "dim must be a positive integer"),
         ({"count": -1}, "count must be"),
         ({"index_file": "../../elsewhere.faiss"}, "is not index-NNNNN.faiss"),
-        ({"id_parts": ["/etc/passwd"]}, "are not a list of ids/part-NNNNN.parquet"),
+        ({"id_parts": ["/etc/passwd"]}, "are not a list of ids/part-NNNNN"),
         ({"factory": ...}, r"missing field\(s\) \['factory'\]"),
     ],
 )

@@ -1,7 +1,9 @@
 """Building a gallery index from an embeddings table, and adding a new day to it.
 
-Train once on a uniform sample (k-means on the GPU when faiss has one), add in streamed batches,
-tune ``nprobe`` on held-out gallery vectors, then commit a new generation (:mod:`.store`).
+Train once on a uniform sample (k-means on the GPU when faiss has one), encode and add in
+streamed batches (in this process, or in shards on Ray workers that :mod:`.shards` merges back
+into the same index), tune ``nprobe`` and the re-rank factor on held-out gallery vectors, then
+commit a new generation (:mod:`.store`).
 """
 
 from __future__ import annotations
@@ -10,28 +12,23 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from vbatch.operators.index.embeddings import (
-    EmbeddingBatch,
-    TableStats,
-    iter_embeddings,
-    sample_embeddings,
-    scan_embeddings,
-)
+from vbatch.operators.index.embeddings import TableStats, sample_embeddings, scan_embeddings
 from vbatch.operators.index.indexes import METRICS, innermost, ivf_or_none, make_index
 from vbatch.operators.index.plan import IndexPlan, choose_factory, is_lossy, parse_bytes
 from vbatch.operators.index.refine import NpyPartWriter, RefineVectors
+from vbatch.operators.index.shards import Shard, add_shard, append_index, empty_like, plan_shards
 from vbatch.operators.index.store import (
-    ID_MAP_SCHEMA,
+    MMAP_FLAGS,
     IndexInfo,
+    cached_index_file,
     commit,
     id_part_name,
     index_name,
@@ -40,6 +37,7 @@ from vbatch.operators.index.store import (
     read_id_map,
     read_info,
     refine_part_name,
+    shard_staging,
     try_read_info,
     vbatch_version,
 )
@@ -49,7 +47,7 @@ from vbatch.operators.index.tune import (
     tune_nprobe,
     tune_with_rerank,
 )
-from vbatch.operators.storage import Storage
+from vbatch.operators.storage import Storage, is_remote, join
 
 logger = logging.getLogger(__name__)
 
@@ -104,68 +102,270 @@ def _back_to_cpu(index: faiss.Index, adder: faiss.Index) -> faiss.Index:
     return index if adder is index else faiss.index_gpu_to_cpu(adder)
 
 
-def _add_stream(
-    index: faiss.Index,
-    batches: Iterator[EmbeddingBatch],
-    writer: pq.ParquetWriter,
-    seen: set[str],
-    model_version: str | None,
-    probe: RecallProbe | None = None,
-    refine: NpyPartWriter | None = None,
-) -> tuple[int, int]:
-    """Add every batch whose image_id is new; write its id map rows and, with ``refine``, its
-    full-precision vectors (rows in faiss-id order). Returns (added, skipped)."""
-    added = skipped = 0
-    for batch in batches:
-        ids = batch.image_ids.to_pylist()
-        keep = np.ones(len(ids), dtype=bool)
-        for i, image_id in enumerate(ids):
-            if image_id in seen:
-                keep[i] = False
-            else:
-                seen.add(image_id)
-        skipped += int((~keep).sum())
-        if not keep.any():
-            continue
-        vectors = batch.vectors[keep]
-        first = index.ntotal
-        faiss_ids = np.arange(first, first + len(vectors), dtype=np.int64)
-        index.add(vectors)
-        if refine is not None:
-            refine.write(vectors)
-        if probe is not None:
-            probe.observe(vectors, faiss_ids, batch.ordinals[keep])
-        writer.write_table(
-            pa.table(
-                {
-                    "faiss_id": faiss_ids,
-                    "image_id": batch.image_ids.filter(pa.array(keep)),
-                    "model_version": pa.array([model_version] * len(vectors), pa.string()),
-                },
-                schema=ID_MAP_SCHEMA,
-            )
+# -- the phases ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Target:
+    """What every phase of one build or add needs (small and picklable: shipped to Ray tasks)."""
+
+    storage: Storage
+    uri: str
+    generation: int
+    dim: int
+    model_version: str | None
+    batch_rows: int
+    refine_dtype: str | None  # None: no refinement vectors
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """The trained, empty index (serialized) and the held-out queries that tune it."""
+
+    index: bytes
+    probe_queries: np.ndarray | None
+    probe_ordinals: np.ndarray | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _ShardDone:
+    """What a shard task reports back (its files are already in the store)."""
+
+    number: int
+    added: int
+    probe: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    seconds: float
+
+
+def _train_phase(
+    stats: TableStats,
+    storage: Storage,
+    factory: str,
+    metric: str,
+    n_train: int,
+    seed: int,
+    batch_rows: int,
+    use_gpu: bool | str,
+    tune_queries: int,
+    want_probe: bool,
+) -> _Trained:
+    """Draw the training sample, train, keep ``tune_queries`` of the sample for tuning."""
+    t0 = time.perf_counter()
+    index = make_index(stats.dim, factory, metric)
+    queries = ordinals = None
+    if not index.is_trained:
+        sample, sample_ordinals = sample_embeddings(
+            stats.files, storage, stats.dim, stats.count, n_train, seed, batch_rows
         )
-        added += len(vectors)
-        logger.debug("added %d vectors (%d in total)", len(vectors), index.ntotal)
-    return added, skipped
+        _train(index, sample, _want_gpu(use_gpu))
+        n_q = min(tune_queries, len(sample))
+        if want_probe and n_q:
+            queries, ordinals = sample[:n_q].copy(), sample_ordinals[:n_q].copy()
+        del sample
+    data = faiss.serialize_index(index)
+    return _Trained(data.tobytes(), queries, ordinals, time.perf_counter() - t0)
 
 
-class _LazySample:
-    """The training sample, drawn on first use."""
+def _probe(trained: _Trained) -> RecallProbe | None:
+    if trained.probe_queries is None or trained.probe_ordinals is None:
+        return None
+    return RecallProbe(trained.probe_queries, trained.probe_ordinals)
 
-    def __init__(
-        self, stats: TableStats, storage: Storage, size: int, seed: int, batch_rows: int
-    ) -> None:
-        self._args = (stats.files, storage, stats.dim, stats.count, size, seed, batch_rows)
-        self._sample: tuple[np.ndarray, np.ndarray] | None = None
 
-    def get(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._sample is None:
-            self._sample = sample_embeddings(*self._args)
-        return self._sample
+def _shard_task(target: _Target, trained: _Trained, shard: Shard) -> _ShardDone:
+    """A Ray task: encode one shard with the trained index and put its shard index, id part and
+    refinement part in the store. Holds one batch of vectors and the shard's codes, never more."""
+    t0 = time.perf_counter()
+    index = faiss.deserialize_index(np.frombuffer(trained.index, dtype=np.uint8))
+    probe = _probe(trained)
+    storage = target.storage
+    with tempfile.TemporaryDirectory(prefix="vbatch-shard-") as tmp:
+        workdir = Path(tmp)
+        refine_file = workdir / "refine.npy"
+        with contextlib.ExitStack() as stack:
+            refine = (
+                stack.enter_context(NpyPartWriter(refine_file, target.dim, target.refine_dtype))
+                if target.refine_dtype is not None
+                else None
+            )
+            added = add_shard(
+                index,
+                shard,
+                storage,
+                target.dim,
+                target.batch_rows,
+                workdir / "ids.parquet",
+                target.model_version,
+                probe,
+                refine,
+            )
+        faiss.write_index(index, str(workdir / "shard.faiss"))
+        staging = shard_staging(target.uri, target.generation)
+        storage.put_file(workdir / "shard.faiss", join(staging, f"shard-{shard.number:05d}.faiss"))
+        storage.put_file(
+            workdir / "ids.parquet",
+            join(target.uri, id_part_name(target.generation, shard.number)),
+        )
+        if refine is not None:
+            storage.put_file(
+                refine_file, join(target.uri, refine_part_name(target.generation, shard.number))
+            )
+    return _ShardDone(
+        shard.number,
+        added,
+        None if probe is None else probe.partial(),
+        time.perf_counter() - t0,
+    )
 
-    def release(self) -> None:
-        self._sample = None
+
+def _tune(
+    index: faiss.Index,
+    probe: RecallProbe | None,
+    refine: RefineVectors | None,
+    target_recall: float,
+) -> tuple[int | None, int | None, float | None]:
+    """``(nprobe, rerank, tuned recall)`` for a freshly built index."""
+    ivf = ivf_or_none(index)
+    nprobe = tuned = rerank = None
+    if refine is not None:
+        rerank = 1
+        if probe is not None:
+            nprobe, rerank, tuned = tune_with_rerank(
+                index, probe, None if ivf is None else ivf.nlist, target_recall, refine
+            )
+        elif ivf is not None:
+            nprobe = min(ivf.nlist, 16)
+    elif ivf is not None:
+        if probe is not None:
+            nprobe, tuned = tune_nprobe(index, probe, ivf.nlist, target_recall)
+        else:
+            nprobe = min(ivf.nlist, 16)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+    return nprobe, rerank, tuned
+
+
+def _merge_shards(
+    dest: faiss.Index, target: _Target, shards: list[Shard], workdir: Path
+) -> faiss.Index:
+    """Append the shard indexes (in shard order) to ``dest``; each is fetched, mapped and
+    appended in turn, so the merge holds the merged codes and nothing else."""
+    staging = shard_staging(target.uri, target.generation)
+    for shard in shards:
+        if dest.ntotal != shard.first_id:
+            raise RuntimeError(
+                f"shard {shard.number} starts at faiss id {shard.first_id}, the merge at "
+                f"{dest.ntotal}"
+            )
+        uri = join(staging, f"shard-{shard.number:05d}.faiss")
+        local = target.storage.get_file(uri, workdir / "shard.faiss")
+        append_index(dest, local)
+        local.unlink()
+    return dest
+
+
+def _refine_of(target: _Target, parts: list[str], workdir: Path) -> RefineVectors | None:
+    """The refinement parts written by the shards, mapped (fetched first from object storage)."""
+    if target.refine_dtype is None:
+        return None
+    local = []
+    for name in parts:
+        uri = join(target.uri, name)
+        local.append(target.storage.get_file(uri, workdir / name) if is_remote(uri) else Path(uri))
+    return RefineVectors(local)
+
+
+def _build_merge_task(
+    target: _Target,
+    trained: _Trained,
+    shards: list[Shard],
+    done: list[_ShardDone],
+    info: IndexInfo,
+    previous: IndexInfo | None,
+    target_recall: float,
+    started: float,
+) -> IndexInfo:
+    """A Ray task: merge, tune and commit a distributed build (``started``: its ``time.time()``)."""
+    with tempfile.TemporaryDirectory(prefix="vbatch-merge-") as tmp:
+        workdir = Path(tmp)
+        t0 = time.perf_counter()
+        index = faiss.deserialize_index(np.frombuffer(trained.index, dtype=np.uint8))
+        _merge_shards(index, target, shards, workdir)
+        t_merge = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        probe = _probe(trained)
+        if probe is not None:
+            for shard_done in done:
+                if shard_done.probe is not None:
+                    probe.merge(*shard_done.probe)
+        refine = _refine_of(target, info.refine_parts, workdir)
+        info.nprobe, info.rerank, tuned = _tune(index, probe, refine, target_recall)
+        info.tuned_recall = None if tuned is None else round(tuned, 4)
+        del refine
+        info.build_seconds["merge"] = round(t_merge, 3)
+        info.build_seconds["tune"] = round(time.perf_counter() - t0, 3)
+        info.build_seconds["total"] = round(time.time() - started, 3)
+        commit(target.storage, index, None, info, previous, workdir)
+        return info
+
+
+def _add_merge_task(
+    target: _Target, shards: list[Shard], info: IndexInfo, previous: IndexInfo, started: float
+) -> IndexInfo:
+    """A Ray task: append the shards of a ``reid add`` to the gallery and commit."""
+    with tempfile.TemporaryDirectory(prefix="vbatch-merge-") as tmp:
+        workdir = Path(tmp)
+        index = load_faiss(previous, target.storage, workdir)
+        _merge_shards(index, target, shards, workdir)
+        info.history[-1]["seconds"] = round(time.time() - started, 3)
+        commit(target.storage, index, None, info, previous, workdir)
+        return info
+
+
+def _emptied(info: IndexInfo, storage: Storage) -> bytes:
+    """The gallery's trained index without its vectors, serialized (an IVF gallery is mapped,
+    never read into memory, to get it)."""
+    with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
+        local = cached_index_file(info, storage, tmp)
+        index = faiss.read_index(str(local), MMAP_FLAGS)
+        if ivf_or_none(index) is None:  # flat codes: small by the planner's choice; reset needs
+            index = faiss.read_index(str(local))  # them owned, not mapped
+        return faiss.serialize_index(empty_like(index)).tobytes()
+
+
+def _ray_run(fn: Callable[..., Any], *args: Any, num_gpus: float = 0) -> Any:
+    """``fn(*args)`` as a Ray task (one CPU; the node's faiss threads follow OMP_NUM_THREADS,
+    which Ray sets to the task's CPUs)."""
+    import ray
+
+    return ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=2)(fn).remote(*args)
+
+
+def _ray_get(refs: Any) -> Any:
+    import ray
+
+    return ray.get(refs)
+
+
+def _shards_on_ray(target: _Target, trained: _Trained, shards: list[Shard]) -> list[_ShardDone]:
+    """Every shard in its own Ray task (Ray retries a task whose worker died: a shard's files are
+    rewritten whole, so a retry never duplicates anything)."""
+    import ray
+
+    trained_ref = ray.put(trained)
+    task = ray.remote(num_cpus=1, max_retries=2)(_shard_task)
+    refs = [task.remote(target, trained_ref, shard) for shard in shards]
+    done = ray.get(refs)
+    return sorted(done, key=lambda d: d.number)
+
+
+def _gpus_for_training(use_gpu: bool | str) -> float:
+    """One GPU for the training task when faiss may use one and the cluster has (or can make)
+    GPUs; the task itself then checks that faiss sees the device."""
+    if use_gpu is False:
+        return 0
+    from vbatch.jobs.runtime import autoscaler_max_gpus, cluster_gpus
+
+    return 1 if (cluster_gpus() or autoscaler_max_gpus() or 0) > 0 else 0
 
 
 # -- build / add ----------------------------------------------------------------------------------
@@ -184,12 +384,20 @@ def build_index(
     metric: str = "inner_product",
     refine: bool | None = None,
     refine_dtype: str = "float32",
+    workers: int = 1,
 ) -> IndexInfo:
     """Build the gallery index of an embeddings table and write it under ``out_uri``.
 
-    Three streaming passes over the Parquet files: count/validate (no embeddings read), draw a
-    uniform training sample (only when the index needs training), add in batches. An existing
-    index at ``out_uri`` is replaced (new generation), never appended to.
+    Streaming passes over the Parquet files: count/validate (no embeddings read), the image_ids
+    (which rows are indexed, :func:`~.shards.plan_shards`), a uniform training sample (only when
+    the index needs training), then the adds. An existing index at ``out_uri`` is replaced (new
+    generation), never appended to.
+
+    With ``workers > 1`` the build runs on Ray (:func:`vbatch.jobs.runtime.ensure_ray` first):
+    one task trains (on a GPU when the cluster has one), ``workers`` tasks encode contiguous
+    shards of the table with that trained index, one task merges the shards' inverted lists, tunes
+    and commits. The result is the single-process build's, byte for byte (same codes, same id
+    map, same tuned ``nprobe``); no process holds more than one batch of full vectors.
 
     Args:
         embeddings_uri: Parquet file or folder written by ``reid embed`` (local or ``s3://``).
@@ -214,18 +422,20 @@ def build_index(
             code, off for an explicit factory. The tuner then picks ``nprobe`` and ``r``.
         refine_dtype: ``"float32"`` (exact re-ranking) or ``"float16"`` (half the disk and
             page cache).
+        workers: shards encoded in parallel Ray tasks; 1 builds in this process.
 
     Returns:
         The committed :class:`IndexInfo` (``added`` = vectors indexed, ``skipped_existing`` =
         duplicate image_ids within the table).
     """
-    t_start = time.perf_counter()
+    t_start = time.time()
     stats = scan_embeddings(embeddings_uri, storage)
     if stats.count == 0:
         raise ValueError(f"{embeddings_uri}: no rows with status 'ok' to index")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     budget = parse_bytes(memory_budget)
     n_train = min(stats.count, sample_size)
-    sampler = _LazySample(stats, storage, n_train, seed, add_batch_rows)
     if factory is None:
         plan = choose_factory(stats.count, stats.dim, budget, n_train)
     else:
@@ -238,124 +448,144 @@ def build_index(
         plan.factory,
         plan.reason,
     )
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
-    index = make_index(stats.dim, plan.factory, metric)
-    gpu = _want_gpu(use_gpu)
     if refine is None:
         refine = factory is None and is_lossy(plan.factory)
     if refine:
         logger.info("re-ranking with %s vectors kept beside the index", refine_dtype)
-
-    t0 = time.perf_counter()
-    probe = None
-    if not index.is_trained:
-        sample, ordinals = sampler.get()
-        _train(index, sample, gpu)
-        n_q = min(tune_queries, len(sample))
-        if (refine or ivf_or_none(index) is not None) and n_q:
-            probe = RecallProbe(sample[:n_q].copy(), ordinals[:n_q])
-        del sample
-        sampler.release()
-    t_train = time.perf_counter() - t0
+    want_probe = (
+        bool(refine) or ivf_or_none(make_index(stats.dim, plan.factory, metric)) is not None
+    )
 
     previous = try_read_info(out_uri, storage)
     generation = 0 if previous is None else previous.generation + 1
-    with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
-        workdir = Path(tmp)
-        t0 = time.perf_counter()
-        adder = _adder(index, gpu)
-        refine_file = workdir / "refine.npy" if refine else None
-        with contextlib.ExitStack() as stack:
-            writer = stack.enter_context(pq.ParquetWriter(workdir / "ids.parquet", ID_MAP_SCHEMA))
-            refine_writer = (
-                stack.enter_context(NpyPartWriter(refine_file, stats.dim, refine_dtype))
-                if refine_file is not None
-                else None
-            )
-            added, skipped = _add_stream(
-                adder,
-                iter_embeddings(stats.files, storage, stats.dim, add_batch_rows),
-                writer,
-                set(),
-                stats.model_version,
-                probe,
-                refine_writer,
-            )
-        index = _back_to_cpu(index, adder)
-        t_add = time.perf_counter() - t0
-        if skipped:
-            logger.warning("%s: %d duplicate image_ids indexed once", embeddings_uri, skipped)
-
-        t0 = time.perf_counter()
-        nprobe = tuned = rerank = None
-        ivf = ivf_or_none(index)
-        if refine_file is not None:
-            rerank = 1
-            if probe is not None:
-                nprobe, rerank, tuned = tune_with_rerank(
-                    index,
-                    probe,
-                    None if ivf is None else ivf.nlist,
-                    target_recall,
-                    RefineVectors([refine_file]),
-                )
-            elif ivf is not None:
-                nprobe = min(ivf.nlist, 16)
-            if ivf is not None:
-                ivf.nprobe = nprobe
-        elif ivf is not None:
-            nprobe, tuned = (
-                tune_nprobe(index, probe, ivf.nlist, target_recall)
-                if probe is not None
-                else (min(ivf.nlist, 16), None)
-            )
-            ivf.nprobe = nprobe
-        t_tune = time.perf_counter() - t0
-
-        now = now_iso()
-        info = IndexInfo(
-            uri=out_uri,
-            factory=plan.factory,
-            metric=metric,
-            dim=stats.dim,
-            count=int(index.ntotal),
-            model_version=stats.model_version,
-            nprobe=nprobe,
-            tuned_recall=None if tuned is None else round(tuned, 4),
-            bytes_per_vector=float("nan"),
-            generation=generation,
-            index_file=index_name(generation),
-            id_parts=[id_part_name(generation)],
-            plan_reason=plan.reason,
-            memory_budget=budget,
-            build_seconds={
-                "train": round(t_train, 3),
-                "add": round(t_add, 3),
-                "tune": round(t_tune, 3),
-                "total": round(time.perf_counter() - t_start, 3),
-            },
-            created_at=now,
-            vbatch_version=vbatch_version(),
-            faiss_version=faiss.__version__,
-            history=[
-                {
-                    "generation": generation,
-                    "operation": "build",
-                    "source": embeddings_uri,
-                    "added": added,
-                    "skipped_duplicates": skipped,
-                    "error_rows": stats.error_rows,
-                    "at": now,
-                }
-            ],
-            refine_parts=[] if refine_file is None else [refine_part_name(generation)],
-            refine_dtype=None if refine_file is None else refine_dtype,
-            rerank=rerank,
-            added=added,
-            skipped_existing=skipped,
+    shards = plan_shards(stats, storage, max(1, workers))
+    target = _Target(
+        storage,
+        out_uri,
+        generation,
+        stats.dim,
+        stats.model_version,
+        add_batch_rows,
+        refine_dtype if refine else None,
+    )
+    train_args = (
+        stats,
+        storage,
+        plan.factory,
+        metric,
+        n_train,
+        seed,
+        add_batch_rows,
+        use_gpu,
+        tune_queries,
+        want_probe,
+    )
+    distributed = workers > 1
+    if distributed:
+        trained = _ray_get(
+            _ray_run(_train_phase, *train_args, num_gpus=_gpus_for_training(use_gpu))
         )
-        commit(storage, index, workdir / "ids.parquet", info, previous, workdir, refine_file)
+    else:
+        trained = _train_phase(*train_args)
+    added = sum(s.added for s in shards)
+    skipped = sum(s.skipped for s in shards)
+    if skipped:
+        logger.warning("%s: %d duplicate image_ids indexed once", embeddings_uri, skipped)
+    now = now_iso()
+    info = IndexInfo(
+        uri=out_uri,
+        factory=plan.factory,
+        metric=metric,
+        dim=stats.dim,
+        count=added,
+        model_version=stats.model_version,
+        nprobe=None,
+        tuned_recall=None,
+        bytes_per_vector=float("nan"),
+        generation=generation,
+        index_file=index_name(generation),
+        id_parts=[id_part_name(generation, s.number if distributed else None) for s in shards],
+        plan_reason=plan.reason,
+        memory_budget=budget,
+        build_seconds={"train": round(trained.seconds, 3)},
+        created_at=now,
+        vbatch_version=vbatch_version(),
+        faiss_version=faiss.__version__,
+        history=[
+            {
+                "generation": generation,
+                "operation": "build",
+                "source": embeddings_uri,
+                "added": added,
+                "skipped_duplicates": skipped,
+                "error_rows": stats.error_rows,
+                "workers": len(shards) if distributed else 1,
+                "at": now,
+            }
+        ],
+        refine_parts=(
+            [refine_part_name(generation, s.number if distributed else None) for s in shards]
+            if refine
+            else []
+        ),
+        refine_dtype=refine_dtype if refine else None,
+        added=added,
+        skipped_existing=skipped,
+    )
+
+    t0 = time.perf_counter()
+    if distributed:
+        done = _shards_on_ray(target, trained, shards)
+        info.build_seconds["add"] = round(time.perf_counter() - t0, 3)
+        info = _ray_get(
+            _ray_run(
+                _build_merge_task,
+                target,
+                trained,
+                shards,
+                done,
+                info,
+                previous,
+                target_recall,
+                t_start,
+            )
+        )
+    else:
+        (shard,) = shards
+        with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
+            workdir = Path(tmp)
+            index = faiss.deserialize_index(np.frombuffer(trained.index, dtype=np.uint8))
+            probe = _probe(trained)
+            gpu = _want_gpu(use_gpu)
+            adder = _adder(index, gpu)
+            refine_file = workdir / "refine.npy" if refine else None
+            with contextlib.ExitStack() as stack:
+                refine_writer = (
+                    stack.enter_context(NpyPartWriter(refine_file, stats.dim, refine_dtype))
+                    if refine_file is not None
+                    else None
+                )
+                add_shard(
+                    adder,
+                    shard,
+                    storage,
+                    stats.dim,
+                    add_batch_rows,
+                    workdir / "ids.parquet",
+                    stats.model_version,
+                    probe,
+                    refine_writer,
+                )
+            index = _back_to_cpu(index, adder)
+            info.build_seconds["add"] = round(time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
+            refine_vectors = RefineVectors([refine_file]) if refine_file is not None else None
+            info.nprobe, info.rerank, tuned = _tune(index, probe, refine_vectors, target_recall)
+            info.tuned_recall = None if tuned is None else round(tuned, 4)
+            del refine_vectors
+            info.build_seconds["tune"] = round(time.perf_counter() - t0, 3)
+            info.build_seconds["total"] = round(time.time() - t_start, 3)
+            commit(storage, index, workdir / "ids.parquet", info, previous, workdir, refine_file)
     logger.info(
         "index %s: %d vectors, %s, %.0f B/vector, nprobe=%s, rerank=%s (recall@10 %s), %.1f s",
         out_uri,
@@ -376,18 +606,22 @@ def add_to_index(
     storage: Storage,
     add_batch_rows: int = 16_384,
     use_gpu: bool | str = "auto",
+    workers: int = 1,
 ) -> IndexInfo:
     """Add a new table of embeddings to an existing index without retraining.
 
     IVF coarse centroids, PQ codebooks and OPQ rotations stay as trained; vectors are encoded
     and appended. image_ids already in the index are skipped (a repeated add changes nothing).
+    With ``workers > 1``, shards of the new table are encoded in parallel Ray tasks and appended
+    by one merge task, as :func:`build_index` does; the result is the single-process add's.
 
     Args:
         index_uri: folder of an index written by :func:`build_index`.
         embeddings_uri: Parquet file or folder with the new embeddings.
         storage: the storage layer.
         add_batch_rows: Parquet rows per batch.
-        use_gpu: ``"auto"``, ``True`` or ``False``.
+        use_gpu: ``"auto"``, ``True`` or ``False`` (adds in this process only).
+        workers: shards encoded in parallel Ray tasks; 1 adds in this process.
 
     Returns:
         The new :class:`IndexInfo` (``added``, ``skipped_existing`` say what happened); when
@@ -396,7 +630,7 @@ def add_to_index(
     Raises:
         ValueError: the new embeddings come from another model version or have another dim.
     """
-    t_start = time.perf_counter()
+    t_start = time.time()
     previous = read_info(index_uri, storage)
     stats = scan_embeddings(embeddings_uri, storage)
     if stats.dim != previous.dim:
@@ -410,66 +644,89 @@ def add_to_index(
             f"{index_uri} ({previous.model_version!r}); embeddings of different models are not "
             "comparable: build a new index"
         )
+    indexed = read_id_map(previous, storage).column("image_id").combine_chunks()
+    shards = plan_shards(stats, storage, max(1, workers), indexed=indexed)
+    del indexed
+    added = sum(s.added for s in shards)
+    skipped = stats.count - added
+    logger.info(
+        "%s: %d new vectors, %d image_ids already indexed (skipped)",
+        embeddings_uri,
+        added,
+        skipped,
+    )
+    if added == 0:
+        info = read_info(index_uri, storage)
+        info.skipped_existing = skipped
+        return info
+    shards = [s for s in shards if s.added]
     generation = previous.generation + 1
+    distributed = workers > 1
+    # a gallery with refinement vectors gets parts for the new ones (rows continue the faiss
+    # ids); one built without stays without (re-ranking needs every vector)
+    refine_dtype = (previous.refine_dtype or "float32") if previous.refine_parts else None
+    target = _Target(
+        storage,
+        index_uri,
+        generation,
+        previous.dim,
+        previous.model_version,
+        add_batch_rows,
+        refine_dtype,
+    )
+    now = now_iso()
+    info = IndexInfo(**{**asdict(previous), "added": added, "skipped_existing": skipped})
+    info.count = previous.count + added
+    info.generation = generation
+    info.index_file = index_name(generation)
+    names = [s.number if distributed else None for s in shards]
+    info.id_parts = [*previous.id_parts, *(id_part_name(generation, n) for n in names)]
+    if refine_dtype is not None:
+        info.refine_parts = [
+            *previous.refine_parts,
+            *(refine_part_name(generation, n) for n in names),
+        ]
+    info.vbatch_version = vbatch_version()
+    info.faiss_version = faiss.__version__
+    history = {
+        "generation": generation,
+        "operation": "add",
+        "source": embeddings_uri,
+        "added": added,
+        "skipped_existing": skipped,
+        "error_rows": stats.error_rows,
+        "workers": len(shards) if distributed else 1,
+        "at": now,
+    }
+    info.history = [*previous.history, history]
+    if distributed:
+        trained = _Trained(_emptied(previous, storage), None, None, 0.0)
+        _shards_on_ray(target, trained, shards)
+        return _ray_get(_ray_run(_add_merge_task, target, shards, info, previous, t_start))
+
+    (shard,) = shards
     with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
         workdir = Path(tmp)
         index = load_faiss(previous, storage, workdir)
-        seen = set(read_id_map(previous, storage).column("image_id").to_pylist())
-        part = workdir / "ids-new.parquet"
-        # a gallery with refinement vectors gets a part for the new ones (rows continue the
-        # faiss ids); one built without stays without (re-ranking needs every vector)
-        refine_file = workdir / "refine-new.npy" if previous.refine_parts else None
+        refine_file = workdir / "refine-new.npy" if refine_dtype is not None else None
         adder = _adder(index, _want_gpu(use_gpu))
         with contextlib.ExitStack() as stack:
-            writer = stack.enter_context(pq.ParquetWriter(part, ID_MAP_SCHEMA))
             refine_writer = (
-                stack.enter_context(
-                    NpyPartWriter(refine_file, previous.dim, previous.refine_dtype or "float32")
-                )
-                if refine_file is not None
+                stack.enter_context(NpyPartWriter(refine_file, previous.dim, refine_dtype))
+                if refine_file is not None and refine_dtype is not None
                 else None
             )
-            added, skipped = _add_stream(
+            add_shard(
                 adder,
-                iter_embeddings(stats.files, storage, stats.dim, add_batch_rows),
-                writer,
-                seen,
+                shard,
+                storage,
+                previous.dim,
+                add_batch_rows,
+                workdir / "ids-new.parquet",
                 previous.model_version,
                 refine=refine_writer,
             )
         index = _back_to_cpu(index, adder)
-        logger.info(
-            "%s: %d new vectors, %d image_ids already indexed (skipped)",
-            embeddings_uri,
-            added,
-            skipped,
-        )
-        if added == 0:
-            info = read_info(index_uri, storage)
-            info.skipped_existing = skipped
-            return info
-        now = now_iso()
-        info = IndexInfo(**{**asdict(previous), "added": added, "skipped_existing": skipped})
-        info.count = int(index.ntotal)
-        info.generation = generation
-        info.index_file = index_name(generation)
-        info.id_parts = [*previous.id_parts, id_part_name(generation)]
-        if refine_file is not None:
-            info.refine_parts = [*previous.refine_parts, refine_part_name(generation)]
-        info.history = [
-            *previous.history,
-            {
-                "generation": generation,
-                "operation": "add",
-                "source": embeddings_uri,
-                "added": added,
-                "skipped_existing": skipped,
-                "error_rows": stats.error_rows,
-                "seconds": round(time.perf_counter() - t_start, 3),
-                "at": now,
-            },
-        ]
-        info.vbatch_version = vbatch_version()
-        info.faiss_version = faiss.__version__
-        commit(storage, index, part, info, previous, workdir, refine_file)
+        history["seconds"] = round(time.time() - t_start, 3)
+        commit(storage, index, workdir / "ids-new.parquet", info, previous, workdir, refine_file)
     return info

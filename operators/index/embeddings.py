@@ -244,15 +244,18 @@ def vectors_from_arrow(
 
 
 def iter_embeddings(
-    files: Sequence[str], storage: Storage, dim: int, batch_rows: int = 16384
+    files: Sequence[str], storage: Storage, dim: int, batch_rows: int = 16384, start: int = 0
 ) -> Iterator[EmbeddingBatch]:
     """Stream the ok rows of ``files`` in batches of at most ``batch_rows`` input rows.
+
+    ``start`` is the ordinal of the first ok row of ``files[0]`` (a shard that begins inside the
+    table passes its files' position, so that ordinals stay those of the whole table).
 
     Raises:
         ValueError: an ok row without a valid embedding (null, wrong length, non-finite, zero
             norm), naming the file, the row and the image_id.
     """
-    ordinal = 0
+    ordinal = start
     for file_uri in files:
         pf = open_parquet(storage, file_uri)
         file_row = 0

@@ -6,6 +6,9 @@ Layout under the index URI (every object written through :class:`vbatch.operator
     index-00003.faiss          the FAISS index of generation 3
     ids/part-00000.parquet     faiss_id int64, image_id string, model_version string
     ids/part-00003.parquet     rows added by generation 3 (an ``add_to_index``)
+    ids/part-00004-00001.parquet  shard 1 of generation 4 (a build or add on Ray workers)
+    refine/part-00000.npy      full-precision vectors for re-ranking (when the plan keeps them)
+    _shards/00004/             a distributed run's shard indexes until its commit (then removed)
 
 Object stores have no multi-object transaction, so every build or add writes a new *generation*
 (new index file, new id part) and only then replaces ``index.json``; a reader that opened the old
@@ -44,9 +47,10 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "index.json"
 IDS_DIR = "ids"
 REFINE_DIR = "refine"
+SHARDS_DIR = "_shards"
 _INDEX_FILE_RE = re.compile(r"index-(\d{5})\.faiss$")
-_ID_PART_RE = re.compile(r"part-(\d{5})\.parquet$")
-_REFINE_PART_RE = re.compile(r"part-(\d{5})\.npy$")
+_ID_PART_RE = re.compile(r"part-(\d{5})(?:-\d{5})?\.parquet$")
+_REFINE_PART_RE = re.compile(r"part-(\d{5})(?:-\d{5})?\.npy$")
 
 ID_MAP_SCHEMA = pa.schema(
     [
@@ -196,15 +200,18 @@ class IndexInfo:
         if not isinstance(self.index_file, str) or not _INDEX_FILE_RE.fullmatch(self.index_file):
             return f"index_file {self.index_file!r} is not index-NNNNN.faiss"
         if not isinstance(self.id_parts, list) or not all(
-            isinstance(p, str) and re.fullmatch(rf"{IDS_DIR}/part-\d{{5}}\.parquet", p)
+            isinstance(p, str) and re.fullmatch(rf"{IDS_DIR}/part-\d{{5}}(-\d{{5}})?\.parquet", p)
             for p in self.id_parts
         ):
-            return f"id_parts {self.id_parts!r} are not a list of ids/part-NNNNN.parquet"
+            return f"id_parts {self.id_parts!r} are not a list of ids/part-NNNNN[-SSSSS].parquet"
         if not isinstance(self.refine_parts, list) or not all(
-            isinstance(p, str) and re.fullmatch(rf"{REFINE_DIR}/part-\d{{5}}\.npy", p)
+            isinstance(p, str) and re.fullmatch(rf"{REFINE_DIR}/part-\d{{5}}(-\d{{5}})?\.npy", p)
             for p in self.refine_parts
         ):
-            return f"refine_parts {self.refine_parts!r} are not a list of refine/part-NNNNN.npy"
+            return (
+                f"refine_parts {self.refine_parts!r} are not a list of "
+                "refine/part-NNNNN[-SSSSS].npy"
+            )
         if self.refine_parts and self.refine_dtype not in ("float32", "float16"):
             return f"refine_dtype must be float32 or float16, got {self.refine_dtype!r}"
         if self.rerank is not None and (not is_int(self.rerank) or self.rerank < 1):
@@ -243,12 +250,24 @@ def index_name(generation: int) -> str:
     return f"index-{generation:05d}.faiss"
 
 
-def id_part_name(generation: int) -> str:
-    return f"{IDS_DIR}/part-{generation:05d}.parquet"
+def _part_suffix(generation: int, shard: int | None) -> str:
+    return f"{generation:05d}" if shard is None else f"{generation:05d}-{shard:05d}"
 
 
-def refine_part_name(generation: int) -> str:
-    return f"{REFINE_DIR}/part-{generation:05d}.npy"
+def id_part_name(generation: int, shard: int | None = None) -> str:
+    """``ids/part-GGGGG.parquet``; a distributed build writes one part per shard,
+    ``ids/part-GGGGG-SSSSS.parquet`` (rows in faiss-id order across the shards)."""
+    return f"{IDS_DIR}/part-{_part_suffix(generation, shard)}.parquet"
+
+
+def refine_part_name(generation: int, shard: int | None = None) -> str:
+    """``refine/part-GGGGG.npy`` (``-SSSSS`` per shard, as :func:`id_part_name`)."""
+    return f"{REFINE_DIR}/part-{_part_suffix(generation, shard)}.npy"
+
+
+def shard_staging(uri: str, generation: int) -> str:
+    """Where a distributed build's workers leave their shard indexes until the merge."""
+    return join(uri, SHARDS_DIR, f"{generation:05d}")
 
 
 def commit(
@@ -287,6 +306,8 @@ def commit(
         if ours and file_uri not in keep:
             logger.info("removing stale index file %s", file_uri)
             storage.delete(file_uri)
+    # shard indexes of this run (merged into the index just written) and of crashed runs
+    storage.delete(join(info.uri, SHARDS_DIR), recursive=True)
 
 
 def _files(info: IndexInfo) -> list[str]:

@@ -47,6 +47,17 @@ class RecallProbe:
         hit = self._sorted[pos] == ordinals
         self.self_ids[self._order[pos[hit]]] = faiss_ids[hit]
 
+    def partial(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(scores, ids, self_ids)`` of what this probe saw, for :meth:`merge` elsewhere (a
+        distributed build's shard returns this; its queries are the same on every shard)."""
+        self.heap.finalize()
+        return self.heap.D.copy(), self.heap.I.copy(), self.self_ids.copy()
+
+    def merge(self, scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> None:
+        """Fold another probe's :meth:`partial` (over other gallery vectors) into this one."""
+        self.heap.add_result(np.ascontiguousarray(scores), np.ascontiguousarray(ids))
+        self.self_ids = np.maximum(self.self_ids, self_ids)
+
     def ground_truth(self) -> np.ndarray:
         self.heap.finalize()
         return _drop_self(self.heap.I, self.self_ids, self.k)
