@@ -3,18 +3,54 @@
 Public API: :func:`load_model`, :func:`load_transforms`, :data:`REGISTRY`.
 """
 
-from vbatch.models.base import Predictor, Transforms
-from vbatch.models.checkpoint import CheckpointError
-from vbatch.models.registry import (
-    REGISTRY,
-    ModelEntry,
-    UnknownModelError,
-    check_model_dir,
-    load_model,
-    load_transforms,
-    model_entry,
-    model_version,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vbatch.models.base import Predictor, Transforms
+    from vbatch.models.checkpoint import CheckpointError
+    from vbatch.models.registry import (
+        REGISTRY,
+        ModelEntry,
+        UnknownModelError,
+        check_model_dir,
+        load_model,
+        load_transforms,
+        model_entry,
+        model_version,
+    )
+
+# Imported on first use: torch comes with them, and processes that only need a light module of
+# this package (vbatch.models.fileio, used by the storage layer of every stage and of the index
+# code) would otherwise pay ~270 MB of private memory and seconds of import for nothing.
+_WHERE = {
+    "Predictor": "vbatch.models.base",
+    "Transforms": "vbatch.models.base",
+    "CheckpointError": "vbatch.models.checkpoint",
+    **dict.fromkeys(
+        (
+            "REGISTRY",
+            "ModelEntry",
+            "UnknownModelError",
+            "check_model_dir",
+            "load_model",
+            "load_transforms",
+            "model_entry",
+            "model_version",
+        ),
+        "vbatch.models.registry",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "REGISTRY",
