@@ -228,6 +228,18 @@ def test_png_settings_are_lossless() -> None:
     rng = np.random.default_rng(1)
     grey = cv2.resize(rng.integers(0, 256, (40, 30), dtype=np.uint8), (333, 250))
     rgba = np.dstack([product_image(2, (333, 250)), grey])
-    for image in (grey, np.where(grey > 127, 255, 0).astype(np.uint8), rgba):
-        back = np.asarray(Image.open(io.BytesIO(encode_png(image))))
-        np.testing.assert_array_equal(back, image)
+    noise = rng.integers(0, 256, (97, 61), dtype=np.uint8)  # every UP difference wraps somewhere
+    strips = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((1, 1), (1, 57), (43, 1))]
+    view = grey[::2, 3:200]  # not contiguous
+    binary = np.where(grey > 127, 255, 0).astype(np.uint8)
+    for image in (grey, binary, noise, *strips, view, rgba):
+        data = encode_png(image)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # the whole zlib stream decoded (libpng below also checks every CRC)
+            assert im.mode == ("RGBA" if image.ndim == 3 else "L")
+            np.testing.assert_array_equal(np.asarray(im), image)
+        if image.ndim == 2:
+            back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(back, image)  # libpng, the other common reader
+    with pytest.raises(ValueError, match="8-bit grey or RGBA"):
+        encode_png(np.zeros((4, 4), np.float32))
