@@ -25,10 +25,13 @@ Figures: ``docs/BENCHMARKS.md`` ("Distributed build").
 from __future__ import annotations
 
 import argparse
+import gc
+import glob
 import hashlib
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,9 +45,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_index import NEAR_TIED, ReidLikeEmbeddings, recall_at
+from bench_index import NEAR_TIED, ReidLikeEmbeddings, gallery_memory, recall_at
 
-from vbatch.operators.index import GalleryIndex, build_index
+from vbatch.operators.index import GalleryIndex
 from vbatch.operators.index.store import read_id_map, read_info
 from vbatch.operators.storage import Storage
 
@@ -61,8 +64,8 @@ def _anon_bytes(pid: int | str) -> int | None:
 class PeakMemory:
     """Peak anonymous memory of this process and of every Ray worker, by the task it ran."""
 
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peaks = interval, defaultdict(int)
+    def __init__(self, driver: int, interval: float = 0.2) -> None:
+        self.driver, self.interval, self.peaks = driver, interval, defaultdict(int)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -75,22 +78,46 @@ class PeakMemory:
         self._thread.join()
 
     def _run(self) -> None:
-        me = os.getpid()
         while not self._stop.is_set():
+            parent: dict[int, int] = {}
             for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:  # "pid (comm) state ppid ...": comm may hold spaces, so split after ")"
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    parent[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+            for pid in parent:
+                ancestor = pid
+                while ancestor not in (self.driver, 0, 1) and ancestor in parent:
+                    ancestor = parent[ancestor]
+                if ancestor != self.driver:
+                    continue  # not the build's driver nor one of its Ray processes
                 try:
                     title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
                 except OSError:
                     continue
-                if int(pid) == me:
+                if pid == self.driver:
                     title = "driver"
-                elif not title.startswith("ray::") or title in ("ray::IDLE",):
+                elif not title.startswith("ray::"):
                     continue
                 anon = _anon_bytes(pid)
                 if anon is not None:
-                    key = f"{title} (pid {pid})"
+                    key = f"{title.split('.')[0]} (pid {pid})"
                     self.peaks[key] = max(self.peaks[key], anon)
             self._stop.wait(self.interval)
+
+
+_BUILD_SCRIPT = """
+import logging, sys
+from vbatch.operators.index import build_index
+from vbatch.operators.storage import Storage
+logging.basicConfig(level=logging.WARNING)
+emb, out, budget, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if workers > 1:
+    from vbatch.jobs.runtime import ensure_ray
+    ensure_ray("local")
+build_index(emb, out, Storage(), memory_budget=budget, workers=workers)
+"""
 
 
 def write_gallery(
@@ -123,6 +150,20 @@ def write_gallery(
     return len(ids), heap.I
 
 
+def exact_top10(parts: list[str], xq: np.ndarray) -> np.ndarray:
+    """Exact top-10 of ``xq`` over the gallery files (ids = rows in file order), streamed."""
+    heap, offset = faiss.ResultHeap(len(xq), 10, keep_max=True), 0
+    for f in parts:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=["embedding"]):
+            col = batch.column("embedding")
+            x = col.values.to_numpy().reshape(len(col), -1)
+            d, i = faiss.knn(xq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(d, i + offset)
+            offset += len(col)
+    heap.finalize()
+    return heap.I
+
+
 def _digest(paths: list[str]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -142,6 +183,11 @@ def main() -> None:
     ap.add_argument("--compression", type=float, default=8.0, help="memory budget = flat / this")
     ap.add_argument("--files", type=int, default=20, help="Parquet files of the gallery")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--table",
+        default=None,
+        help="keep the gallery table (and its exact top-10) in this folder and reuse it next time",
+    )
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
 
@@ -154,27 +200,39 @@ def main() -> None:
     xq = gen.draw(gen.rng.integers(0, n_ids, args.queries))
     tmp = tempfile.mkdtemp(prefix="vbatch-bench-build-", dir=args.workdir)
     try:
-        emb = os.path.join(tmp, "emb")
+        emb = args.table or os.path.join(tmp, "emb")
         t0 = time.perf_counter()
-        n, truth = write_gallery(emb, gen, n_ids, per_id, args.files, xq)
+        truth_file = emb.rstrip("/") + "-truth.npy"
+        parts = sorted(glob.glob(os.path.join(emb, "part-*.parquet")))
+        if parts:  # a kept table: its exact top-10 saved beside it, else computed again
+            truth = np.load(truth_file) if os.path.exists(truth_file) else exact_top10(parts, xq)
+            n, how = sum(pq.ParquetFile(f).metadata.num_rows for f in parts), "reused"
+        else:
+            n, truth = write_gallery(emb, gen, n_ids, per_id, args.files, xq)
+            how = "written"
+        np.save(truth_file, truth)
+        del gen  # its identity centres (n_ids x dim) are not the build's memory
+        gc.collect()
         print(
             f"{args.data} gallery {n} x {args.dim} ({n * args.dim * 4 / 1e9:.1f} GB float32) "
-            f"written in {time.perf_counter() - t0:.0f} s, exact top-10 of {len(xq)} queries "
-            f"on the way; {os.cpu_count()} cores, OMP threads {faiss.omp_get_max_threads()}"
+            f"{how} in {time.perf_counter() - t0:.0f} s, exact top-10 of {len(xq)} queries; "
+            f"{os.cpu_count()} cores, OMP threads {faiss.omp_get_max_threads()}"
         )
         budget = int(n * 4 * args.dim / args.compression)
         storage = Storage()
         first: tuple[str, str] | None = None
-        print(f"driver before building: {_anon_bytes(os.getpid()) / 2**20:.0f} MiB anonymous")
         for w in workers:
-            if w > 1:
-                from vbatch.jobs.runtime import ensure_ray
-
-                ensure_ray("local")
             out = os.path.join(tmp, f"index-w{w}")
+            # the build's driver is a fresh process: what the bench itself allocated (the
+            # generator, the exact search) is not counted as the build's
             t0 = time.perf_counter()
-            with PeakMemory() as mem:
-                info = build_index(emb, out, storage, memory_budget=budget, workers=w)
+            child = subprocess.Popen(
+                [sys.executable, "-c", _BUILD_SCRIPT, emb, out, str(budget), str(w)],
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            with PeakMemory(child.pid) as mem:
+                if child.wait() != 0:
+                    raise SystemExit(f"the build with --workers {w} failed")
             wall = time.perf_counter() - t0
             info = read_info(out, storage)
             ids = read_id_map(info, storage)
@@ -210,6 +268,15 @@ def main() -> None:
             for key, peak in sorted(mem.peaks.items(), key=lambda kv: -kv[1]):
                 print(f"  {peak / 2**20:8.0f}  {key}")
             del gallery
+            if w == workers[0]:  # opening + searching in a fresh process: mapped vs in RAM
+                for mmap in (True, False):
+                    m = gallery_memory(out, xq, mmap=mmap)
+                    if m is not None:
+                        print(
+                            f"search process ({'memory-mapped' if mmap else 'read into RAM'}): "
+                            f"heap +{m['search_anon'] / 2**20:.0f} MiB, page cache "
+                            f"+{m['search_file'] / 2**20:.0f} MiB after open + {len(xq)} queries"
+                        )
             if first is not None and w != workers[0]:
                 shutil.rmtree(out)
     finally:
