@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vbatch.operators.manifest import ERROR, ROW, id_hashes, sorted_lookup
-from vbatch.operators.storage import Storage, is_remote, join
+from vbatch.operators.storage import Storage, join
 from vbatch.operators.tables import STAGING
 from vbatch.schemas.errors import INFRASTRUCTURE
 from vbatch.schemas.images import key_error_row
@@ -108,41 +109,75 @@ class PreviousAttempt:
         return len(self.done_ids) + len(self.done_rows)
 
 
-def previous_attempt(out: str, storage: Storage, key: str) -> PreviousAttempt:
-    """Read the staged files of an unfinished run ``key`` under ``out``; delete those that cannot
-    count (a local file cut short; a file with infrastructure error rows, which a rerun redoes).
+def staged_tables(
+    out: str,
+    storage: Storage,
+    key: str,
+    columns: list[str],
+    redo: Callable[[pa.Table], bool],
+) -> tuple[list[tuple[str, pa.Table]], int]:
+    """The staged files of an unfinished run ``key`` under ``out`` that can count, read.
+
+    A file that cannot count is deleted: one cut short (no footer: the writer died mid-file, local
+    disks only) and one for which ``redo`` says its rows must be redone (infrastructure errors).
 
     Returns:
-        The files kept and their rows' keys (empty when there was no such run).
+        ``([(uri, table of columns)], files deleted)``.
     """
     staging = join(out, STAGING, key)
     fs, path = storage.fs(staging)
     fs.invalidate_cache(path)
-    found = PreviousAttempt()
-    ids: list[np.ndarray] = []
-    rows: list[int] = []
+    kept: list[tuple[str, pa.Table]] = []
+    dropped = 0
     for uri in storage.list_files(staging, suffix=".parquet"):
         afs, apath = storage.arrow_fs(uri)
         try:
-            table = pq.read_table(
-                apath, filesystem=afs, columns=["image_id", "error", "error_class"]
-            )
+            table = pq.read_table(apath, filesystem=afs, columns=columns)
         except Exception as e:  # no footer: the writer died mid-file (local disks only)
             logger.warning("resume: dropping the incomplete staged file %s (%s)", uri, e)
             storage.delete(uri)
-            found.dropped += 1
+            dropped += 1
             continue
-        error_class = table.column("error_class")
-        key_rows = [key_error_row(m) for m in table.column("error").to_pylist()]
-        is_key_error = pc.equal(error_class.fill_null(""), "manifest").to_numpy(
-            zero_copy_only=False
-        )
-        unparsed = any(k and r is None for k, r in zip(is_key_error, key_rows, strict=True))
-        if pc.any(pc.equal(error_class, INFRASTRUCTURE)).as_py() or unparsed:
+        if redo(table):
             logger.info("resume: redoing the rows of %s (infrastructure errors)", uri)
             storage.delete(uri)
-            found.dropped += 1
+            dropped += 1
             continue
+        kept.append((uri, table))
+    return kept, dropped
+
+
+def _key_rows(table: pa.Table) -> tuple[list[int | None], np.ndarray]:
+    """The manifest row of each key-error row (``None`` elsewhere), and which rows are those."""
+    rows = [key_error_row(m) for m in table.column("error").to_pylist()]
+    is_key_error = pc.equal(table.column("error_class").fill_null(""), "manifest").to_numpy(
+        zero_copy_only=False
+    )
+    return rows, is_key_error
+
+
+def _redo_image_file(table: pa.Table) -> bool:
+    """Infrastructure error rows, or a key-error row whose manifest row cannot be read back."""
+    rows, is_key_error = _key_rows(table)
+    unparsed = any(k and r is None for k, r in zip(is_key_error, rows, strict=True))
+    return bool(pc.any(pc.equal(table.column("error_class"), INFRASTRUCTURE)).as_py()) or unparsed
+
+
+def previous_attempt(out: str, storage: Storage, key: str) -> PreviousAttempt:
+    """Read the staged files of an unfinished run ``key`` under ``out``; delete those that cannot
+    count (see :func:`staged_tables`).
+
+    Returns:
+        The files kept and their rows' keys (empty when there was no such run).
+    """
+    kept, dropped = staged_tables(
+        out, storage, key, ["image_id", "error", "error_class"], _redo_image_file
+    )
+    found = PreviousAttempt(dropped=dropped)
+    ids: list[np.ndarray] = []
+    rows: list[int] = []
+    for uri, table in kept:
+        key_rows, is_key_error = _key_rows(table)
         found.files.append(uri)
         rows += [r for r in key_rows if r is not None]
         ids.append(id_hashes(table.column("image_id").filter(pa.array(~is_key_error))))
@@ -153,7 +188,7 @@ def previous_attempt(out: str, storage: Storage, key: str) -> PreviousAttempt:
             "resume: %d rows in %d staged files of an unfinished run (%s); %d files dropped",
             found.rows,
             len(found.files),
-            staging if is_remote(staging) else path,
+            join(out, STAGING, key),
             found.dropped,
         )
     return found

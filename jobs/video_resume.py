@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from vbatch.jobs.resume import HANG_FAULT, ROWS_FAULT, stop_here
+from vbatch.jobs.resume import HANG_FAULT, ROWS_FAULT, staged_tables, stop_here
 from vbatch.operators.manifest import ROW, sorted_lookup
 from vbatch.operators.storage import Storage, join
 from vbatch.operators.tables import STAGING
@@ -131,27 +130,17 @@ def previous_video_attempt(out: str, storage: Storage, key: str) -> VideoAttempt
     Returns:
         The files kept and their rows' keys (empty when there was no such run).
     """
-    staging = join(out, STAGING, key)
-    fs, path = storage.fs(staging)
-    fs.invalidate_cache(path)
-    found = VideoAttempt()
-    tables = []
-    for uri in storage.list_files(staging, suffix=".parquet"):
-        afs, apath = storage.arrow_fs(uri)
-        try:
-            table = pq.read_table(apath, filesystem=afs, columns=[*_KEY_COLUMNS, "error"])
-        except Exception as e:  # no footer: the writer died mid-file (local disks only)
-            logger.warning("resume: dropping the incomplete staged file %s (%s)", uri, e)
-            storage.delete(uri)
-            found.dropped += 1
-            continue
-        if pc.any(pc.equal(classify_errors(table.column("error")), INFRASTRUCTURE)).as_py():
-            logger.info("resume: redoing the rows of %s (infrastructure errors)", uri)
-            storage.delete(uri)
-            found.dropped += 1
-            continue
-        found.files.append(uri)
-        tables.append(table.select(_KEY_COLUMNS))
+    kept, dropped = staged_tables(
+        out,
+        storage,
+        key,
+        [*_KEY_COLUMNS, "error"],
+        lambda t: bool(
+            pc.any(pc.equal(classify_errors(t.column("error")), INFRASTRUCTURE)).as_py()
+        ),
+    )
+    found = VideoAttempt(files=[uri for uri, _ in kept], dropped=dropped)
+    tables = [table.select(_KEY_COLUMNS) for _, table in kept]
     if tables:
         found.staged = StagedRows.from_table(pa.concat_tables(tables))
         found.rows = sum(t.num_rows for t in tables)
@@ -160,7 +149,7 @@ def previous_video_attempt(out: str, storage: Storage, key: str) -> VideoAttempt
             "resume: %d result rows in %d staged files of an unfinished run (%s); %d files dropped",
             found.rows,
             len(found.files),
-            staging,
+            join(out, STAGING, key),
             found.dropped,
         )
     return found
