@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 
 from tests.index_data import clustered, write_embeddings
-from vbatch.jobs.reid_search import SearchStage
 from vbatch.operators.index import GalleryIndex, build_index
+from vbatch.operators.index.search_stage import SearchStage
 from vbatch.operators.storage import Storage, StorageOptions
 
 

@@ -8,11 +8,14 @@ autofaiss split an index library:
 * :mod:`.embeddings`: streaming and validating ``reid embed`` Parquet tables;
 * :mod:`.store`: ``index.json``, index files by generation, the id map;
 * :mod:`.indexes`: faiss index objects and per-call search parameters;
-* :mod:`.build`: train, add, commit (:func:`build_index`, :func:`add_to_index`);
+* :mod:`.build`: train, add, commit (:func:`build_index`, :func:`add_to_index`), in this
+  process or as Ray tasks (``workers > 1``);
+* :mod:`.shards`: which rows a build indexes, cut into shards, and the merge of shard indexes;
 * :mod:`.refine`: full-precision vectors beside the index, memory-mapped, for re-ranking;
 * :mod:`.tune`: recall against exact search and the ``nprobe`` (and re-rank factor) that reach a
   target;
-* :mod:`.gallery`: :class:`GalleryIndex`, open and search.
+* :mod:`.gallery`: :class:`GalleryIndex`, open and search;
+* :mod:`.search_stage`: the batch search job's actor (Ray Data stage).
 
 Reference implementation: faiss (Johnson, Douze, Jégou, "Billion-scale similarity search with
 GPUs", 2017; Douze et al., "The Faiss library", 2024). Figures: ``docs/BENCHMARKS.md``.
