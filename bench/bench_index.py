@@ -81,6 +81,23 @@ class ReidLikeEmbeddings:
         return _unit(self.centres[ids] + self.view * v + self.iso * e).astype(np.float32)
 
 
+def gallery_part(x: np.ndarray, ids: np.ndarray, part: np.ndarray, per_id: int) -> pa.Table:
+    """One file of the gallery's embeddings table: rows ``part`` (identities ``ids[part]``)."""
+    return pa.table(
+        {
+            "image_id": [f"p{ids[i]:06d}_{i % per_id:02d}" for i in part],
+            "status": ["ok"] * len(part),
+            "error": pa.nulls(len(part), pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1]).cast(
+                pa.list_(pa.float32(), x.shape[1])
+            ),
+            "model_version": ["synthetic-v1"] * len(part),
+            "person_id": ids[part],
+            "camera_id": (part % 6) + 1,
+        }
+    )
+
+
 def write_gallery(
     folder: str, gen: ReidLikeEmbeddings, n_ids: int, per_id: int, files: int
 ) -> np.ndarray:
@@ -88,24 +105,12 @@ def write_gallery(
     os.makedirs(folder, exist_ok=True)
     ids = np.repeat(np.arange(n_ids), per_id)
     out = np.empty((len(ids), gen.dim), dtype=np.float32)
-    emb_type = pa.list_(pa.float32(), gen.dim)
     for f, part in enumerate(np.array_split(np.arange(len(ids)), files)):
         x = gen.draw(ids[part])
         out[part] = x
-        table = pa.table(
-            {
-                "image_id": [f"p{ids[i]:05d}_{i % per_id:02d}" for i in part],
-                "status": ["ok"] * len(part),
-                "error": pa.nulls(len(part), pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), gen.dim).cast(
-                    emb_type
-                ),
-                "model_version": ["synthetic-v1"] * len(part),
-                "person_id": ids[part],
-                "camera_id": (part % 6) + 1,
-            }
+        pq.write_table(
+            gallery_part(x, ids, part, per_id), os.path.join(folder, f"part-{f:03d}.parquet")
         )
-        pq.write_table(table, os.path.join(folder, f"part-{f:03d}.parquet"))
     return out
 
 

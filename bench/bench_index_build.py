@@ -41,11 +41,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_index import NEAR_TIED, ReidLikeEmbeddings, gallery_memory, recall_at
+from bench_index import NEAR_TIED, ReidLikeEmbeddings, gallery_memory, gallery_part, recall_at
 
 from vbatch.operators.index import GalleryIndex
 from vbatch.operators.index.store import read_id_map, read_info
@@ -127,25 +126,14 @@ def write_gallery(
     os.makedirs(folder, exist_ok=True)
     ids = np.repeat(np.arange(n_ids), per_id)
     heap = faiss.ResultHeap(len(xq), 10, keep_max=True)
-    emb_type = pa.list_(pa.float32(), gen.dim)
     for f, part in enumerate(np.array_split(np.arange(len(ids)), files)):
         x = gen.draw(ids[part])
         d, i = faiss.knn(xq, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(d, i + part[0])
-        table = pa.table(
-            {
-                "image_id": [f"p{ids[i]:06d}_{i % per_id:02d}" for i in part],
-                "status": ["ok"] * len(part),
-                "error": pa.nulls(len(part), pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), gen.dim).cast(
-                    emb_type
-                ),
-                "model_version": ["synthetic-v1"] * len(part),
-                "person_id": ids[part],
-            }
+        pq.write_table(
+            gallery_part(x, ids, part, per_id), os.path.join(folder, f"part-{f:03d}.parquet")
         )
-        pq.write_table(table, os.path.join(folder, f"part-{f:03d}.parquet"))
-        del x, table
+        del x
     heap.finalize()
     return len(ids), heap.I
 
