@@ -119,7 +119,7 @@ def plan_shards(
     bounds = np.linspace(0, total, max(1, min(shards, total)) + 1).astype(np.int64)
     kept_before = np.concatenate([[0], np.cumsum(keep)])
     file_end = [*file_start[1:], total]
-    out = []
+    out: list[Shard] = []
     for lo, hi in itertools.pairwise(bounds.tolist()):
         if hi == lo:
             continue
@@ -212,7 +212,7 @@ def empty_like(index: faiss.Index) -> faiss.Index:
         index.reset()
         return index
     lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    lists.this.disown()
+    lists.this.disown()  # type: ignore[attr-defined]  # SWIG: the IVF index owns it now
     ivf.replace_invlists(lists, True)
     ivf.ntotal = 0
     index.ntotal = 0
