@@ -167,34 +167,6 @@ def _annotate(
     return parts[0] if len(parts) == 1 else parts
 
 
-def read_parquet_files(paths: Sequence[str], filesystem: Any) -> ray.data.Dataset:
-    """``ray.data.read_parquet`` of files already listed, with Ray Data's first Parquet reader.
-
-    Ray 2.60's default reader (datasource V2) reads the footers through a pool of
-    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (32) actors spread over the cluster, started anew for
-    every read: 32 worker processes for a manifest of one file. On a 2-core machine a 24-row
-    manifest took 9-26 s to read that way and 0.1-0.2 s with this reader once a worker was up; on
-    the multi-node test's three raylets the footer actors kept the read going for minutes. vbatch
-    lists the files itself, so V2's listing brings nothing here.
-
-    Args:
-        paths: Parquet files, as ``filesystem`` names them.
-        filesystem: their pyarrow filesystem.
-
-    Returns:
-        The lazy dataset (its plan is fixed here; executing it later reads the same way).
-    """
-    ctx = ray.data.DataContext.get_current()
-    if not hasattr(ctx, "use_datasource_v2"):  # an older Ray: the first reader is its only one
-        return ray.data.read_parquet(list(paths), filesystem=filesystem, file_extensions=None)
-    saved = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(list(paths), filesystem=filesystem, file_extensions=None)
-    finally:
-        ctx.use_datasource_v2 = saved
-
-
 def read_image_manifest(
     uri: str,
     storage: Storage,
@@ -230,7 +202,7 @@ def read_image_manifest(
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # block order = manifest order
     try:
-        blocks = read_parquet_files(paths, fs).to_arrow_refs()
+        blocks = ray.data.read_parquet(paths, filesystem=fs, file_extensions=None).to_arrow_refs()
     finally:
         ctx.execution_options.preserve_order = saved
 
