@@ -332,18 +332,12 @@ def _emptied(info: IndexInfo, storage: Storage) -> bytes:
         return faiss.serialize_index(empty_like(index)).tobytes()
 
 
-def _ray_run(fn: Callable[..., Any], *args: Any, num_gpus: float = 0) -> Any:
-    """``fn(*args)`` as a Ray task (one CPU; the node's faiss threads follow OMP_NUM_THREADS,
+def _on_ray(fn: Callable[..., Any], *args: Any, num_gpus: float = 0) -> Any:
+    """``fn(*args)`` as one Ray task, waited for (one CPU; faiss' threads follow OMP_NUM_THREADS,
     which Ray sets to the task's CPUs)."""
     import ray
 
-    return ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=2)(fn).remote(*args)
-
-
-def _ray_get(refs: Any) -> Any:
-    import ray
-
-    return ray.get(refs)
+    return ray.get(ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=2)(fn).remote(*args))
 
 
 def _shards_on_ray(target: _Target, trained: _Trained, shards: list[Shard]) -> list[_ShardDone]:
@@ -482,9 +476,7 @@ def build_index(
     )
     distributed = workers > 1
     if distributed:
-        trained = _ray_get(
-            _ray_run(_train_phase, *train_args, num_gpus=_gpus_for_training(use_gpu))
-        )
+        trained = _on_ray(_train_phase, *train_args, num_gpus=_gpus_for_training(use_gpu))
     else:
         trained = _train_phase(*train_args)
     added = sum(s.added for s in shards)
@@ -537,18 +529,16 @@ def build_index(
     if distributed:
         done = _shards_on_ray(target, trained, shards)
         info.build_seconds["add"] = round(time.perf_counter() - t0, 3)
-        info = _ray_get(
-            _ray_run(
-                _build_merge_task,
-                target,
-                trained,
-                shards,
-                done,
-                info,
-                previous,
-                target_recall,
-                t_start,
-            )
+        info = _on_ray(
+            _build_merge_task,
+            target,
+            trained,
+            shards,
+            done,
+            info,
+            previous,
+            target_recall,
+            t_start,
         )
     else:
         (shard,) = shards
@@ -702,7 +692,7 @@ def add_to_index(
     if distributed:
         trained = _Trained(_emptied(previous, storage), None, None, 0.0)
         _shards_on_ray(target, trained, shards)
-        return _ray_get(_ray_run(_add_merge_task, target, shards, info, previous, t_start))
+        return _on_ray(_add_merge_task, target, shards, info, previous, t_start)
 
     (shard,) = shards
     with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
