@@ -32,9 +32,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
 	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# the multi-node Ray cluster test (a head, a CPU node, a model node; kills a node mid-run)
+# The cluster tests alone (`make test` runs them too): the multi-node Ray cluster (a head, a CPU
+# node, a model node; segment, reid search, video, a node killed mid-run) and `ray job submit`.
 test-multinode: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -m multinode tests/test_multinode.py $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest tests/test_multinode.py tests/test_job_submit.py $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
