@@ -32,8 +32,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
 	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# The cluster tests alone (`make test` runs them too): the multi-node Ray cluster (a head, a CPU
-# node, a model node; segment, reid search, video, a node killed mid-run) and `ray job submit`.
+# The cluster tests alone (`make test` runs them too): the multi-node Ray cluster (a head, CPU
+# nodes, a model node; segment, reid search, video, a node killed mid-run) and `ray job submit`.
 test-multinode: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest tests/test_multinode.py tests/test_job_submit.py $(PYTEST_ARGS)
 

@@ -4,8 +4,8 @@ A Ray cluster of a head and two worker raylets (``ray.cluster_utils.Cluster``): 
 "model" node carrying the custom resource ``model_node`` that stands in for the GPU nodes. Each
 node has its own ``VBATCH_CACHE`` and no S3 credentials of its own. Against the S3 server whose
 endpoint it is given, the script runs: the refusal of local paths; ``segment``; ``vbatch reid
-search --manifest`` and ``vbatch video`` through the CLI; ``segment`` again while the CPU node is
-killed (a second CPU node added first). After each step it writes what it saw (rows, the nodes Ray placed each actor and task on,
+search --manifest`` and ``vbatch video`` through the CLI; ``segment`` again on two CPU nodes, one
+of which is killed while it runs a task of the pipeline. After each step it writes what it saw (rows, the nodes Ray placed each actor and task on,
 the node caches) to a JSON file for the test to check, so a run cut short still shows how far it
 got. Each step has a deadline: past it the script logs the cluster's state and every thread's
 stack, and exits 3.
@@ -54,6 +54,9 @@ DEADLINES = {
     "video": 300,
     "killed node": 420,
 }
+#: CPUs of each CPU node: one task at a time, as many worker processes, each of which imports
+#: torch (seconds on the 2-core test machine)
+CPU_NODE_CPUS = 1
 #: workers report their task events to the GCS once a second (task_events_report_interval_ms)
 EVENTS_FLUSH_S = 3
 
@@ -220,7 +223,7 @@ def main(config_path: str, result_path: str) -> None:
         head_args = node_args("head", num_cpus=0, include_dashboard=False)
         head_args["dashboard_agent_listen_port"] = _free_port()
         cluster, head = _add_node(None, **head_args)
-        cluster, cpu_node = _add_node(cluster, **node_args("cpu", num_cpus=2))
+        cluster, cpu_node = _add_node(cluster, **node_args("cpu", num_cpus=CPU_NODE_CPUS))
         cluster, model_node = _add_node(
             cluster, **node_args("model", num_cpus=1, resources={"model_node": 1})
         )
@@ -313,14 +316,19 @@ def main(config_path: str, result_path: str) -> None:
         result["caches_end"] = caches_now()
     save("video")
 
-    # 5. the CPU node dies mid-run, while it runs a task of the pipeline; a second CPU node, added
-    # first, is where the run goes on (the head has no CPU for tasks, the model node's is its
-    # actor's; Cluster.add_node needs the main thread, so it cannot wait for the loss). Last, as
-    # nothing after it needs the lost node.
+    # 5. a CPU node dies mid-run, while it runs a task of the pipeline; the other one, added first,
+    # is where the run goes on (the head has no CPU for tasks, the model node's is its actor's;
+    # Cluster.add_node needs the main thread, so it cannot wait for the loss). Last, as nothing
+    # after it needs the lost node.
     with deadline("killed node", timed_out):
-        cluster, cpu2 = _add_node(cluster, **node_args("cpu2", num_cpus=2))
+        cluster, cpu2 = _add_node(cluster, **node_args("cpu2", num_cpus=CPU_NODE_CPUS))
         cluster.wait_for_nodes(timeout=120)
         nodes["cpu2"] = cpu2.node_id
+        cpu_nodes = {"cpu": cpu_node, "cpu2": cpu2}
+        # Ray Data starts a pipeline's CPU tasks while its actors start, so the first fetch task
+        # may take the model node's one CPU before the actor does; here the pipeline waits for
+        # its actor, so that its tasks can only go to the CPU nodes, where the kill finds them
+        ray.data.DataContext.get_current().wait_for_min_actors_s = DEADLINES["killed node"]
         out2 = join(conf["out"], "run2")
         killed = threading.Event()
         before_tasks, before_actors = _tasks(), _actors()
@@ -329,16 +337,21 @@ def main(config_path: str, result_path: str) -> None:
             from ray._private.state import state
 
             stop = time.monotonic() + DEADLINES["killed node"]
-            reason = "deadline"
+            reason, victim = "deadline", "cpu"
             while time.monotonic() < stop:
-                # the pipeline runs once its model actor exists; its CPU stages then hold the
-                # CPU node's CPUs (fetch/decode go on while the actor starts: its input queues
-                # up in that node's object store)
+                # the pipeline runs once its model actor exists; its CPU stages then hold a CPU
+                # node's CPU (fetch/decode go on while the actor starts: their output queues up
+                # in that node's object store)
                 new = _since(_actors(), before_actors).values()
                 if any("ModelStage" in a["repr"] for a in new):
-                    free = state.available_resources_per_node().get(cpu_node.node_id, {})
-                    if free.get("CPU", 2.0) < 2.0:
-                        reason = "running a task of the pipeline"
+                    free = state.available_resources_per_node()
+                    busy = [
+                        name
+                        for name, node in cpu_nodes.items()
+                        if free.get(node.node_id, {}).get("CPU", CPU_NODE_CPUS) < CPU_NODE_CPUS
+                    ]
+                    if busy:
+                        reason, victim = "running a task of the pipeline", busy[0]
                         break
                 try:
                     if storage.list_files(join(out2, "masks")):
@@ -347,10 +360,10 @@ def main(config_path: str, result_path: str) -> None:
                 except FileNotFoundError:
                     pass
                 time.sleep(0.1)
-            cluster.remove_node(cpu_node, allow_graceful=False)
-            result["kill_reason"] = reason
+            cluster.remove_node(cpu_nodes[victim], allow_graceful=False)
+            result["kill"] = {"reason": reason, "node": victim}
             killed.set()
-            logger.info("removed the CPU node: %s", reason)
+            logger.info("removed CPU node %r: %s", victim, reason)
 
         killer = threading.Thread(target=kill, daemon=True)
         killer.start()
@@ -366,11 +379,10 @@ def main(config_path: str, result_path: str) -> None:
         result["killed"]["out"] = out2
         result["killed"]["before_end"] = killed.is_set()
         killer.join(timeout=5)
-        result["killed"]["reason"] = result.pop("kill_reason", None)
+        result["killed"].update(result.pop("kill", {}))
         tasks = _since(_tasks(), before_tasks)
         result["killed"]["retried"] = sorted(t["name"] for t in tasks.values() if t["attempts"] > 1)
-        result["killed"]["model_dirs"] = caches_now()["model"]
-        result["caches_cpu2"] = caches_now()["cpu2"]
+        result["killed"]["caches"] = caches_now()
     save("killed node")
 
     ray.shutdown()
