@@ -4,8 +4,8 @@ A Ray cluster of a head and two worker raylets (``ray.cluster_utils.Cluster``): 
 "model" node carrying the custom resource ``model_node`` that stands in for the GPU nodes. Each
 node has its own ``VBATCH_CACHE`` and no S3 credentials of its own. Against the S3 server whose
 endpoint it is given, the script runs: the refusal of local paths; ``segment``; ``vbatch reid
-search --manifest`` and ``vbatch video`` through the CLI; ``segment`` again on two CPU nodes, one
-of which is killed while it runs a task of the pipeline. After each step it writes what it saw (rows, the nodes Ray placed each actor and task on,
+search --manifest`` and ``vbatch video`` through the CLI; ``segment`` again, its CPU node killed
+while it fetches an image, a new CPU node joining. After each step it writes what it saw (rows, the nodes Ray placed each actor and task on,
 the node caches) to a JSON file for the test to check, so a run cut short still shows how far it
 got. Each step has a deadline: past it the script logs the cluster's state and every thread's
 stack, and exits 3.
@@ -21,6 +21,8 @@ folder), ``reid`` (``index``, ``manifest``, ``model_dir``, ``out``) and ``video`
 from __future__ import annotations
 
 import faulthandler
+import http.server
+import io
 import json
 import logging
 import os
@@ -33,13 +35,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.cluster_utils import Cluster
 
 from vbatch.jobs.cli import main as cli
+from vbatch.jobs.demo_data import encode, product_image
 from vbatch.jobs.runtime import LocalPathOnClusterError
 from vbatch.jobs.segment import ImageJobConfig, run_image_job
-from vbatch.operators.storage import Storage, StorageOptions, join
+from vbatch.operators.storage import Storage, StorageOptions, join, parent
 
 logger = logging.getLogger("multinode")
 
@@ -54,6 +59,8 @@ DEADLINES = {
     "video": 300,
     "killed node": 420,
 }
+#: images of the segment manifest (tests/test_multinode.py writes them)
+IMAGES = 24
 #: CPUs of each CPU node: one task at a time, as many worker processes, each of which imports
 #: torch (seconds on the 2-core test machine)
 CPU_NODE_CPUS = 1
@@ -143,6 +150,53 @@ def _tasks() -> dict[str, dict[str, Any]]:
 
 def _since(now: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in now.items() if k not in before}
+
+
+def _slow_image_server(body: bytes) -> http.server.ThreadingHTTPServer:
+    """A loopback HTTP server of one image whose first GET waits for ``release`` (its handler
+    class's ``asked`` is set when that GET arrives); later requests are answered at once."""
+
+    class SlowImage(http.server.BaseHTTPRequestHandler):
+        asked, release = threading.Event(), threading.Event()
+
+        def do_HEAD(self) -> None:
+            self._headers()
+
+        def do_GET(self) -> None:
+            if not self.asked.is_set():
+                self.asked.set()
+                self.release.wait(DEADLINES["killed node"])
+            self._headers()
+            try:
+                self.wfile.write(body)
+            except OSError:  # the asking worker is gone with its node
+                pass
+
+        def _headers(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _with_slow_row(manifest: str, server: http.server.ThreadingHTTPServer, storage: Storage) -> str:
+    """The manifest with a first row ``slow`` served by ``server``, next to it (its relative URIs
+    resolve as before)."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(manifest)))
+    url = f"http://127.0.0.1:{server.server_address[1]}/slow.jpg"
+    slow = pa.table({"image_id": ["slow"], "uri": [url]}).cast(table.schema)
+    uri = join(parent(manifest), "killed.parquet")
+    buf = io.BytesIO()
+    pq.write_table(pa.concat_tables([slow, table]), buf)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
 
 
 @ray.remote(num_cpus=0)
@@ -235,10 +289,12 @@ def main(config_path: str, result_path: str) -> None:
     save("cluster up")
     storage = Storage(StorageOptions(endpoint_url=conf["endpoint"]))
 
-    def cfg(out: str, forward: bool = True, **kw: Any) -> ImageJobConfig:
+    def cfg(
+        out: str, forward: bool = True, manifest: str | None = None, **kw: Any
+    ) -> ImageJobConfig:
         return ImageJobConfig(
             "salient",
-            conf["manifest"],
+            manifest or conf["manifest"],
             conf["model_dir"],
             out,
             batch_size=4,
@@ -316,73 +372,54 @@ def main(config_path: str, result_path: str) -> None:
         result["caches_end"] = caches_now()
     save("video")
 
-    # 5. a CPU node dies mid-run, while it runs a task of the pipeline; the other one, added first,
-    # is where the run goes on (the head has no CPU for tasks, the model node's is its actor's;
-    # Cluster.add_node needs the main thread, so it cannot wait for the loss). Last, as nothing
-    # after it needs the lost node.
+    # 5. the CPU node dies while it fetches an image: the manifest's first row is served by a
+    # local HTTP server that holds its first answer until the kill, so that fetch is in flight on
+    # the CPU node (the head has no CPU for tasks; the model node's is its actor's, up before any
+    # task: see below). A new CPU node then joins (Cluster.add_node needs the main thread, so the
+    # job runs in another), and Ray retries what was lost there. Last: nothing after it needs the
+    # lost node.
     with deadline("killed node", timed_out):
-        cluster, cpu2 = _add_node(cluster, **node_args("cpu2", num_cpus=CPU_NODE_CPUS))
-        cluster.wait_for_nodes(timeout=120)
-        nodes["cpu2"] = cpu2.node_id
-        cpu_nodes = {"cpu": cpu_node, "cpu2": cpu2}
-        # Ray Data starts a pipeline's CPU tasks while its actors start, so the first fetch task
-        # may take the model node's one CPU before the actor does; here the pipeline waits for
-        # its actor, so that its tasks can only go to the CPU nodes, where the kill finds them
+        # Ray Data starts a pipeline's CPU tasks while its actors start, so a fetch task could
+        # take the model node's one CPU before the actor does; here the pipeline waits for its
+        # actor, so that its tasks can only go to the CPU node
         ray.data.DataContext.get_current().wait_for_min_actors_s = DEADLINES["killed node"]
+        server = _slow_image_server(encode(product_image(IMAGES, (48, 40))))
+        manifest = _with_slow_row(conf["manifest"], server, storage)
         out2 = join(conf["out"], "run2")
-        killed = threading.Event()
-        before_tasks, before_actors = _tasks(), _actors()
+        before_tasks = _tasks()
+        outcome: dict[str, Any] = {}
 
-        def kill() -> None:
-            from ray._private.state import state
+        def job() -> None:
+            try:
+                outcome["summary"] = run_image_job(cfg(out2, manifest=manifest))
+            except Exception as e:  # failed clearly: a rerun must complete
+                outcome["error"] = e
 
-            stop = time.monotonic() + DEADLINES["killed node"]
-            reason, victim = "deadline", "cpu"
-            while time.monotonic() < stop:
-                # the pipeline runs once its model actor exists; its CPU stages then hold a CPU
-                # node's CPU (fetch/decode go on while the actor starts: their output queues up
-                # in that node's object store)
-                new = _since(_actors(), before_actors).values()
-                if any("ModelStage" in a["repr"] for a in new):
-                    free = state.available_resources_per_node()
-                    busy = [
-                        name
-                        for name, node in cpu_nodes.items()
-                        if free.get(node.node_id, {}).get("CPU", CPU_NODE_CPUS) < CPU_NODE_CPUS
-                    ]
-                    if busy:
-                        reason, victim = "running a task of the pipeline", busy[0]
-                        break
-                try:
-                    if storage.list_files(join(out2, "masks")):
-                        reason = "masks written"
-                        break
-                except FileNotFoundError:
-                    pass
-                time.sleep(0.1)
-            cluster.remove_node(cpu_nodes[victim], allow_graceful=False)
-            result["kill"] = {"reason": reason, "node": victim}
-            killed.set()
-            logger.info("removed CPU node %r: %s", victim, reason)
-
-        killer = threading.Thread(target=kill, daemon=True)
-        killer.start()
-        try:
-            s2 = run_image_job(cfg(out2))
-            result["killed"] = {"rows": s2.rows, "ok": s2.ok, "error": None}
-        except Exception as e:  # failed clearly: a rerun must complete
+        runner = threading.Thread(target=job, daemon=True)
+        runner.start()
+        slow: Any = server.RequestHandlerClass
+        asked = slow.asked.wait(DEADLINES["killed node"])
+        cluster.remove_node(cpu_node, allow_graceful=False)
+        before_end = not outcome
+        logger.info("removed the CPU node (the slow image asked for: %s)", asked)
+        slow.release.set()
+        cluster, cpu2 = _add_node(cluster, **node_args("cpu2", num_cpus=CPU_NODE_CPUS))
+        nodes["cpu2"] = cpu2.node_id
+        runner.join()
+        killed = {"asked_before_kill": asked, "before_end": before_end, "out": out2}
+        if "error" in outcome:
+            e = outcome["error"]
             logger.warning("the run that lost its CPU node failed: %s; running it again", e)
-            result["killed"] = {"error": f"{type(e).__name__}: {e}"}
+            killed["error"] = f"{type(e).__name__}: {e}"
             ray.shutdown()
-            s2 = run_image_job(cfg(out2))
-            result["killed"].update(rows=s2.rows, ok=s2.ok, rerun=True)
-        result["killed"]["out"] = out2
-        result["killed"]["before_end"] = killed.is_set()
-        killer.join(timeout=5)
-        result["killed"].update(result.pop("kill", {}))
+            outcome["summary"] = run_image_job(cfg(out2, manifest=manifest))
+            killed["rerun"] = True
+        killed.update(rows=outcome["summary"].rows, ok=outcome["summary"].ok)
+        server.shutdown()
         tasks = _since(_tasks(), before_tasks)
-        result["killed"]["retried"] = sorted(t["name"] for t in tasks.values() if t["attempts"] > 1)
-        result["killed"]["caches"] = caches_now()
+        killed["retried"] = sorted(t["name"] for t in tasks.values() if t["attempts"] > 1)
+        killed["caches"] = caches_now()
+        result["killed"] = killed
     save("killed node")
 
     ray.shutdown()
