@@ -2,8 +2,12 @@
 
 The head runs in its own process group (``ray start --block``) with its own temp dir and ports, and
 is stopped by signalling that group: ``ray stop`` would stop every Ray instance on the machine.
-``ray job submit`` needs Ray's job server, part of the dashboard (``ray[default]``); without its
-packages the test is skipped, naming the missing one.
+Every port it opens is its own, the dashboard agent's included: Ray's default for that one is a
+fixed 52365, which the test session's own Ray (``ray_session``) or another Ray on the machine
+already holds, and a head whose agent cannot bind it starts without the agent's HTTP server, which
+is where the job server sends the job; the submission then fails. ``ray job submit`` needs Ray's job
+server, part of the dashboard (``ray[default]``, in the ``dev`` extra); without its packages the
+test is skipped, naming the missing one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from vbatch.operators.storage import Storage
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 START_ATTEMPTS = 3
+#: the job (a 6-image segment run on a 2-CPU head) takes under a minute on a quiet 2-core machine
+SUBMIT_TIMEOUT_S = 600
 
 
 def _free_port() -> int:
@@ -100,16 +106,19 @@ def test_ray_job_submit_segment(tmp_path: Path) -> None:
             "vbatch", "segment", "--task", "salient",
             "--manifest", str(tmp_path / "manifest.parquet"),
             "--model-dir", str(model_dir), "--out", str(out_dir), "--batch-size", "2",
+            "--report-samples", "0",
         ]  # fmt: skip
-        submit = subprocess.run(
-            command,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        try:
+            submit = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(
+                f"`ray job submit` still running after {SUBMIT_TIMEOUT_S} s; its output:\n"
+                f"{_text(e.stdout)[-3000:]}{_text(e.stderr)[-3000:]}\n{_ray_logs(temp)}"
+            )
         log = submit.stdout + submit.stderr
-        assert submit.returncode == 0, log[-6000:]
+        assert submit.returncode == 0, f"{log[-6000:]}\n{_ray_logs(temp)}"
         assert "succeeded" in log
         table = read_table(str(out_dir), Storage())
         assert sorted(table.column("image_id").to_pylist()) == ids
@@ -128,7 +137,11 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
         *RAY, "start", "--head", "--block", f"--port={port}",
         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
-        f"--ray-client-server-port={_free_port()}",  # not the fixed 10001
+        # Ray's fixed defaults (10001, 52365) may be held by another Ray on the machine
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        # the default is 30 % of the machine's memory, next to the test session's own Ray
+        "--object-store-memory=300000000",
         "--disable-usage-stats",
     ]  # fmt: skip
     # RAY_TMPDIR too: nothing of this cluster lands in /tmp/ray, where a plain ray.init() of
@@ -154,6 +167,22 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
             if time.monotonic() > deadline:
                 return head, url, temp, "no answer from the dashboard in 600 s"
             time.sleep(1)
+
+
+def _text(out: str | bytes | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
+def _ray_logs(temp: str, chars: int = 2000) -> str:
+    """The end of the head's logs that say why a job did not run: the dashboard (job server),
+    its agent (the job's supervisor), the raylet and the job's driver."""
+    logs = Path(temp, "session_latest", "logs")
+    if not logs.is_dir():
+        return f"(no Ray logs under {temp})"
+    names = ["dashboard.log", "dashboard_agent.log", "raylet.out"]
+    picked = [logs / n for n in names if (logs / n).exists()]
+    picked += sorted(logs.glob("job-driver-*.log"))
+    return "\n".join(f"== {p.name}:\n{p.read_text(errors='replace')[-chars:]}" for p in picked)
 
 
 def _stop(head: subprocess.Popen, temp: str) -> None:
