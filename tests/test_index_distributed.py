@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,7 +20,7 @@ from tests.index_data import clustered, write_embeddings
 from vbatch.operators import index as fi
 from vbatch.operators.index.embeddings import scan_embeddings
 from vbatch.operators.index.refine import RefineVectors
-from vbatch.operators.index.shards import plan_shards
+from vbatch.operators.index.shards import append_index, list_sizes, plan_shards, reserve_lists
 from vbatch.operators.index.store import read_id_map, read_info
 from vbatch.operators.storage import Storage, join
 
@@ -33,6 +34,28 @@ def _table(folder: Path, seed: int = 3, n_ids: int = 600, prefix: str = "img") -
     # first row of each id, so must the shards
     write_embeddings(folder, x[:300][::-1] * -1, prefix=prefix, n_files=1, file_name="repeat")
     return x
+
+
+def test_reserved_lists_keep_their_entries_and_take_the_merge(tmp_path: Path) -> None:
+    x, _ = clustered(200, 5, DIM, seed=1)
+    index = faiss.index_factory(DIM, "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x[:500])
+    shard = faiss.clone_index(index)
+    shard.reset()
+    shard.add(x[500:])
+    faiss.write_index(shard, str(tmp_path / "shard.faiss"))
+    reference = faiss.clone_index(index)
+    append_index(reference, tmp_path / "shard.faiss")
+
+    before = list_sizes(index)
+    reserve_lists(index, list_sizes(shard))
+    assert np.array_equal(list_sizes(index), before)  # room made, nothing added
+    append_index(index, tmp_path / "shard.faiss")
+    assert index.ntotal == len(x)
+    assert np.array_equal(faiss.serialize_index(index), faiss.serialize_index(reference))
+    with pytest.raises(ValueError, match="3 list sizes for an index of 8 lists"):
+        reserve_lists(index, np.ones(3, dtype=np.int64))
 
 
 def _same_gallery(a: str, b: str, storage: Storage, queries: np.ndarray) -> None:

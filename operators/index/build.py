@@ -20,11 +20,24 @@ from typing import Any
 import faiss
 import numpy as np
 
-from vbatch.operators.index.embeddings import TableStats, sample_embeddings, scan_embeddings
+from vbatch.operators.index.embeddings import (
+    BATCH_ROWS,
+    TableStats,
+    sample_embeddings,
+    scan_embeddings,
+)
 from vbatch.operators.index.indexes import METRICS, innermost, ivf_or_none, make_index
 from vbatch.operators.index.plan import IndexPlan, choose_factory, is_lossy, parse_bytes
 from vbatch.operators.index.refine import NpyPartWriter, RefineVectors
-from vbatch.operators.index.shards import Shard, add_shard, append_index, empty_like, plan_shards
+from vbatch.operators.index.shards import (
+    Shard,
+    add_shard,
+    append_index,
+    empty_like,
+    list_sizes,
+    plan_shards,
+    reserve_lists,
+)
 from vbatch.operators.index.store import (
     MMAP_FLAGS,
     IndexInfo,
@@ -134,6 +147,8 @@ class _ShardDone:
     added: int
     probe: tuple[np.ndarray, np.ndarray, np.ndarray] | None
     seconds: float
+    #: entries per inverted list of its shard index (IVF only)
+    list_sizes: np.ndarray | None = None
 
 
 def _train_phase(
@@ -214,6 +229,7 @@ def _shard_task(target: _Target, trained: _Trained, shard: Shard) -> _ShardDone:
         added,
         None if probe is None else probe.partial(),
         time.perf_counter() - t0,
+        list_sizes(index),
     )
 
 
@@ -245,10 +261,18 @@ def _tune(
 
 
 def _merge_shards(
-    dest: faiss.Index, target: _Target, shards: list[Shard], workdir: Path
+    dest: faiss.Index,
+    target: _Target,
+    shards: list[Shard],
+    done: list[_ShardDone],
+    workdir: Path,
 ) -> faiss.Index:
     """Append the shard indexes (in shard order) to ``dest``; each is fetched, mapped and
-    appended in turn, so the merge holds the merged codes and nothing else."""
+    appended in turn into lists sized once, so the merge holds the merged codes and nothing
+    else."""
+    sizes = [d.list_sizes for d in done if d.list_sizes is not None]
+    if sizes:
+        reserve_lists(dest, np.sum(sizes, axis=0))
     staging = shard_staging(target.uri, target.generation)
     for shard in shards:
         if dest.ntotal != shard.first_id:
@@ -289,7 +313,7 @@ def _build_merge_task(
         workdir = Path(tmp)
         t0 = time.perf_counter()
         index = faiss.deserialize_index(np.frombuffer(trained.index, dtype=np.uint8))
-        _merge_shards(index, target, shards, workdir)
+        _merge_shards(index, target, shards, done, workdir)
         t_merge = time.perf_counter() - t0
         t0 = time.perf_counter()
         probe = _probe(trained)
@@ -309,13 +333,18 @@ def _build_merge_task(
 
 
 def _add_merge_task(
-    target: _Target, shards: list[Shard], info: IndexInfo, previous: IndexInfo, started: float
+    target: _Target,
+    shards: list[Shard],
+    done: list[_ShardDone],
+    info: IndexInfo,
+    previous: IndexInfo,
+    started: float,
 ) -> IndexInfo:
     """A Ray task: append the shards of a ``reid add`` to the gallery and commit."""
     with tempfile.TemporaryDirectory(prefix="vbatch-merge-") as tmp:
         workdir = Path(tmp)
         index = load_faiss(previous, target.storage, workdir)
-        _merge_shards(index, target, shards, workdir)
+        _merge_shards(index, target, shards, done, workdir)
         info.history[-1]["seconds"] = round(time.time() - started, 3)
         commit(target.storage, index, None, info, previous, workdir)
         return info
@@ -370,7 +399,7 @@ def build_index(
     factory: str | None = None,
     memory_budget: int | str | None = None,
     sample_size: int = 100_000,
-    add_batch_rows: int = 16_384,
+    add_batch_rows: int = BATCH_ROWS,
     use_gpu: bool | str = "auto",
     target_recall: float = DEFAULT_TARGET_RECALL,
     tune_queries: int = 500,
@@ -402,7 +431,7 @@ def build_index(
         memory_budget: bytes the index may take in RAM (int or ``"2GB"``); ``None``: no limit.
         sample_size: training vectors at most (100k x 1536-d float32 = 614 MB); IVF nlist is
             capped so that every list gets 39 of them.
-        add_batch_rows: Parquet rows per batch while adding (16k x 1536-d = 100 MB).
+        add_batch_rows: Parquet rows per batch while adding (4096 x 1536-d = 25 MB).
         use_gpu: ``"auto"`` (GPU when faiss has one), ``True`` or ``False``.
         target_recall: recall@10 vs exact search that the default ``nprobe`` must reach.
         tune_queries: held-out gallery vectors used to tune ``nprobe``.
@@ -594,7 +623,7 @@ def add_to_index(
     index_uri: str,
     embeddings_uri: str,
     storage: Storage,
-    add_batch_rows: int = 16_384,
+    add_batch_rows: int = BATCH_ROWS,
     use_gpu: bool | str = "auto",
     workers: int = 1,
 ) -> IndexInfo:
@@ -691,8 +720,8 @@ def add_to_index(
     info.history = [*previous.history, history]
     if distributed:
         trained = _Trained(_emptied(previous, storage), None, None, 0.0)
-        _shards_on_ray(target, trained, shards)
-        return _on_ray(_add_merge_task, target, shards, info, previous, t_start)
+        done = _shards_on_ray(target, trained, shards)
+        return _on_ray(_add_merge_task, target, shards, done, info, previous, t_start)
 
     (shard,) = shards
     with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:

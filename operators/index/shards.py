@@ -219,6 +219,35 @@ def empty_like(index: faiss.Index) -> faiss.Index:
     return index
 
 
+def list_sizes(index: faiss.Index) -> np.ndarray | None:
+    """Entries per inverted list of an IVF index (None for others): what a shard reports, so that
+    the merge can size every list once."""
+    ivf = ivf_or_none(index)
+    if ivf is None:
+        return None
+    return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+
+
+def reserve_lists(dest: faiss.Index, extra: np.ndarray) -> None:
+    """Give each inverted list of ``dest`` room for ``extra[i]`` more entries in one allocation.
+
+    Appending list by list otherwise grows each list's arrays by doubling (codes held at up to
+    twice their size, plus the copy at each step); reserved, the merge holds the codes once.
+    """
+    ivf = ivf_or_none(dest)
+    if ivf is None:
+        return
+    if len(extra) != ivf.nlist:
+        raise ValueError(f"{len(extra)} list sizes for an index of {ivf.nlist} lists")
+    lists = ivf.invlists
+    for list_no in np.flatnonzero(extra):
+        n = lists.list_size(int(list_no))
+        # growing the (std::vector) arrays to the final size allocates exactly that size from
+        # empty; shrinking back keeps the allocation, which add_entries then fills
+        lists.resize(int(list_no), n + int(extra[list_no]))
+        lists.resize(int(list_no), n)
+
+
 def append_index(dest: faiss.Index, shard_file: Path) -> None:
     """Append the vectors of a shard's index file (encoded by the same trained index) to
     ``dest``, their ids shifted by ``dest.ntotal``: the result equals adding them to ``dest``.
