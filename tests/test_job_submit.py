@@ -108,15 +108,24 @@ def test_ray_job_submit_segment(tmp_path: Path) -> None:
             "--model-dir", str(model_dir), "--out", str(out_dir), "--batch-size", "2",
             "--report-samples", "0",
         ]  # fmt: skip
-        try:
-            submit = subprocess.run(
-                command, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(
-                f"`ray job submit` still running after {SUBMIT_TIMEOUT_S} s; its output:\n"
-                f"{_text(e.stdout)[-3000:]}{_text(e.stderr)[-3000:]}\n{_ray_logs(temp)}"
-            )
+        # the job server gives the head's agent 10 s to be known (Ray's WAIT_AVAILABLE_AGENT_TIMEOUT,
+        # fixed) and otherwise answers "No available agent to submit job, please try again later"
+        # without creating the job: a loaded machine's agent may register later, so try again
+        deadline = time.monotonic() + SUBMIT_TIMEOUT_S
+        while True:
+            try:
+                submit = subprocess.run(
+                    command, env=env, capture_output=True, text=True, timeout=SUBMIT_TIMEOUT_S
+                )
+            except subprocess.TimeoutExpired as e:
+                pytest.fail(
+                    f"`ray job submit` still running after {SUBMIT_TIMEOUT_S} s; its output:\n"
+                    f"{_text(e.stdout)[-3000:]}{_text(e.stderr)[-3000:]}\n{_ray_logs(temp)}"
+                )
+            retry = "No available agent to submit job" in submit.stdout + submit.stderr
+            if submit.returncode == 0 or not retry or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         log = submit.stdout + submit.stderr
         assert submit.returncode == 0, f"{log[-6000:]}\n{_ray_logs(temp)}"
         assert "succeeded" in log
@@ -131,7 +140,7 @@ def test_ray_job_submit_segment(tmp_path: Path) -> None:
 def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, str]:
     """(process, dashboard URL, temp dir, failure output or "") of a ``ray start --head --block``
     in its own process group."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="vbrj-", dir="/tmp")  # short: Ray's socket paths have a limit
     start = [
         *RAY, "start", "--head", "--block", f"--port={port}",
@@ -139,7 +148,7 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
         # Ray's fixed defaults (10001, 52365) may be held by another Ray on the machine
         f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-listen-port={agent}",
         # the default is 30 % of the machine's memory, next to the test session's own Ray
         "--object-store-memory=300000000",
         "--disable-usage-stats",
@@ -155,6 +164,8 @@ def _start_head(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, str, 
     deadline = time.monotonic() + 600
     while True:
         try:
+            # the job agent (which runs the job) listening first, then the dashboard answering
+            socket.create_connection(("127.0.0.1", agent), timeout=5).close()
             urllib.request.urlopen(f"{url}/api/version", timeout=5).read()
             return head, url, temp, ""
         except urllib.error.HTTPError:
