@@ -361,12 +361,20 @@ def _emptied(info: IndexInfo, storage: Storage) -> bytes:
         return faiss.serialize_index(empty_like(index)).tobytes()
 
 
+#: Ray worker processes run one build task each, then exit: a task's heap (a training sample,
+#: a shard's codes) would otherwise stay with the reused worker, returned to the allocator but not
+#: to the system, and count again under the next task it runs (a 1M build's idle worker held
+#: 1.1 GB that way). A worker's start-up is a second or two against tasks of minutes.
+MAX_CALLS = 1
+
+
 def _on_ray(fn: Callable[..., Any], *args: Any, num_gpus: float = 0) -> Any:
     """``fn(*args)`` as one Ray task, waited for (one CPU; faiss' threads follow OMP_NUM_THREADS,
     which Ray sets to the task's CPUs)."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=2)(fn).remote(*args))
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=2, max_calls=MAX_CALLS)(fn)
+    return ray.get(task.remote(*args))
 
 
 def _shards_on_ray(target: _Target, trained: _Trained, shards: list[Shard]) -> list[_ShardDone]:
@@ -375,7 +383,7 @@ def _shards_on_ray(target: _Target, trained: _Trained, shards: list[Shard]) -> l
     import ray
 
     trained_ref = ray.put(trained)
-    task = ray.remote(num_cpus=1, max_retries=2)(_shard_task)
+    task = ray.remote(num_cpus=1, max_retries=2, max_calls=MAX_CALLS)(_shard_task)
     refs = [task.remote(target, trained_ref, shard) for shard in shards]
     done = ray.get(refs)
     return sorted(done, key=lambda d: d.number)
