@@ -33,8 +33,13 @@ from vbatch.jobs.demo_data import encode, person_crop, product_image
 from vbatch.models.base import Transforms
 from vbatch.operators.columns import decode_array, encode_array
 from vbatch.operators.decode import decode_image, open_image
-from vbatch.operators.images import _PIL_INPUT, decode_and_preprocess, fetch_bytes, network_size
-from vbatch.operators.inference import OUTPUT
+from vbatch.operators.images import (
+    _PIL_INPUT,
+    OUTPUT,
+    decode_and_preprocess,
+    fetch_bytes,
+    network_size,
+)
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.outputs import (
     OutputOptions,

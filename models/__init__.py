@@ -5,8 +5,9 @@ Public API: :func:`load_model`, :func:`load_transforms`, :data:`REGISTRY`.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vbatch.models.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from vbatch.models.base import Predictor, Transforms
@@ -25,12 +26,12 @@ if TYPE_CHECKING:
 # Imported on first use: torch comes with them, and processes that only need a light module of
 # this package (vbatch.models.fileio, used by the storage layer of every stage and of the index
 # code) would otherwise pay ~270 MB of private memory and seconds of import for nothing.
-_WHERE = {
-    "Predictor": "vbatch.models.base",
-    "Transforms": "vbatch.models.base",
-    "CheckpointError": "vbatch.models.checkpoint",
-    **dict.fromkeys(
-        (
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "vbatch.models.base": ("Predictor", "Transforms"),
+        "vbatch.models.checkpoint": ("CheckpointError",),
+        "vbatch.models.registry": (
             "REGISTRY",
             "ModelEntry",
             "UnknownModelError",
@@ -40,16 +41,8 @@ _WHERE = {
             "model_entry",
             "model_version",
         ),
-        "vbatch.models.registry",
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    },
+)
 
 
 __all__ = [

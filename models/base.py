@@ -19,16 +19,20 @@ import dataclasses
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _C = TypeVar("_C")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` → the first CUDA device when there is one, else the CPU."""
+    import torch  # here, not at the top: the CPU stages import this module for Transforms
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

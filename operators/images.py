@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 BYTES = f"{INTERNAL_PREFIX}bytes"  # large_binary: the fetched file
 INPUT = f"{INTERNAL_PREFIX}input"  # large_binary: one preprocessed network input, .npy encoded
+OUTPUT = f"{INTERNAL_PREFIX}output"  # large_binary: one raw network output, .npy encoded
 
 #: decode modes: "exact" = full-size decode and the model's own (reference) resize, the default;
 #: "fast" = JPEGs decoded at a reduced DCT scale (approximate), then the same resize

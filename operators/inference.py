@@ -17,14 +17,11 @@ import torch
 
 from vbatch.models import Predictor, load_model
 from vbatch.operators.columns import decode_array, encode_array, set_column
-from vbatch.operators.images import INPUT
+from vbatch.operators.images import INPUT, OUTPUT
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.storage import Storage, StorageOptions
-from vbatch.schemas.images import INTERNAL_PREFIX
 
 logger = logging.getLogger(__name__)
-
-OUTPUT = f"{INTERNAL_PREFIX}output"  # large_binary: one raw network output, .npy encoded
 
 
 def load_actor_model(

@@ -24,8 +24,7 @@ from zlib_ng import zlib_ng as zng
 from vbatch.models.base import Transforms
 from vbatch.operators.columns import decode_array
 from vbatch.operators.decode import decode_image
-from vbatch.operators.images import BYTES
-from vbatch.operators.inference import OUTPUT
+from vbatch.operators.images import BYTES, OUTPUT
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.quality import GT_COLUMN, GT_ERROR, score_row
 from vbatch.operators.reuse import FINGERPRINT

@@ -3,7 +3,10 @@ when upsampled as documented. No Ray: the stage functions run on pyarrow tables 
 
 from __future__ import annotations
 
+import importlib
 import io
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -18,8 +21,7 @@ from vbatch.models.salient.transforms import SalientTransforms
 from vbatch.models.shop_seg.transforms import ShopSegTransforms
 from vbatch.operators.columns import decode_array, encode_array
 from vbatch.operators.decode import decode_image, open_image
-from vbatch.operators.images import BYTES, INPUT, decode_and_preprocess
-from vbatch.operators.inference import OUTPUT
+from vbatch.operators.images import BYTES, INPUT, OUTPUT, decode_and_preprocess
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.outputs import OutputOptions, encode_png, write_products
 from vbatch.operators.storage import Storage, StorageOptions
@@ -243,3 +245,39 @@ def test_png_settings_are_lossless() -> None:
             np.testing.assert_array_equal(back, image)  # libpng, the other common reader
     with pytest.raises(ValueError, match="8-bit grey or RGBA"):
         encode_png(np.zeros((4, 4), np.float32))
+
+
+def test_image_cpu_stages_do_not_import_torch() -> None:
+    """A CPU worker that fetches, decodes, preprocesses and writes (and unpickles each model's
+    transforms) imports no torch nor timm: seconds and ~270 MB per Ray worker."""
+    code = (
+        "import pickle, sys\n"
+        "import vbatch.operators.images, vbatch.operators.outputs\n"
+        "from vbatch.models.salient import SalientTransforms\n"
+        "from vbatch.models.shop_seg import ShopSegTransforms\n"
+        "from vbatch.models.reid import ReidTransforms\n"
+        "from vbatch.models.matting import MattingTransforms, alpha_of\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'onnxruntime') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+OTHERS = ("shop_seg", "reid", "matting", "rvos")
+
+
+def test_model_packages_resolve_their_names_on_first_use() -> None:
+    import vbatch.models.salient as salient
+    from vbatch.models.salient import SENET_TINY, SalientPredictor
+    from vbatch.models.salient.config import SENET_TINY as direct
+    from vbatch.models.salient.predictor import SalientPredictor as direct_predictor
+
+    assert SENET_TINY is direct and SalientPredictor is direct_predictor
+    for package in (salient, *(importlib.import_module(f"vbatch.models.{m}") for m in OTHERS)):
+        for name in package.__all__:
+            assert getattr(package, name) is not None, (package.__name__, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        salient.nothing  # noqa: B018

@@ -18,15 +18,39 @@ TensorFlow or tf2onnx (only :func:`vbatch.models.matting.convert.convert_graph` 
 nor ``onnx`` (only :mod:`vbatch.models.matting.modeldir`).
 """
 
-from vbatch.models.matting.config import MATTING, MattingFiles
-from vbatch.models.matting.model import ModelDirError
-from vbatch.models.matting.predictor import MattingPredictor, load, load_transforms
-from vbatch.models.matting.transforms import (
-    MattingTransforms,
-    alpha_of,
-    composite,
-    cutout,
-    parse_color,
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vbatch.models.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from vbatch.models.matting.config import MATTING, MattingFiles
+    from vbatch.models.matting.model import ModelDirError
+    from vbatch.models.matting.predictor import MattingPredictor, load, load_transforms
+    from vbatch.models.matting.transforms import (
+        MattingTransforms,
+        alpha_of,
+        composite,
+        cutout,
+        parse_color,
+    )
+
+# imported on first use: the CPU stages import the transforms only (no torch), see models/lazy.py
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "vbatch.models.matting.config": ("MATTING", "MattingFiles"),
+        "vbatch.models.matting.model": ("ModelDirError",),
+        "vbatch.models.matting.predictor": ("MattingPredictor", "load", "load_transforms"),
+        "vbatch.models.matting.transforms": (
+            "MattingTransforms",
+            "alpha_of",
+            "composite",
+            "cutout",
+            "parse_color",
+        ),
+    },
 )
 
 __all__ = [

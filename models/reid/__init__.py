@@ -9,18 +9,44 @@ size, mean/std, patch stride, fusion and neck options) and ``pytorch_model.pt`` 
 Files follow ``models/README.md``.
 """
 
-from vbatch.models.reid.config import (
-    EMBED_DIM,
-    FULL,
-    TINY,
-    ReidConfig,
-    ReidConfigError,
-    ViTCfg,
-    read_config,
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vbatch.models.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from vbatch.models.reid.config import (
+        EMBED_DIM,
+        FULL,
+        TINY,
+        ReidConfig,
+        ReidConfigError,
+        ViTCfg,
+        read_config,
+    )
+    from vbatch.models.reid.model import ReidNet
+    from vbatch.models.reid.predictor import ReidPredictor, load, load_transforms
+    from vbatch.models.reid.transforms import ReidTransforms
+
+# imported on first use: the CPU stages import the transforms only (no torch), see models/lazy.py
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "vbatch.models.reid.config": (
+            "EMBED_DIM",
+            "FULL",
+            "TINY",
+            "ReidConfig",
+            "ReidConfigError",
+            "ViTCfg",
+            "read_config",
+        ),
+        "vbatch.models.reid.model": ("ReidNet",),
+        "vbatch.models.reid.predictor": ("ReidPredictor", "load", "load_transforms"),
+        "vbatch.models.reid.transforms": ("ReidTransforms",),
+    },
 )
-from vbatch.models.reid.model import ReidNet
-from vbatch.models.reid.predictor import ReidPredictor, load, load_transforms
-from vbatch.models.reid.transforms import ReidTransforms
 
 __all__ = [
     "EMBED_DIM",

@@ -21,10 +21,28 @@ Files follow ``models/README.md``; ``model.py`` (MTTR) is assembled from ``swin.
 ``text.py`` (RoBERTa, tokenizer), ``transformer.py`` (multimodal transformer) and ``decoder.py``.
 """
 
-from vbatch.models.rvos.config import FULL, TINY, RVOSConfig, read_config
-from vbatch.models.rvos.predictor import RVOSPredictor, load, load_transforms
-from vbatch.models.rvos.text import normalize_query
-from vbatch.models.rvos.transforms import RVOSTransforms, owned_frames, plan_windows
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vbatch.models.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from vbatch.models.rvos.config import FULL, TINY, RVOSConfig, read_config
+    from vbatch.models.rvos.predictor import RVOSPredictor, load, load_transforms
+    from vbatch.models.rvos.text import normalize_query
+    from vbatch.models.rvos.transforms import RVOSTransforms, owned_frames, plan_windows
+
+# imported on first use: the CPU stages import the transforms only (no torch), see models/lazy.py
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "vbatch.models.rvos.config": ("FULL", "TINY", "RVOSConfig", "read_config"),
+        "vbatch.models.rvos.predictor": ("RVOSPredictor", "load", "load_transforms"),
+        "vbatch.models.rvos.text": ("normalize_query",),
+        "vbatch.models.rvos.transforms": ("RVOSTransforms", "owned_frames", "plan_windows"),
+    },
+)
 
 __all__ = [
     "FULL",

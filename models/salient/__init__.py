@@ -8,23 +8,54 @@ never executed). Files follow ``models/README.md``; ``u2net.py`` holds U²-Net n
 ``pipelines/cv/image_salient_detection_pipeline.py``.
 """
 
-from vbatch.models.salient.config import (
-    FULL,
-    SENET,
-    SENET_TINY,
-    TINY,
-    U2NET,
-    U2NET_TINY,
-    SalientConfigError,
-    SalientWeights,
-    SENetConfig,
-    U2NetConfig,
-    read_config,
-    read_model_dir,
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vbatch.models.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from vbatch.models.salient.config import (
+        FULL,
+        SENET,
+        SENET_TINY,
+        TINY,
+        U2NET,
+        U2NET_TINY,
+        SalientConfigError,
+        SalientWeights,
+        SENetConfig,
+        U2NetConfig,
+        read_config,
+        read_model_dir,
+    )
+    from vbatch.models.salient.model import build_network
+    from vbatch.models.salient.predictor import SalientPredictor, load, load_transforms
+    from vbatch.models.salient.transforms import SalientTransforms
+
+# imported on first use: the CPU stages import the transforms only (no torch), see models/lazy.py
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "vbatch.models.salient.config": (
+            "FULL",
+            "SENET",
+            "SENET_TINY",
+            "TINY",
+            "U2NET",
+            "U2NET_TINY",
+            "SalientConfigError",
+            "SalientWeights",
+            "SENetConfig",
+            "U2NetConfig",
+            "read_config",
+            "read_model_dir",
+        ),
+        "vbatch.models.salient.model": ("build_network",),
+        "vbatch.models.salient.predictor": ("SalientPredictor", "load", "load_transforms"),
+        "vbatch.models.salient.transforms": ("SalientTransforms",),
+    },
 )
-from vbatch.models.salient.model import build_network
-from vbatch.models.salient.predictor import SalientPredictor, load, load_transforms
-from vbatch.models.salient.transforms import SalientTransforms
 
 __all__ = [
     "FULL",

@@ -11,10 +11,34 @@ The model directory is ModelScope's: ``pytorch_model.bin`` (the ``SHOPSEG`` stat
 ``decoder.py`` (context decoder, FPN) and ``tokenizer.py`` (CLIP's BPE) are sub-modules of ``model.py``.
 """
 
-from vbatch.models.shop_seg.config import FULL, TINY, WEIGHTS, ShopSegConfig, read_config
-from vbatch.models.shop_seg.model import ShopSegNet, activation_bytes_per_image
-from vbatch.models.shop_seg.predictor import ShopSegPredictor, load, load_transforms
-from vbatch.models.shop_seg.transforms import ShopSegTransforms
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vbatch.models.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from vbatch.models.shop_seg.config import FULL, TINY, WEIGHTS, ShopSegConfig, read_config
+    from vbatch.models.shop_seg.model import ShopSegNet, activation_bytes_per_image
+    from vbatch.models.shop_seg.predictor import ShopSegPredictor, load, load_transforms
+    from vbatch.models.shop_seg.transforms import ShopSegTransforms
+
+# imported on first use: the CPU stages import the transforms only (no torch), see models/lazy.py
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "vbatch.models.shop_seg.config": (
+            "FULL",
+            "TINY",
+            "WEIGHTS",
+            "ShopSegConfig",
+            "read_config",
+        ),
+        "vbatch.models.shop_seg.model": ("ShopSegNet", "activation_bytes_per_image"),
+        "vbatch.models.shop_seg.predictor": ("ShopSegPredictor", "load", "load_transforms"),
+        "vbatch.models.shop_seg.transforms": ("ShopSegTransforms",),
+    },
+)
 
 __all__ = [
     "FULL",
