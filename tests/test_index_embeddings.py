@@ -113,3 +113,21 @@ def test_gallery_search_refuses_invalid_queries(tmp_path):
         gallery.search(queries, k=2)
     with pytest.raises(ValueError, match="k must be >= 1"):
         gallery.search(x[:1], k=0)
+
+
+def test_training_sample_is_distinct_table_rows_in_random_order(tmp_path) -> None:
+    x, _ = clustered(300, 5, 16, seed=2)
+    write_embeddings(tmp_path, x, n_files=3, error_every=17)
+    storage = Storage()
+    stats = fi.scan_embeddings(str(tmp_path), storage)
+    ok_rows = np.concatenate(
+        [b.vectors for b in fi.iter_embeddings(stats.files, storage, 16, batch_rows=64)]
+    )
+    sample, ordinals = fi.sample_embeddings(
+        stats.files, storage, 16, stats.count, 200, seed=5, batch_rows=64
+    )
+    assert len(set(ordinals.tolist())) == 200
+    assert not np.all(np.diff(ordinals) > 0)  # shuffled, not in table order
+    assert np.array_equal(sample, ok_rows[ordinals])
+    again, again_ordinals = fi.sample_embeddings(stats.files, storage, 16, stats.count, 200, seed=5)
+    assert np.array_equal(again_ordinals, ordinals) and np.array_equal(again, sample)

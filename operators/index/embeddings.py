@@ -315,14 +315,18 @@ def sample_embeddings(
     size = min(size, count)
     rng = np.random.default_rng(seed)
     wanted = np.sort(rng.choice(count, size=size, replace=False))
+    perm = rng.permutation(size)
+    # the i-th wanted row (in table order) goes to slot where[i] of the random order: filled in
+    # place, never permuted afterwards (which would hold the sample twice)
+    where = np.empty(size, dtype=np.int64)
+    where[perm] = np.arange(size)
     out = np.empty((size, dim), dtype=np.float32)
     filled = 0
     for batch in iter_embeddings(files, storage, dim, batch_rows):
         lo, hi = np.searchsorted(wanted, [batch.ordinals[0], batch.ordinals[-1] + 1])
         if hi > lo:
-            out[filled : filled + hi - lo] = batch.vectors[wanted[lo:hi] - batch.ordinals[0]]
+            out[where[lo:hi]] = batch.vectors[wanted[lo:hi] - batch.ordinals[0]]
             filled += hi - lo
         if filled == size:
             break
-    perm = rng.permutation(size)
-    return out[perm], wanted[perm]
+    return out, wanted[perm]
