@@ -172,6 +172,12 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20, help="Parquet files of the gallery")
     ap.add_argument("--workdir", default=None)
     ap.add_argument(
+        "--keep-index",
+        default=None,
+        metavar="DIR",
+        help="copy the first build's gallery here (e.g. for bench_reid_search.py --index DIR)",
+    )
+    ap.add_argument(
         "--table",
         default=None,
         help="keep the gallery table (and its exact top-10) in this folder and reuse it next time",
@@ -265,6 +271,8 @@ def main() -> None:
                             f"heap +{m['search_anon'] / 2**20:.0f} MiB, page cache "
                             f"+{m['search_file'] / 2**20:.0f} MiB after open + {len(xq)} queries"
                         )
+            if args.keep_index and w == workers[0]:
+                shutil.copytree(out, args.keep_index, dirs_exist_ok=True)
             if first is not None and w != workers[0]:
                 shutil.rmtree(out)
     finally:

@@ -16,6 +16,8 @@ job sizes. Run::
     OMP_NUM_THREADS=2 python bench/bench_reid_search.py --gallery 30000 --queries 20000
     # 100k queries: one small warm-up job, then the full job only (no half-size job)
     OMP_NUM_THREADS=2 python bench/bench_reid_search.py --queries 100000 --no-steady
+    # against a gallery built before (bench_index_build.py --keep-index DIR: 1M, 100k identities)
+    OMP_NUM_THREADS=2 python bench/bench_reid_search.py --index DIR --ids 100000 --queries 100000
 
 Figures: ``docs/BENCHMARKS.md`` ("Batch re-ID search").
 """
@@ -38,6 +40,7 @@ from bench_index import ReidLikeEmbeddings, write_gallery
 
 from vbatch.jobs.reid_search import SearchJobConfig, run_search_job
 from vbatch.operators.index import GalleryIndex, build_index
+from vbatch.operators.index.store import read_info
 from vbatch.operators.storage import Storage
 
 
@@ -66,6 +69,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--workdir", default=None)
     ap.add_argument(
+        "--index",
+        default=None,
+        help="search this gallery (built by bench_index_build.py from the same generator) "
+        "instead of building one",
+    )
+    ap.add_argument(
+        "--ids", type=int, default=None, help="identities of the --index gallery (vectors / 10)"
+    )
+    ap.add_argument(
         "--no-steady",
         action="store_true",
         help="skip the half-size job (the steady-state estimate); warm up on 1000 queries instead",
@@ -75,16 +87,22 @@ def main() -> None:
     import ray
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        n_ids = args.gallery // 10
-        gen = ReidLikeEmbeddings(n_ids, args.dim)
-        write_gallery(os.path.join(tmp, "gallery"), gen, n_ids, 10, files=4)
         storage = Storage()
-        info = build_index(
-            os.path.join(tmp, "gallery"),
-            os.path.join(tmp, "index"),
-            storage,
-            memory_budget=args.gallery * args.dim * 4 // 8,
-        )
+        index = args.index or os.path.join(tmp, "index")
+        if args.index:  # the generator with the gallery's identities: queries of the same people
+            n_ids = args.ids or read_info(index, storage).count // 10
+            gen = ReidLikeEmbeddings(n_ids, args.dim)
+            info = read_info(index, storage)
+        else:
+            n_ids = args.gallery // 10
+            gen = ReidLikeEmbeddings(n_ids, args.dim)
+            write_gallery(os.path.join(tmp, "gallery"), gen, n_ids, 10, files=4)
+            info = build_index(
+                os.path.join(tmp, "gallery"),
+                index,
+                storage,
+                memory_budget=args.gallery * args.dim * 4 // 8,
+            )
         print(
             f"gallery {info.count} x {args.dim}: {info.factory}, nprobe {info.nprobe}, "
             f"rerank {info.rerank}"
@@ -94,7 +112,7 @@ def main() -> None:
         half = os.path.join(tmp, "queries-half")
         write_queries(half, xq[: args.queries // 2])
 
-        gallery = GalleryIndex.open(os.path.join(tmp, "index"), storage)
+        gallery = GalleryIndex.open(index, storage)
         t0 = time.perf_counter()
         for start in range(0, len(xq), 1024):
             gallery.search(xq[start : start + 1024], k=args.k)
@@ -118,7 +136,7 @@ def main() -> None:
             t0 = time.perf_counter()
             summary = run_search_job(
                 SearchJobConfig(
-                    index=os.path.join(tmp, "index"),
+                    index=index,
                     out=os.path.join(tmp, f"hits-{name}"),
                     embeddings=folder,
                     k=args.k,
