@@ -203,3 +203,23 @@ def test_l2_metric_with_pca_returns_cosine_and_exact_order(tmp_path, storage):
     np.testing.assert_allclose(scores, np.take_along_axis(exact, order, 1), atol=1e-4)
     with pytest.raises(ValueError, match="metric must be"):
         fi.build_index(str(tmp_path / "emb"), out, storage, metric="cosine")
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
+def test_rabitq_training_without_the_residual_copy_is_faiss_training(metric) -> None:
+    """The build trains an IVF-RaBitQ index with the coarse k-means only (faiss' own train also
+    trains the encoder on a copy of every residual, which RaBitQ does not use): the trained and
+    the filled index must be faiss' own, byte for byte; a faiss whose RaBitQ learns from data
+    fails here."""
+    from vbatch.operators.index.build import _train
+
+    x, _ = clustered(400, 5, 48, seed=4)
+    ours = faiss.index_factory(48, "IVF16,RaBitQ3", metric)
+    _train(ours, x, gpu=False)
+    theirs = faiss.index_factory(48, "IVF16,RaBitQ3", metric)
+    theirs.train(x)
+    assert ours.is_trained
+    assert np.array_equal(faiss.serialize_index(ours), faiss.serialize_index(theirs))
+    ours.add(x)
+    theirs.add(x)
+    assert np.array_equal(faiss.serialize_index(ours), faiss.serialize_index(theirs))
