@@ -32,9 +32,11 @@ import torch
 from vbatch.jobs.demo_data import encode, person_crop, product_image
 from vbatch.models.base import Transforms
 from vbatch.operators.columns import decode_array, encode_array
-from vbatch.operators.decode import decode_image, open_image
+from vbatch.operators.decode import decode_image, open_image, probe_jpeg
+from vbatch.operators.device_decode import DeviceDecoder
 from vbatch.operators.images import (
     _PIL_INPUT,
+    DECODE_MODES,
     OUTPUT,
     decode_and_preprocess,
     fetch_bytes,
@@ -93,7 +95,7 @@ def build_transforms(task: str) -> Transforms | None:
 
         return MattingTransforms(2000)
     if task == "reid":
-        from vbatch.models.reid.model import FULL
+        from vbatch.models.reid.config import FULL
         from vbatch.models.reid.transforms import ReidTransforms
 
         return ReidTransforms(FULL.image_size, FULL.embed_dim)
@@ -147,6 +149,8 @@ def one_image(
     if task == "rvos":
         return _one_frame(t, blob, out_dir, storage, rng)
     assert transforms is not None and output_options is not None
+    if decode_kw.get("decode") == "gpu":
+        return _one_shipped(t, task, blob, out_dir, storage, transforms, rng, output_options)
     # the stages of operators.images._decode_for, split for timing
     fast = decode_kw.get("decode", "exact") == "fast"
     decoded = t.run(
@@ -172,11 +176,61 @@ def one_image(
             return transforms.postprocess(output, size, image=original)  # type: ignore[call-arg]
         return transforms.postprocess(output, size)
 
+    return _write_stages(t, task, post, out_dir, storage)
+
+
+def _write_stages(
+    t: Timer, task: str, post: Callable[[], np.ndarray], out_dir: Path, storage: Storage
+) -> dict[str, float]:
     product = t.run("postprocess", post)
     files = t.run("encode", _encode_products, task, product)
     for name, data in files.items():
         t.run("write", storage.write_bytes, str(out_dir / name), data)
     return t.ms
+
+
+_DECODERS: dict[int, DeviceDecoder] = {}
+#: where ``--decode gpu``'s actor decodes (``--actor-device``)
+ACTOR_DEVICE = "cpu"
+
+
+def _actor_decoder(transforms: Transforms) -> DeviceDecoder:
+    if id(transforms) not in _DECODERS:
+        _DECODERS[id(transforms)] = DeviceDecoder(transforms, torch.device(ACTOR_DEVICE))
+    return _DECODERS[id(transforms)]
+
+
+def _one_shipped(
+    t: Timer,
+    task: str,
+    blob: bytes,
+    out_dir: Path,
+    storage: Storage,
+    transforms: Transforms,
+    rng: np.random.Generator,
+    options: OutputOptions,
+) -> dict[str, float]:
+    """``--decode gpu``: the CPU stage reads the header and ships the file; the actor's decode (on
+    ``--actor-device``; the CPU is the no-GPU fallback) is timed apart, as "actor": host CPU ms
+    (with a GPU, what the decode still costs the host) and, on CUDA, "actor wall" ms."""
+    size = t.run("decode", probe_jpeg, blob)
+    assert size is not None, "the bench's images are RGB JPEGs"
+    shipped = t.run("preprocess", lambda: encode_array(np.frombuffer(blob, np.uint8)))
+    wall = time.perf_counter()
+    (net_input,) = t.run("actor", _actor_decoder(transforms), [decode_array(shipped)])
+    t.ms["actor wall"] = (time.perf_counter() - wall) * 1e3  # the result is on the host: synced
+    raw = encode_array(standin_output(task, net_input, rng))
+    model_size = options.mask_size == "model" and options.output == "mask"
+
+    def post() -> np.ndarray:
+        output = decode_array(raw)
+        if model_size:
+            return model_resolution_mask(transforms, output, size)
+        if task == "matting" and output.shape[:2] != size:
+            return transforms.postprocess(output, size, image=decode_image(blob))  # type: ignore[call-arg]
+        return transforms.postprocess(output, size)
+
+    return _write_stages(t, task, post, out_dir, storage)
 
 
 def _encode_products(task: str, product: np.ndarray) -> dict[str, bytes]:
@@ -199,9 +253,8 @@ def _one_frame(
     t: Timer, blob: bytes, out_dir: Path, storage: Storage, rng: np.random.Generator
 ) -> dict[str, float]:
     """rvos, one frame: the video stages' per-frame work (frames come as JPEG stills here)."""
-    from vbatch.models.rvos.postprocess import frame_masks
-    from vbatch.models.rvos.transforms import resized_size
-    from vbatch.operators.video import resize_frames
+    from vbatch.models.rvos.transforms import frame_masks, resized_size
+    from vbatch.operators.video.decode import resize_frames
 
     frame = t.run("decode", decode_image, blob)
     size = frame.shape[:2]
@@ -242,6 +295,8 @@ def operators_per_image(
     batch = decode_and_preprocess(batch, transforms=transforms, keep_bytes=keep, **decode_kw)
     t1 = time.process_time()
     inputs = [decode_array(b) for b in batch.column("_vb_input").to_pylist()]
+    if decode_kw.get("decode") == "gpu":  # the actor's work, not the CPU stages'
+        inputs = _actor_decoder(transforms)(inputs)  # type: ignore[assignment]
     outputs = [encode_array(standin_output(task, x, rng)) for x in inputs]
     batch = batch.drop_columns(["_vb_input"]).append_column(
         OUTPUT, pa.array(outputs, pa.large_binary())
@@ -267,8 +322,8 @@ def textured_image(seed: int, size: tuple[int, int]) -> np.ndarray:
     return np.clip(img + (stripes + grain)[..., None], 0, 255).astype(np.uint8)
 
 
-def compare_modes(tasks: list[str], n: int, mp: float) -> None:
-    """Fast vs exact decode, per task, through a random-weight network where one is cheap enough
+def compare_modes(tasks: list[str], n: int, mp: float, mode: str = "fast") -> None:
+    """``mode`` (fast or gpu, the actor decoding on ``--actor-device``) vs exact decode, per task, through a random-weight network where one is cheap enough
     on a CPU (salient full size; shop-seg and reid TINY): mask grey-level difference, IoU,
     embedding cosine, and the network inputs' mean absolute difference. Random weights make this
     a weak proxy for trained models; the input difference does not depend on the weights."""
@@ -304,12 +359,14 @@ def compare_modes(tasks: list[str], n: int, mp: float) -> None:
             blobs = crops if task == "reid" else photos
             batch = {
                 m: decode_and_preprocess(_table(blobs), transforms=transforms, decode=m)
-                for m in ("exact", "fast")
+                for m in ("exact", mode)
             }
             x = {
                 m: [decode_array(v) for v in batch[m].column("_vb_input").to_pylist()]
                 for m in batch
             }
+            if mode == "gpu":
+                x[mode] = _actor_decoder(transforms)(x[mode])  # type: ignore[assignment]
             sizes = list(
                 zip(
                     batch["exact"].column("height").to_pylist(),
@@ -319,7 +376,7 @@ def compare_modes(tasks: list[str], n: int, mp: float) -> None:
             )
             inp = [
                 np.abs(a.astype(np.float64) - b).mean()
-                for a, b in zip(x["exact"], x["fast"], strict=True)
+                for a, b in zip(x["exact"], x[mode], strict=True)
             ]
             line = f"{task:>9} {mp:g} MP: input |Δ| mean {np.mean(inp):.2f} max-of-means {np.max(inp):.2f}"
             if predictor is not None:
@@ -332,19 +389,19 @@ def compare_modes(tasks: list[str], n: int, mp: float) -> None:
                 if task == "salient":
                     d = [
                         np.abs(a.astype(np.int16) - b)
-                        for a, b in zip(prod["exact"], prod["fast"], strict=True)
+                        for a, b in zip(prod["exact"], prod[mode], strict=True)
                     ]
                     line += f"; mask |Δ| mean {np.mean([v.mean() for v in d]):.2f} max {max(v.max() for v in d)}"
                 elif task == "shop-seg":
                     iou = [
                         ((a > 0) & (b > 0)).sum() / max(1, ((a > 0) | (b > 0)).sum())
-                        for a, b in zip(prod["exact"], prod["fast"], strict=True)
+                        for a, b in zip(prod["exact"], prod[mode], strict=True)
                     ]
                     line += f"; IoU mean {np.mean(iou):.4f} min {np.min(iou):.4f}"
                 else:
                     cos = [
                         float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-                        for a, b in zip(prod["exact"], prod["fast"], strict=True)
+                        for a, b in zip(prod["exact"], prod[mode], strict=True)
                     ]
                     line += f"; cosine mean {np.mean(cos):.5f} min {np.min(cos):.5f}"
             print(line, flush=True)
@@ -367,26 +424,45 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", type=float, default=list(SIZES), choices=list(SIZES))
     p.add_argument("--repeats", type=int, default=5, help="runs per figure; the median is shown")
     p.add_argument("--batch", type=int, default=4, help="images per operator-total run")
-    p.add_argument("--decode", choices=["exact", "fast"], default="exact")
+    p.add_argument(
+        "--decode",
+        choices=list(DECODE_MODES),
+        default="exact",
+        help="gpu: the CPU stages read the header and ship the file (salient, shop-seg, matting); "
+        "the actor's decode shows apart as 'actor' (CPU ms)",
+    )
+    p.add_argument(
+        "--actor-device",
+        default="cpu",
+        help="--decode gpu: where the actor decodes (cpu, the fallback, or cuda)",
+    )
     p.add_argument("--mask-size", choices=["full", "model"], default="full")
     p.add_argument(
         "--compare",
         type=int,
         metavar="N",
-        help="instead: fast vs exact decode on N photos + N textured images (or N crops) per task",
+        help="instead: --decode fast (the default here) or gpu vs exact decode on N photos + N "
+        "textured images (or N crops) per task",
     )
     args = p.parse_args()
+    global ACTOR_DEVICE
+    ACTOR_DEVICE = args.actor_device
     if args.compare:
         torch.set_num_threads(1)
+        mode = "fast" if args.decode == "exact" else args.decode
         for mp in args.sizes:
-            compare_modes(args.tasks, args.compare, mp)
+            compare_modes(args.tasks, args.compare, mp, mode)
         return
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     storage = Storage(StorageOptions())
     rng = np.random.default_rng(0)
+    if args.decode == "gpu":
+        args.tasks = [t for t in args.tasks if t in ("salient", "shop-seg", "matting")]
     header = ["task", "MP", *STAGES, "sum", "operators"]
+    if args.decode == "gpu":
+        header += ["actor", "actor wall"]
     decode_kw = {"decode": args.decode}
     print(
         f"CPU ms per image (median of {args.repeats}), one thread, --decode {args.decode}, "
@@ -431,6 +507,9 @@ def main() -> None:
                     )
                 cells = [task, f"{mp:g}", *(f"{med[s]:.1f}" for s in STAGES), f"{total:.1f}"]
                 cells.append(f"{ops:.1f}")
+                if args.decode == "gpu":
+                    for col in ("actor", "actor wall"):
+                        cells.append(f"{statistics.median(r.get(col, 0.0) for r in runs):.1f}")
                 print(" | ".join(f"{c:>11}" for c in cells), flush=True)
 
 

@@ -14,6 +14,7 @@ from vbatch.jobs.failure import describe_failure
 from vbatch.jobs.summary import EXIT_USAGE, add_run_arguments, limits_of, run_command
 from vbatch.models import REGISTRY
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS
+from vbatch.operators.images import DECODE_MODES
 from vbatch.operators.storage import DEFAULT_RETRY_SECONDS
 
 logger = logging.getLogger("vbatch")
@@ -205,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--decode",
-        choices=["exact", "fast"],
+        choices=list(DECODE_MODES),
         default="exact",
-        help="exact (default): the reference preprocessing, bit for bit; fast: JPEGs decoded at a reduced DCT scale + area resize (approximate, a fraction of the CPU)",
+        help="exact (default): the reference preprocessing, bit for bit; fast: JPEGs decoded at a reduced DCT scale, then the model's resize (approximate, a fraction of the CPU); gpu: JPEGs decoded and resized in the model actor, on its GPU (nvJPEG; on its CPU when it has none), within 1 grey level of exact on the CPU",
     )
     g.add_argument(
         "--mask-size",

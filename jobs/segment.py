@@ -128,7 +128,8 @@ class ImageJobConfig:
     max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     #: fail, publishing nothing, above this fraction of infrastructure error rows
     max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
-    #: "exact" (reference preprocessing) or "fast" (DCT-scaled JPEG decode, area resize)
+    #: "exact" (reference preprocessing), "fast" (DCT-scaled JPEG decode) or "gpu" (JPEGs decoded
+    #: and resized in the model actor, operators.device_decode)
     decode: str = "exact"
     #: masks: "full" (original size) or "model" (network resolution; results keep the original size)
     mask_size: str = "full"

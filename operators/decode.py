@@ -97,11 +97,7 @@ def open_image(
             Image.MAX_IMAGE_PIXELS = None
             img = Image.open(io.BytesIO(data))
             width, height = img.size
-            if width * height > max_pixels:
-                raise DecodeError(
-                    f"image too large: {width}x{height} = {width * height:,} pixels exceeds the cap of "
-                    f"{max_pixels:,} (--max-pixels)"
-                )
+            _check_cap(width, height, max_pixels)
             orientation = img.getexif().get(0x0112, 1)
             swaps = orientation in _SWAPS_AXES
             size = (width, height) if swaps else (height, width)
@@ -139,6 +135,45 @@ def open_image(
         raise
     except Exception as e:
         raise DecodeError(f"cannot decode: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def probe_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(height, width), orientation applied, of a JPEG that ``--decode gpu`` can hand to the model
+    actor undecoded: read from the header alone, no pixel decoded.
+
+    Returns ``None`` for anything else — another format, a CMYK JPEG, bytes Pillow cannot open —
+    which the caller decodes on the CPU as usual (and reports, if it is broken).
+
+    Raises:
+        DecodeError: empty, or over the pixel cap (the same messages as :func:`open_image`).
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None  # our cap replaces Pillow's, as in open_image
+            img = Image.open(io.BytesIO(data))
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            width, height = img.size
+            _check_cap(width, height, max_pixels)
+            orientation = img.getexif().get(0x0112, 1)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise
+    except Exception:  # the CPU decode gives the file its proper error
+        return None
+    return (width, height) if orientation in _SWAPS_AXES else (height, width)
+
+
+def _check_cap(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image too large: {width}x{height} = {width * height:,} pixels exceeds the cap of "
+            f"{max_pixels:,} (--max-pixels)"
+        )
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

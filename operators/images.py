@@ -19,7 +19,7 @@ from vbatch.models.reid.transforms import ReidTransforms
 from vbatch.models.salient.transforms import SalientTransforms
 from vbatch.models.shop_seg.transforms import ShopSegTransforms, crop_size
 from vbatch.operators.columns import encode_array, set_column
-from vbatch.operators.decode import DEFAULT_MAX_PIXELS, DecodeError, open_image
+from vbatch.operators.decode import DEFAULT_MAX_PIXELS, DecodeError, open_image, probe_jpeg
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.storage import Storage, describe_read_error, resolve
 from vbatch.schemas.images import INTERNAL_PREFIX
@@ -31,8 +31,10 @@ INPUT = f"{INTERNAL_PREFIX}input"  # large_binary: one preprocessed network inpu
 OUTPUT = f"{INTERNAL_PREFIX}output"  # large_binary: one raw network output, .npy encoded
 
 #: decode modes: "exact" = full-size decode and the model's own (reference) resize, the default;
-#: "fast" = JPEGs decoded at a reduced DCT scale (approximate), then the same resize
-DECODE_MODES = ("exact", "fast")
+#: "fast" = JPEGs decoded at a reduced DCT scale (approximate), then the same resize;
+#: "gpu" = JPEGs shipped undecoded, decoded and resized in the model actor on its GPU
+#: (:mod:`vbatch.operators.device_decode`)
+DECODE_MODES = ("exact", "fast", "gpu")
 
 #: transforms whose preprocessing resizes a Pillow image: they take the decoded image as it is
 _PIL_INPUT = (SalientTransforms, ShopSegTransforms, ReidTransforms)
@@ -67,6 +69,10 @@ def _decode_for(
     one — about what an OpenCV area resize costs, and closer to the reference's pixels (measured,
     docs/BENCHMARKS.md).
     """
+    if mode == "gpu":
+        size = probe_jpeg(blob, max_pixels)
+        if size is not None:  # the file itself, a 1-D uint8 array: the model actor decodes it
+            return np.frombuffer(blob, dtype=np.uint8), size
     min_size = (lambda hw: network_size(transforms, hw)) if mode == "fast" else None
     decoded = open_image(blob, max_pixels, min_size=min_size)
     pil_ok = isinstance(transforms, _PIL_INPUT) and not isinstance(decoded.image, np.ndarray)
@@ -120,6 +126,10 @@ def decode_and_preprocess(
     ``decode="fast"`` decodes JPEGs at the smallest DCT scale at least as large as the network's
     input, then resizes as exact mode does: approximate network inputs for a fraction of the CPU
     (see docs/BENCHMARKS.md for the deviation per task); other formats decode exactly as in "exact".
+
+    ``decode="gpu"`` reads only the header of an RGB or greyscale JPEG and ships the file as its
+    ``_vb_input``: the model actor decodes and resizes it on its device
+    (:mod:`vbatch.operators.device_decode`). Other files are decoded here as in "exact".
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")

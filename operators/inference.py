@@ -5,6 +5,10 @@ a model shipped from the driver is pickled through the object store for every ac
 runs one batch under ``torch.inference_mode``. Rows that already failed skip the network. If the
 batched forward raises, the batch is retried one row at a time so that only the row that cannot be
 run fails (and a CUDA out-of-memory on a big batch degrades instead of killing the job).
+
+With ``--decode gpu`` some inputs are JPEG files rather than pixels: the actor decodes and resizes
+them on its device first (:mod:`vbatch.operators.device_decode`); a file that does not decode
+becomes that row's error.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 
 from vbatch.models import Predictor, load_model
 from vbatch.operators.columns import decode_array, encode_array, set_column
+from vbatch.operators.device_decode import DeviceDecoder, is_encoded
 from vbatch.operators.images import INPUT, OUTPUT
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.storage import Storage, StorageOptions
@@ -65,6 +70,21 @@ class ModelStage:
         self.predictor = load_actor_model(
             task, model_dir, storage_options, device, threads, model_options
         )
+        self._decoder: DeviceDecoder | None = None  # made on the first undecoded JPEG
+
+    def _decode_files(self, arrays: list, errors: list, todo: list[int]) -> None:
+        """Replace the JPEG files among ``arrays`` (rows ``todo``) by network inputs, in place; a
+        file that does not decode sets its row's error and its array to ``None``."""
+        files = [k for k, a in enumerate(arrays) if is_encoded(a)]
+        if not files:
+            return
+        if self._decoder is None:
+            self._decoder = DeviceDecoder(self.predictor.transforms, self.predictor.device)
+        for k, result in zip(files, self._decoder([arrays[k] for k in files]), strict=True):
+            if isinstance(result, str):
+                errors[todo[k]], arrays[k] = result, None
+            else:
+                arrays[k] = result
 
     def _forward(self, arrays: list) -> list:
         with torch.inference_mode():
@@ -77,6 +97,10 @@ class ModelStage:
         outputs: list[bytes | None] = [None] * len(errors)
         if todo:
             arrays = [decode_array(raw[i]) for i in todo]
+            self._decode_files(arrays, errors, todo)
+            todo = [i for i, a in zip(todo, arrays, strict=True) if a is not None]
+            arrays = [a for a in arrays if a is not None]
+        if todo:
             try:
                 results = self._forward(arrays)
             except Exception:

@@ -7,6 +7,7 @@ import importlib
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -281,3 +282,19 @@ def test_model_packages_resolve_their_names_on_first_use() -> None:
             assert getattr(package, name) is not None, (package.__name__, name)
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         salient.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("decode", ["exact", "gpu"])
+def test_the_cpu_stage_benchmark_runs(decode: str) -> None:
+    """bench_cpu_stages.py runs for every task it offers (a smoke run at 0.3 MP, one repeat): the
+    benchmark behind docs/BENCHMARKS.md must not rot with the code it measures."""
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, str(root / "bench" / "bench_cpu_stages.py"), "--decode", decode]
+    argv += ["--sizes", "0.3", "--repeats", "1", "--batch", "1"]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = [line.split("|") for line in out.splitlines() if "|" in line][1:]
+    tasks = ["salient", "shop-seg", "matting"]
+    assert [r[0].strip() for r in rows] == (tasks if decode == "gpu" else [*tasks, "reid", "rvos"])
+    for r in rows:
+        total = float(r[8])  # the CPU stages' sum
+        assert 0 < total < 10_000, r

@@ -159,7 +159,14 @@ ERROR_CLASSES = {
 WEIGHTS = {"salient": "pytorch_model.pt", "shop-seg": "pytorch_model.bin"}
 
 
-def _check(storage: Storage, out: str, cases: list, model_dir: Path, task: str = "salient") -> None:
+def _check(
+    storage: Storage,
+    out: str,
+    cases: list,
+    model_dir: Path,
+    task: str = "salient",
+    tolerance: tuple[int, float] = (1, 0.02),
+) -> None:
     table = _read_results(storage, out)
     validate_image_results(table, "mask")
     assert table.num_rows == len(cases)  # every manifest row exactly once
@@ -191,7 +198,11 @@ def _check(storage: Storage, out: str, cases: list, model_dir: Path, task: str =
         # thread count move float sums by ~1e-7, which the reference's uint8 truncation can turn
         # into one grey level on a few pixels
         diff = np.abs(mask.astype(int) - predictor.predict([image])[0].astype(int))
-        assert diff.max() <= 1 and diff.mean() < 0.02, (image_id, diff.max(), diff.mean())
+        assert diff.max() <= tolerance[0] and diff.mean() < tolerance[1], (
+            image_id,
+            diff.max(),
+            diff.mean(),
+        )
 
 
 def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path, capsys) -> None:
@@ -233,6 +244,19 @@ def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path, cap
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == sorted(
         safe_name(c[0]) + ".png" for c in cases if c[3] == "ok"
     )
+
+
+def test_segment_decode_gpu_without_a_gpu(ray_session, tmp_path: Path, salient_dir: Path) -> None:
+    """``--decode gpu`` where the actors have no GPU: they decode the JPEGs on their CPU. The same
+    rows, statuses and errors as exact mode; the masks within a few grey levels of the Python API's
+    (the resize is torch's, within one grey level of Pillow's on the network input)."""
+    storage = Storage()
+    manifest, cases = _write_inputs(storage, str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    argv = ["segment", "--task", "salient", "--manifest", manifest, "--model-dir", str(salient_dir)]
+    argv += ["--out", out, "--batch-size", "3", "--max-pixels", "5000000", "--decode", "gpu"]
+    assert main(argv) == 3  # 8 of 15 rows are bad, as in exact mode
+    _check(storage, out, cases, salient_dir, tolerance=(8, 0.5))
 
 
 def test_segment_on_s3_and_rerun_replaces(ray_session, s3_server, salient_dir: Path) -> None:
