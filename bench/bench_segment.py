@@ -5,7 +5,7 @@ in memory, same batch size and torch threads as the actor) and images/s end to e
 fetch → decode → actor pool → PNG + Parquet), and their ratio. Random weights in ModelScope's
 layout; the work per image is the real one.
 
-    python bench/bench_segment.py --task salient --images 96 --batch-size 8
+    python bench/bench_segment.py --task salient --images 96 --batch-size 8 [--decode fast] [--mask-size model]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from vbatch.jobs.demo_data import SIZES, encode, product_image
 from vbatch.jobs.runtime import decide_resources, ensure_ray
 from vbatch.jobs.segment import ImageJobConfig, run_image_job
 from vbatch.models import load_model
+from vbatch.operators.images import DECODE_MODES
 
 
 def write_model(task: str, folder: Path) -> Path:
@@ -58,6 +59,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--repeats", type=int, default=1, help="pairs of end-to-end runs (the fastest is kept)"
+    )
+    p.add_argument(
+        "--decode", choices=list(DECODE_MODES), default="exact", help="the job's --decode"
+    )
+    p.add_argument(
+        "--mask-size", choices=["full", "model"], default="full", help="the job's --mask-size"
     )
     args = p.parse_args()
 
@@ -105,6 +112,8 @@ def main() -> None:
                 str(model_dir),
                 str(work / f"out-{tag}"),
                 batch_size=args.batch_size,
+                decode=args.decode,
+                mask_size=args.mask_size,
             )
         )
         assert summary.ok == n, summary.report()
@@ -119,7 +128,7 @@ def main() -> None:
     steady = (len(images) - small) / (t_full - t_small)
     fixed = t_small - small / steady
     print(
-        f"task={args.task} images={len(images)} batch={args.batch_size} threads={res.threads} cpus={os.cpu_count()} device={res.device}"
+        f"task={args.task} images={len(images)} batch={args.batch_size} threads={res.threads} cpus={os.cpu_count()} device={res.device} decode={args.decode} mask_size={args.mask_size}"
     )
     print(f"bare forward          : {bare:8.2f} images/s ({1000 / bare:.0f} ms/image)")
     print(f"end to end, {len(images):4d} imgs : {e2e:8.2f} images/s (whole job, {t_full:.1f} s)")
