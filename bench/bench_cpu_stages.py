@@ -340,17 +340,17 @@ def compare_modes(tasks: list[str], n: int, mp: float, mode: str = "fast") -> No
         for task in tasks:
             predictor = None
             if task == "salient":
-                from vbatch.models.salient import write_random_model_dir
+                from vbatch.models.salient.modeldir import write_random_model_dir
 
                 predictor = load_model(task, write_random_model_dir(Path(tmp) / task), "cpu")
             elif task == "shop-seg":
                 from vbatch.models.shop_seg import TINY
-                from vbatch.models.shop_seg import write_random_model_dir as write_shop
+                from vbatch.models.shop_seg.modeldir import write_random_model_dir as write_shop
 
                 predictor = load_model(task, write_shop(Path(tmp) / task, config=TINY), "cpu")
             elif task == "reid":
                 from vbatch.models.reid import TINY as REID_TINY
-                from vbatch.models.reid import write_random_model_dir as write_reid
+                from vbatch.models.reid.modeldir import write_random_model_dir as write_reid
 
                 predictor = load_model(task, write_reid(Path(tmp) / task, REID_TINY), "cpu")
             transforms = predictor.transforms if predictor else build_transforms(task)
@@ -378,7 +378,7 @@ def compare_modes(tasks: list[str], n: int, mp: float, mode: str = "fast") -> No
                 np.abs(a.astype(np.float64) - b).mean()
                 for a, b in zip(x["exact"], x[mode], strict=True)
             ]
-            line = f"{task:>9} {mp:g} MP: input |Δ| mean {np.mean(inp):.2f} max-of-means {np.max(inp):.2f}"
+            line = f"{task:>9} {mp:g} MP: input |Δ| mean {np.mean(inp):.3f} max-of-means {np.max(inp):.3f}"
             if predictor is not None:
                 with torch.inference_mode():
                     out = {m: predictor.forward(x[m]) for m in x}

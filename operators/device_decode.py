@@ -73,9 +73,8 @@ class DeviceDecoder:
                 out.append(str(e))
             except MemoryError:
                 raise
-            except (
-                Exception
-            ) as e:  # as in the CPU stage: the model refusing an image is a row error
+            # as in the CPU stage: the model refusing an image is a row error
+            except Exception as e:
                 logger.exception("preprocess failed")
                 out.append(f"preprocess failed: {type(e).__name__}: {e}")
         return out

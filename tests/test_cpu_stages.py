@@ -298,3 +298,23 @@ def test_the_cpu_stage_benchmark_runs(decode: str) -> None:
     for r in rows:
         total = float(r[8])  # the CPU stages' sum
         assert 0 < total < 10_000, r
+
+
+@pytest.mark.parametrize("decode", ["fast", "gpu"])
+def test_the_deviation_benchmark_runs(decode: str) -> None:
+    """bench_cpu_stages.py --compare (the deviation figures of docs/BENCHMARKS.md) runs for every
+    task, and reports a deviation where the mode changes the network input."""
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, str(root / "bench" / "bench_cpu_stages.py"), "--decode", decode]
+    argv += ["--compare", "1", "--sizes", "2", "--tasks", "salient", "shop-seg", "reid"]
+    argv += ["matting"]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300).stdout
+    lines = {line.split()[0]: line for line in out.splitlines() if " MP: input" in line}
+    assert sorted(lines) == ["matting", "reid", "salient", "shop-seg"]
+    assert "mask |Δ| mean" in lines["salient"] and "IoU mean" in lines["shop-seg"]
+    assert "cosine mean" in lines["reid"]
+    mean = float(lines["salient"].split("input |Δ| mean ")[1].split()[0])
+    if decode == "fast":  # the DCT-scaled decode moves the input by a fraction of a grey level
+        assert 0 < mean < 3, lines["salient"]
+    else:  # the actor's CPU decode is Pillow's; its resize within one grey level, rarely
+        assert mean < 0.05, lines["salient"]
