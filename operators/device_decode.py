@@ -9,7 +9,8 @@ cost per image (docs/BENCHMARKS.md), move to the GPU.
 
 On an actor without a GPU the same code runs on the actor's CPU: torchvision's libjpeg-turbo decode
 gives Pillow's pixels exactly, and torch's antialiased uint8 resize is within 1 grey level of
-Pillow's (measured, docs/BENCHMARKS.md) — the fallback is correct, only not cheaper in total.
+Pillow's (measured, docs/BENCHMARKS.md). That fallback is correct, and its resize is cheaper than
+Pillow's, but the decode is only moved from the CPU stage into the actor, not saved.
 
 Whatever the device decoder refuses (a truncated or corrupt body behind a valid header, a JPEG
 flavour nvJPEG lacks) is decoded again, alone, by Pillow on the CPU as exact mode does; what Pillow
