@@ -150,20 +150,9 @@ def one_image(
         return _one_frame(t, blob, out_dir, storage, rng)
     assert transforms is not None and output_options is not None
     if decode_kw.get("decode") == "gpu":
-        return _one_shipped(t, task, blob, out_dir, storage, transforms, rng, output_options)
-    # the stages of operators.images._decode_for, split for timing
-    fast = decode_kw.get("decode", "exact") == "fast"
-    decoded = t.run(
-        "decode",
-        open_image,
-        blob,
-        min_size=(lambda hw: network_size(transforms, hw)) if fast else None,
-    )
-    pil_ok = isinstance(transforms, _PIL_INPUT) and not isinstance(decoded.image, np.ndarray)
-    image = decoded.image if pil_ok else t.run("decode", decoded.array)
-    size = decoded.size
-    shipped = t.run("preprocess", lambda: encode_array(transforms.preprocess(image)))
-    net_input = decode_array(shipped)
+        size, net_input = _shipped_input(t, blob, transforms)
+    else:
+        size, net_input = _decoded_input(t, blob, transforms, decode_kw.get("decode") == "fast")
     raw = encode_array(standin_output(task, net_input, rng))  # the model actor's column
     model_size = output_options.mask_size == "model" and output_options.output == "mask"
 
@@ -176,17 +165,27 @@ def one_image(
             return transforms.postprocess(output, size, image=original)  # type: ignore[call-arg]
         return transforms.postprocess(output, size)
 
-    return _write_stages(t, task, post, out_dir, storage)
-
-
-def _write_stages(
-    t: Timer, task: str, post: Callable[[], np.ndarray], out_dir: Path, storage: Storage
-) -> dict[str, float]:
     product = t.run("postprocess", post)
     files = t.run("encode", _encode_products, task, product)
     for name, data in files.items():
         t.run("write", storage.write_bytes, str(out_dir / name), data)
     return t.ms
+
+
+def _decoded_input(
+    t: Timer, blob: bytes, transforms: Transforms, fast: bool
+) -> tuple[tuple[int, int], np.ndarray]:
+    """Exact/fast: the stages of operators.images._decode_for, split for timing."""
+    decoded = t.run(
+        "decode",
+        open_image,
+        blob,
+        min_size=(lambda hw: network_size(transforms, hw)) if fast else None,
+    )
+    pil_ok = isinstance(transforms, _PIL_INPUT) and not isinstance(decoded.image, np.ndarray)
+    image = decoded.image if pil_ok else t.run("decode", decoded.array)
+    shipped = t.run("preprocess", lambda: encode_array(transforms.preprocess(image)))
+    return decoded.size, decode_array(shipped)
 
 
 _DECODERS: dict[int, DeviceDecoder] = {}
@@ -200,37 +199,20 @@ def _actor_decoder(transforms: Transforms) -> DeviceDecoder:
     return _DECODERS[id(transforms)]
 
 
-def _one_shipped(
-    t: Timer,
-    task: str,
-    blob: bytes,
-    out_dir: Path,
-    storage: Storage,
-    transforms: Transforms,
-    rng: np.random.Generator,
-    options: OutputOptions,
-) -> dict[str, float]:
+def _shipped_input(
+    t: Timer, blob: bytes, transforms: Transforms
+) -> tuple[tuple[int, int], np.ndarray]:
     """``--decode gpu``: the CPU stage reads the header and ships the file; the actor's decode (on
     ``--actor-device``; the CPU is the no-GPU fallback) is timed apart, as "actor": host CPU ms
-    (with a GPU, what the decode still costs the host) and, on CUDA, "actor wall" ms."""
+    (with a GPU, what the decode still costs the host) and "actor wall" ms."""
     size = t.run("decode", probe_jpeg, blob)
     assert size is not None, "the bench's images are RGB JPEGs"
     shipped = t.run("preprocess", lambda: encode_array(np.frombuffer(blob, np.uint8)))
     wall = time.perf_counter()
     (net_input,) = t.run("actor", _actor_decoder(transforms), [decode_array(shipped)])
     t.ms["actor wall"] = (time.perf_counter() - wall) * 1e3  # the result is on the host: synced
-    raw = encode_array(standin_output(task, net_input, rng))
-    model_size = options.mask_size == "model" and options.output == "mask"
-
-    def post() -> np.ndarray:
-        output = decode_array(raw)
-        if model_size:
-            return model_resolution_mask(transforms, output, size)
-        if task == "matting" and output.shape[:2] != size:
-            return transforms.postprocess(output, size, image=decode_image(blob))  # type: ignore[call-arg]
-        return transforms.postprocess(output, size)
-
-    return _write_stages(t, task, post, out_dir, storage)
+    assert isinstance(net_input, np.ndarray), net_input  # else: the decode's error message
+    return size, net_input
 
 
 def _encode_products(task: str, product: np.ndarray) -> dict[str, bytes]:
