@@ -139,3 +139,40 @@ def test_gpu_decode_is_close_to_the_cpu_fallback() -> None:
         assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
         diff = np.abs(a.astype(int) - b.astype(int))
         assert diff.mean() < 1.0, diff.mean()
+
+
+def test_fuzzed_jpegs_through_the_gpu_path_become_rows_or_row_errors() -> None:
+    """Mutated JPEGs (the decode fuzz's mutations) through ``--decode gpu``'s CPU stage and the
+    actor's decoder in batches: every file becomes a network input or its row's error, nothing
+    raises, and a file counts as decoded exactly when exact mode decodes it too."""
+    import random
+
+    from tests.test_decode_fuzz import _mutate
+
+    rng = random.Random(20261130)
+    valid = [encode(product_image(s, (40 + s, 30 + 2 * s)), "JPEG", quality=80) for s in range(6)]
+    blobs = [_mutate(valid[k % len(valid)], rng) for k in range(300)]
+    transforms = TRANSFORMS["salient"]
+    decoder = DeviceDecoder(transforms, torch.device("cpu"))
+    agree = disagree = decoded = 0
+    for start in range(0, len(blobs), 8):
+        chunk = blobs[start : start + 8]
+        exact = decode_and_preprocess(_batch(chunk), transforms=transforms)
+        gpu = decode_and_preprocess(_batch(chunk), transforms=transforms, decode="gpu")
+        inputs = _inputs(gpu)
+        files = [k for k, a in enumerate(inputs) if a is not None and is_encoded(a)]
+        results = decoder([inputs[k] for k in files]) if files else []
+        outcome = {k: isinstance(r, np.ndarray) for k, r in zip(files, results, strict=True)}
+        for k, (e_err, g_err) in enumerate(
+            zip(exact.column(ERROR).to_pylist(), gpu.column(ERROR).to_pylist(), strict=True)
+        ):
+            gpu_ok = outcome.get(k, g_err is None)
+            decoded += gpu_ok
+            if (e_err is None) == gpu_ok:
+                agree += 1
+            else:
+                disagree += 1
+    assert agree + disagree == len(blobs)
+    assert disagree == 0, f"{disagree} of {len(blobs)} files decoded in one mode only"
+    assert 0 < decoded < len(blobs), decoded  # the mutations make both outcomes
+    print(f"{decoded} of {len(blobs)} fuzzed JPEGs decoded, the rest row errors")
