@@ -36,7 +36,7 @@ RUN_ID = "20261130T000000Z-bench0"
 
 def write_table(out: Path, rows: int, files: int) -> None:
     rng = np.random.default_rng(0)
-    schema = pa.schema([*image_results_schema("mask"), *metric_fields("salient")])
+    schema = pa.schema([*image_results_schema("mask"), *metric_fields("saliency")])
     gen = out / "results" / RUN_ID
     gen.mkdir(parents=True, exist_ok=True)
     names = []

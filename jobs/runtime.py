@@ -17,6 +17,8 @@ from typing import Any
 
 import ray
 
+from vbatch.models.registry import model_entry
+
 logger = logging.getLogger(__name__)
 
 _PACKAGES = ("jobs", "operators", "models", "schemas")
@@ -195,31 +197,6 @@ def node_cpus() -> int:
     return int(max(cpus, default=os.cpu_count() or 1)) or 1
 
 
-#: Default images per model-stage batch, per (task, device kind).
-DEFAULT_BATCH = {
-    # SENet at 320²: ~0.3 GB of activations per image in fp32; 32 fits a 16 GB GPU with room to spare.
-    ("salient", "gpu"): 32,
-    # DenseCLIP ViT-B/16 at 1024²: when the GPU can be probed, shop_seg_gpu_batch() sizes the batch
-    # from its free memory; this is the fallback (0.52 GB of fp32 activations per image measured,
-    # 0.68 GB of weights: 8 leaves half of a 16 GB GPU free).
-    ("shop-seg", "gpu"): 8,
-    # ViT-B/16 at 256×128: tiny activations; large batches keep the GPU busy.
-    ("reid", "gpu"): 128,
-    # the matting graph takes one image at a time; the batch only amortises Ray's per-call overhead
-    ("matting", "gpu"): 8,
-    # CPU: small batches keep the pipeline flowing; the forward cost per image hardly changes
-    ("salient", "cpu"): 8,
-    ("shop-seg", "cpu"): 2,
-    ("reid", "cpu"): 32,
-    ("matting", "cpu"): 4,
-}
-
-
-#: Host memory reserved per model replica (weights + a batch of activations + framework overhead,
-#: measured on CPU with the default batch). Ray packs no more replicas onto a node than fit.
-ACTOR_MEMORY_GB = {"salient": 2.0, "shop-seg": 4.0, "reid": 2.0, "matting": 2.0, "rvos": 6.0}
-
-
 @dataclass(frozen=True)
 class Resources:
     """What the model stage's actor pool gets."""
@@ -352,11 +329,12 @@ def decide_resources(
                 probed[0] / 2**30,
                 precision,
             )
+    entry = model_entry(task)
     if batch_size is None:
-        batch_size = DEFAULT_BATCH.get((task, "gpu" if on_gpu else "cpu"), 8)
+        batch_size = entry.default_batch("gpu" if on_gpu else "cpu")
     if batch_size < 1 or actors < 1:
         raise ValueError("--batch-size and --actors must be at least 1")
-    memory = int(ACTOR_MEMORY_GB.get(task, 4.0) * 2**30)
+    memory = int(entry.actor_memory_gb * 2**30)
     return Resources(
         batch_size,
         actors,

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 from vbatch.models.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from vbatch.models.base import Predictor, Transforms
-    from vbatch.models.checkpoint import CheckpointError
+    from vbatch.models.base import CheckpointError, Predictor, Transforms
     from vbatch.models.registry import (
         REGISTRY,
         ModelEntry,
@@ -29,8 +28,7 @@ if TYPE_CHECKING:
 __getattr__ = lazy_exports(
     __name__,
     {
-        "vbatch.models.base": ("Predictor", "Transforms"),
-        "vbatch.models.checkpoint": ("CheckpointError",),
+        "vbatch.models.base": ("CheckpointError", "Predictor", "Transforms"),
         "vbatch.models.registry": (
             "REGISTRY",
             "ModelEntry",

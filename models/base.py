@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 _C = TypeVar("_C")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the network it is loaded into, or cannot be read.
+
+    (Here, not in :mod:`vbatch.models.checkpoint`, which re-exports it: configs raise it while
+    reading a model directory, and they must not import torch.)
+    """
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/``"auto"`` → the first CUDA device when there is one, else the CPU."""
     import torch  # here, not at the top: the CPU stages import this module for Transforms

@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vbatch.models.base import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
 # Containers that training scripts wrap a state dict in; checked in this order.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint does not fit the network it is loaded into, or cannot be read."""
 
 
 def read_state_dict(path: str | Path) -> StateDict:

@@ -1,94 +1,32 @@
 """The explicit model registry and the one public entry point, :func:`load_model`.
 
 Model packages are imported lazily, on first use: no import-time side effects, and a worker that
-runs ``salient`` never imports the video stack.
+runs ``salient`` never imports the video stack. The registry itself imports no torch (each entry
+lives in its package's torch-free ``config.py``), so the CLI can list the models in ``--help``.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from vbatch.models.base import CheckpointError
+from vbatch.models.entry import ModelEntry
+from vbatch.models.matting.config import ENTRY as MATTING
+from vbatch.models.reid.config import ENTRY as REID
+from vbatch.models.rvos.config import ENTRY as RVOS
+from vbatch.models.salient.config import ENTRY as SALIENT
+from vbatch.models.shop_seg.config import ENTRY as SHOP_SEG
 
-from vbatch.models.base import Predictor, Transforms
-from vbatch.models.checkpoint import CheckpointError, file_version, peek_state_dict
+if TYPE_CHECKING:
+    import torch
 
+    from vbatch.models.base import Predictor, Transforms
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """Where a model lives and what it produces."""
-
-    module: str
-    #: what the pipeline writes for it: "mask" (8-bit PNG), "embedding" (float vector), "rgba" (matte)
-    output: str
-    modelscope_id: str
-    summary: str
-    #: files ModelScope's layout must hold, checked on the driver before any worker starts
-    required_files: tuple[str, ...] = ()
-    #: the ``torch.save`` state dict among them, opened (not loaded) on the driver
-    checkpoint: str | None = None
-    #: the job options ``load()`` accepts, by name (``threads`` is the actor's share of the cores;
-    #: the others are fields of the job's configuration); the jobs pass exactly these
-    options: tuple[str, ...] = ()
-    #: the job options ``load_transforms()`` accepts, by name
-    transform_options: tuple[str, ...] = ()
-
-
-REGISTRY: dict[str, ModelEntry] = {
-    "salient": ModelEntry(
-        "vbatch.models.salient",
-        "mask",
-        "damo/cv_res2net_salient-detection",
-        "salient-object detection (Res2Net/SENet with edge guidance, or U2NET)",
-        required_files=("pytorch_model.pt",),
-        checkpoint="pytorch_model.pt",
-    ),
-    "shop-seg": ModelEntry(
-        "vbatch.models.shop_seg",
-        "mask",
-        "damo/cv_vitb16_segmentation_shop-seg",
-        "product segmentation (DenseCLIP, CLIP ViT-B/16 at 1024²)",
-        required_files=(
-            "pytorch_model.bin",
-            "bpe_simple_vocab_16e6.txt.gz",
-        ),
-        checkpoint="pytorch_model.bin",
-        options=("precision",),
-    ),
-    "matting": ModelEntry(
-        "vbatch.models.matting",
-        "rgba",
-        "damo/cv_unet_image-matting",
-        "portrait matting (ModelScope's TensorFlow graph, run by ONNX Runtime)",
-        # ONNX Runtime has its own thread pool: it gets the actor's share of the cores
-        options=("threads", "max_side"),
-        transform_options=("max_side",),
-    ),
-    "reid": ModelEntry(
-        "vbatch.models.reid",
-        "embedding",
-        "damo/cv_passvitb_image-reid-person_market",
-        "person re-ID embeddings (PASS ViT-B/16, 1536-d)",
-        required_files=("pytorch_model.pt",),
-        checkpoint="pytorch_model.pt",
-    ),
-    "rvos": ModelEntry(
-        "vbatch.models.rvos",
-        "video-masks",
-        "damo/cv_swin-t_referring_video-object-segmentation",
-        "referring video object segmentation (MTTR, video Swin-T + RoBERTa)",
-        required_files=(
-            "pytorch_model.pt",
-            "configuration.json",
-        ),
-        checkpoint="pytorch_model.pt",
-        options=("precision",),
-    ),
-}
+#: every model, by name: each entry is declared next to its model's config
+REGISTRY: dict[str, ModelEntry] = {e.name: e for e in (SALIENT, SHOP_SEG, MATTING, REID, RVOS)}
 
 
 class UnknownModelError(KeyError):
@@ -108,6 +46,8 @@ def model_version(name: str, model_dir: str | Path) -> str:
     hash of its weights file), computed without loading the model."""
     entry = model_entry(name)
     if entry.checkpoint is not None:
+        from vbatch.models.checkpoint import file_version
+
         return file_version(Path(model_dir) / entry.checkpoint)
     if name == "matting":  # the ONNX file, or the graph it was converted from
         from vbatch.models.matting.model import resolve_onnx
@@ -136,6 +76,8 @@ def check_model_dir(name: str, model_dir: str | Path) -> None:
             f"{', '.join(missing)}; it holds {', '.join(present) if present else 'nothing'}"
         )
     if entry.checkpoint is not None:
+        from vbatch.models.checkpoint import peek_state_dict
+
         peek_state_dict(model_dir / entry.checkpoint)
 
 

@@ -26,14 +26,13 @@ from vbatch.operators.columns import decode_array
 from vbatch.operators.decode import decode_image
 from vbatch.operators.images import BYTES, OUTPUT
 from vbatch.operators.manifest import ERROR
-from vbatch.operators.quality import GT_COLUMN, GT_ERROR, score_row
+from vbatch.operators.quality import GT_COLUMN, GT_ERROR, metric_kind, score_row
 from vbatch.operators.reuse import FINGERPRINT
 from vbatch.operators.storage import Storage, join
 from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
     COMMON_RESULT_FIELDS,
     INTERNAL_PREFIX,
-    METRIC_FIELDS,
     STATUS_ERROR,
     STATUS_OK,
     image_results_schema,
@@ -260,9 +259,10 @@ def write_products(
     extra_names = schema.names[len(COMMON_RESULT_FIELDS) :]
     extra: dict[str, list] = {name: [None] * n for name in extra_names}
     # ground truth in the manifest: score each product against it (never fails a row)
-    scored = GT_COLUMN in batch.column_names and bool(METRIC_FIELDS.get(options.task))
+    kind = metric_kind(options.task)
+    scored = GT_COLUMN in batch.column_names and kind is not None
     gt_uris = batch.column(GT_COLUMN).to_pylist() if scored else [None] * n
-    metrics: dict[str, list] = {f.name: [None] * n for f in metric_fields(options.task)}
+    metrics: dict[str, list] = {f.name: [None] * n for f in metric_fields(kind)}
     for i in range(n):
         if errors[i] is not None:
             continue
@@ -318,7 +318,7 @@ def write_products(
     ]
     table = pa.Table.from_arrays(arrays, schema=schema)
     if scored:
-        for f in metric_fields(options.task):
+        for f in metric_fields(kind):
             table = table.append_column(f, pa.array(metrics[f.name], f.type))
     for name in passthrough:
         table = table.append_column(batch.schema.field(name), batch.column(name))

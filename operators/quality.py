@@ -250,12 +250,23 @@ def score_frames(
     return scores
 
 
-#: the metric function of each task that has one, and the columns it fills
+#: the metric function of each per-image metric kind (``ModelEntry.metric_kind``; the columns it
+#: fills: ``schemas.images.METRIC_FIELDS``)
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], dict[str, float]]] = {
-    "salient": salient_metrics,
-    "shop-seg": mask_metrics,
-    "matting": matting_metrics,
+    "saliency": salient_metrics,
+    "mask": mask_metrics,
+    "matte": matting_metrics,
 }
+
+
+def metric_kind(task: str) -> str | None:
+    """How ``task``'s products are scored per image (``None``: they are not)."""
+    from vbatch.models.registry import model_entry
+
+    kind = model_entry(task).metric_kind
+    return kind if kind in METRICS else None
+
+
 #: whether a higher value is better (the report's and --compare's arrows)
 HIGHER_IS_BETTER = {
     "gt_mae": False,
@@ -298,6 +309,9 @@ def score_row(
     try:
         gt = decode_gt(data)
         pred = product[..., 3] if product.ndim == 3 else product
-        return METRICS[task](pred, gt), None
+        kind = metric_kind(task)
+        if kind is None:
+            raise ValueError(f"{task} products have no per-image metrics")
+        return METRICS[kind](pred, gt), None
     except Exception as e:
         return {}, f"ground truth {uri}: {type(e).__name__}: {e}"

@@ -41,13 +41,12 @@ import pyarrow.parquet as pq
 
 from vbatch.operators.columns import set_column
 from vbatch.operators.manifest import ERROR, id_hashes, sorted_lookup
-from vbatch.operators.quality import GT_COLUMN, GT_ERROR
+from vbatch.operators.quality import GT_COLUMN, GT_ERROR, metric_kind
 from vbatch.operators.storage import Storage, is_http, join, normalize, resolve
 from vbatch.operators.tables import read_text, results_files
 from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
     INTERNAL_PREFIX,
-    METRIC_FIELDS,
     OUTPUT_FIELDS,
     STATUS_OK,
     image_results_schema,
@@ -346,7 +345,8 @@ def carry_forward(
         raise RuntimeError("reuse: a carried-forward row has no earlier row")
     files, rows = previous.file_index[at], previous.row_index[at]
     # the columns a result row carries over: the results schema, and the ground-truth scores
-    wanted = set(schema.names) | {GT_COLUMN} | {f.name for f in metric_fields(task)}
+    kind = metric_kind(task)
+    wanted = set(schema.names) | {GT_COLUMN} | {f.name for f in metric_fields(kind)}
     pieces, positions = [], []
     for f in np.unique(files):  # the rows are read file by file, then put back in batch order
         afs, path = storage.arrow_fs(previous.files[int(f)])
@@ -400,7 +400,7 @@ def carry_forward(
         else:
             arrays.append(pa.nulls(n, f.type))
     table = pa.Table.from_arrays(arrays, schema=schema)
-    if GT_COLUMN in batch.column_names and METRIC_FIELDS.get(task):
+    if GT_COLUMN in batch.column_names and kind is not None:
         # scores against ground truth, as write_products adds them: kept when the ground truth
         # is the one the earlier run scored against
         same_gt = (
@@ -408,7 +408,7 @@ def carry_forward(
             if GT_COLUMN in old.column_names
             else pa.array([False] * n)
         )
-        for f in metric_fields(task):
+        for f in metric_fields(kind):
             if f.name in old.column_names:
                 col = pc.if_else(same_gt, pc.cast(old.column(f.name), f.type), pa.nulls(n, f.type))
             else:

@@ -59,26 +59,28 @@ OUTPUT_FIELDS: dict[str, list[pa.Field]] = {
     ],
 }
 
-#: the per-image metrics a task adds when the manifest has a ground-truth column (``gt_mask_uri``,
-#: see :mod:`vbatch.operators.quality`), all null on rows without a usable ground truth, and
-#: ``gt_error``: why a row that names a ground truth has no metrics (null otherwise). The row's
-#: status stays ``ok``: an unreadable ground truth never costs a prediction.
+#: the per-image metrics of each metric kind (a model's ``ModelEntry.metric_kind``), added when the
+#: manifest has a ground-truth column (``gt_mask_uri``, see :mod:`vbatch.operators.quality`), all
+#: null on rows without a usable ground truth, and ``gt_error``: why a row that names a ground
+#: truth has no metrics (null otherwise). The row's status stays ``ok``: an unreadable ground
+#: truth never costs a prediction. (Video masks are scored per frame: ``schemas.videos``.)
 METRIC_FIELDS: dict[str, list[pa.Field]] = {
-    "salient": [
+    "saliency": [
         pa.field("gt_mae", pa.float32()),
         pa.field("gt_max_fmeasure", pa.float32()),
         pa.field("gt_smeasure", pa.float32()),
         pa.field("gt_mean_emeasure", pa.float32()),
     ],
-    "shop-seg": [pa.field("gt_iou", pa.float32()), pa.field("gt_boundary_f", pa.float32())],
-    "matting": [pa.field("gt_sad", pa.float32()), pa.field("gt_mse", pa.float32())],
+    "mask": [pa.field("gt_iou", pa.float32()), pa.field("gt_boundary_f", pa.float32())],
+    "matte": [pa.field("gt_sad", pa.float32()), pa.field("gt_mse", pa.float32())],
 }
 GT_ERROR_FIELD = pa.field("gt_error", pa.string())
 
 
-def metric_fields(task: str) -> list[pa.Field]:
-    """The metric columns of ``task`` plus ``gt_error`` (empty for a task without metrics)."""
-    fields = METRIC_FIELDS.get(task, [])
+def metric_fields(kind: str | None) -> list[pa.Field]:
+    """The metric columns of metric kind ``kind`` plus ``gt_error`` (empty for ``None`` or a kind
+    without per-image metrics)."""
+    fields = METRIC_FIELDS.get(kind, []) if kind else []
     return [*fields, GT_ERROR_FIELD] if fields else []
 
 

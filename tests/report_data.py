@@ -87,7 +87,7 @@ def make_run(
             bgra = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)
             storage.write_bytes(row["cutout_uri"], cv2.imencode(".png", bgra)[1].tobytes())
         if gt:
-            from vbatch.operators.quality import METRICS
+            from vbatch.operators.quality import METRICS, metric_kind
 
             truth = ellipse_mask(h, w, i / n)
             row["gt_mask_uri"] = f"gt/{image_id}.png" if i else "gt/missing.png"
@@ -95,7 +95,7 @@ def make_run(
                 storage.write_bytes(
                     join(root, row["gt_mask_uri"]), cv2.imencode(".png", truth)[1].tobytes()
                 )
-                row.update(METRICS[task](mask, truth))
+                row.update(METRICS[str(metric_kind(task))](mask, truth))
                 row["gt_error"] = None
             else:
                 row["gt_error"] = "ground truth: object not found: …/gt/missing.png"
@@ -107,7 +107,11 @@ def make_run(
                  "error": "object not found: imgs/gone.jpg", "error_class": "not_found"})  # fmt: skip
     schema = image_results_schema(output)
     if gt:
-        schema = pa.schema([*schema, *metric_fields(task), pa.field("gt_mask_uri", pa.string())])
+        from vbatch.operators.quality import metric_kind
+
+        schema = pa.schema(
+            [*schema, *metric_fields(metric_kind(task)), pa.field("gt_mask_uri", pa.string())]
+        )
     table = pa.Table.from_pylist(
         [{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema
     )

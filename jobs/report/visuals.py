@@ -115,6 +115,14 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
     return buf.tobytes()
 
 
+def _visual(task: str | None) -> str | None:
+    """How the report draws ``task``'s products (its registry entry's ``visual``)."""
+    from vbatch.models.registry import REGISTRY
+
+    entry = REGISTRY.get(task or "")
+    return entry.visual if entry is not None else None
+
+
 def row_panels(
     row: dict, task: str | None, storage: Storage, base_uri: str
 ) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
@@ -123,8 +131,8 @@ def row_panels(
 
     Args:
         row: the row's detail columns (:data:`vbatch.jobs.report.data.DETAIL`).
-        task: the job's task (``salient`` → heat-map, ``shop-seg`` → outline, ``matting`` →
-            cut-out); other tasks show the mask as it is.
+        task: the job's task; its registry entry's ``visual`` decides the drawing (heat-map,
+            outline or matte); other tasks show the mask as it is.
         storage: reaches inputs and products. base_uri: resolves relative input URIs.
     """
     panels: list[tuple[str, np.ndarray]] = []
@@ -153,11 +161,12 @@ def row_panels(
     if mask is not None:
         try:
             m = read_grey(mask, shape)
-            if rgb is not None and task == "salient":
+            visual = _visual(task)
+            if rgb is not None and visual == "heatmap":
                 panels.append(("saliency heat-map", heat_overlay(rgb, m)))
-            elif rgb is not None and task in ("shop-seg", "rvos"):
+            elif rgb is not None and visual == "outline":
                 panels.append(("mask outline", outline(rgb, m)))
-            panels.append(("matte" if task == "matting" else "mask", grey_to_rgb(m)))
+            panels.append(("matte" if visual == "matte" else "mask", grey_to_rgb(m)))
         except Exception as e:
             notes.append(f"mask undecodable: {e}")
     cutout = product("cutout_uri")

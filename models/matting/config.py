@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vbatch.models.entry import ModelEntry
+
 
 @dataclass(frozen=True)
 class MattingFiles:
@@ -30,3 +32,22 @@ class MattingFiles:
 MATTING = MattingFiles()
 #: the names every vbatch model package's config declares (the "weights" are the converted graph)
 MODELSCOPE_ID, WEIGHTS_FILE = MATTING.modelscope_id, MATTING.onnx_file
+
+
+#: what the pipeline needs to know about this model (vbatch.models.registry collects it)
+ENTRY = ModelEntry(
+    name="matting",
+    module="vbatch.models.matting",
+    output="rgba",
+    modelscope_id=MODELSCOPE_ID,
+    summary="portrait matting (ModelScope's TensorFlow graph, run by ONNX Runtime)",
+    # ONNX Runtime has its own thread pool: it gets the actor's share of the cores
+    options=("threads", "max_side"),
+    transform_options=("max_side",),
+    # the graph takes one image at a time; the batch only amortises Ray's per-call overhead
+    batch_cpu=4,
+    batch_gpu=8,
+    actor_memory_gb=2.0,
+    metric_kind="matte",
+    visual="matte",
+)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vbatch.models.entry import ModelEntry
+
 logger = logging.getLogger(__name__)
 
 FUSIONS = ("cat", "mean")
@@ -382,3 +384,19 @@ def config_to_modelscope(cfg: ReidConfig) -> dict[str, Any]:
             "mlp_ratio": cfg.vit.mlp_ratio,
         }
     return out
+
+
+#: what the pipeline needs to know about this model (vbatch.models.registry collects it)
+ENTRY = ModelEntry(
+    name="reid",
+    module="vbatch.models.reid",
+    output="embedding",
+    modelscope_id=MODELSCOPE_ID,
+    summary="person re-ID embeddings (PASS ViT-B/16, 1536-d)",
+    required_files=(WEIGHTS_FILE,),
+    checkpoint=WEIGHTS_FILE,
+    # ViT-B/16 at 256×128: tiny activations; large batches keep a GPU busy
+    batch_cpu=32,
+    batch_gpu=128,
+    actor_memory_gb=2.0,
+)

@@ -24,7 +24,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vbatch.models.checkpoint import CheckpointError
+from vbatch.models.base import CheckpointError
+from vbatch.models.entry import ModelEntry
 
 # --- provenance of the shipped weights (kept apart from the architecture, like timm's PretrainedCfg)
 MODELSCOPE_ID = "damo/cv_swin-t_referring_video-object-segmentation"
@@ -217,3 +218,23 @@ def read_config(model_dir: Path) -> RVOSConfig:
         mask_kernels_dim=int(m["mask_kernels_dim"]),
         activation=str(m["activation"]),
     )
+
+
+#: what the pipeline needs to know about this model (vbatch.models.registry collects it)
+ENTRY = ModelEntry(
+    name="rvos",
+    module="vbatch.models.rvos",
+    output="video-masks",
+    modelscope_id=MODELSCOPE_ID,
+    summary="referring video object segmentation (MTTR, video Swin-T + RoBERTa)",
+    required_files=(WEIGHTS_FILE, CONFIG_FILE),
+    checkpoint=WEIGHTS_FILE,
+    options=("precision",),
+    # windows (of WINDOW frames) per model call: one window is already a batch of 24 frames, the
+    # GPU's work unit for MTTR; more per call only keeps more frames alive in the actor
+    batch_cpu=1,
+    batch_gpu=1,
+    actor_memory_gb=6.0,
+    metric_kind="video-mask",
+    visual="outline",
+)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vbatch.models.base import config_from_json
+from vbatch.models.entry import ModelEntry
 
 logger = logging.getLogger(__name__)
 
@@ -218,3 +219,23 @@ def read_config(model_dir: Path) -> SENetConfig | U2NetConfig:
         return config_from_json(U2NetConfig, text, str(side))
     except (OSError, ValueError, TypeError) as e:
         raise SalientConfigError(f"{side}: {e}") from e
+
+
+#: what the pipeline needs to know about this model (vbatch.models.registry collects it)
+ENTRY = ModelEntry(
+    name="salient",
+    module="vbatch.models.salient",
+    output="mask",
+    modelscope_id=MODELSCOPE_ID,
+    summary="salient-object detection (Res2Net/SENet with edge guidance, or U2NET)",
+    required_files=(WEIGHTS_FILE,),
+    checkpoint=WEIGHTS_FILE,
+    # CPU: small batches keep the pipeline flowing; the forward cost per image hardly changes.
+    # GPU: SENet at 320² holds ~0.3 GB of fp32 activations per image: 32 fit a 16 GB GPU with
+    # room to spare
+    batch_cpu=8,
+    batch_gpu=32,
+    actor_memory_gb=2.0,
+    metric_kind="saliency",
+    visual="heatmap",
+)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vbatch.models.base import config_from_json, config_to_json
+from vbatch.models.entry import ModelEntry
 
 
 @dataclass(frozen=True)
@@ -104,3 +105,24 @@ def read_config(model_dir: Path) -> ShopSegConfig:
     if side.is_file():
         return ShopSegConfig.from_json(side.read_text(), source=str(side))
     return FULL
+
+
+#: what the pipeline needs to know about this model (vbatch.models.registry collects it)
+ENTRY = ModelEntry(
+    name="shop-seg",
+    module="vbatch.models.shop_seg",
+    output="mask",
+    modelscope_id=MODELSCOPE_ID,
+    summary="product segmentation (DenseCLIP, CLIP ViT-B/16 at 1024²)",
+    required_files=(WEIGHTS.checkpoint, WEIGHTS.vocab),
+    checkpoint=WEIGHTS.checkpoint,
+    options=("precision",),
+    # GPU: when the GPU can be probed, jobs.runtime.shop_seg_gpu_batch sizes the batch from its
+    # free memory; 8 is the fallback (0.52 GB of fp32 activations per image measured, 0.68 GB of
+    # weights: 8 leave half of a 16 GB GPU free). CPU: 1024² inputs, 2 keep the stages flowing
+    batch_cpu=2,
+    batch_gpu=8,
+    actor_memory_gb=4.0,
+    metric_kind="mask",
+    visual="outline",
+)
