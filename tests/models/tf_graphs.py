@@ -19,7 +19,8 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import pytest
+
+from tests.services import missing_service
 
 
 def import_tensorflow() -> ModuleType:
@@ -34,10 +35,10 @@ def import_tensorflow() -> ModuleType:
     try:
         import tensorflow as tf
     except ImportError as e:
-        msg = f"TensorFlow is not importable ({e}); install the convert extra: pip install -e '.[convert]'"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the matting conversion tests: {msg}")
-        pytest.skip(msg)
+        missing_service(
+            f"TensorFlow is not importable ({e}); install the convert extra: "
+            "pip install -e '.[convert]'"
+        )
     return tf.compat.v1
 
 

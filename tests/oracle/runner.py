@@ -15,20 +15,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import missing_service
+
 ORACLE_DIR = Path(__file__).resolve().parent
 
 
 def oracle_python() -> str:
-    """The oracle interpreter; a parity test fails (not skips) when it is missing, unless opted out."""
+    """The oracle interpreter; without it a parity test skips, or fails under ``CI`` (which must
+    prove parity), unless ``VBATCH_SKIP_PARITY=1`` opts out."""
     py = os.environ.get("VBATCH_ORACLE_PYTHON", "")
     if py and Path(py).exists():
         return py
     if os.environ.get("VBATCH_SKIP_PARITY") == "1":
         pytest.skip("VBATCH_SKIP_PARITY=1: parity against ModelScope not run")
-    pytest.fail(
-        "parity tests need the ModelScope oracle environment: run `make test` (it builds .venv-oracle), "
-        "or set VBATCH_ORACLE_PYTHON=/path/to/python, or VBATCH_SKIP_PARITY=1 to skip them"
+    missing_service(
+        "parity tests need the ModelScope oracle environment: run `make test` (it builds "
+        ".venv-oracle), or set VBATCH_ORACLE_PYTHON=/path/to/python"
     )
+    raise AssertionError("unreachable")
 
 
 def run_oracle(script: str, *args: str | os.PathLike[str], timeout: float = 1200) -> None:
