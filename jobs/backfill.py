@@ -30,8 +30,7 @@ import functools
 import gc
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from vbatch.jobs.segment import PoolMismatch
 from vbatch.jobs.summary import (
@@ -109,36 +108,56 @@ def finished_record(out: str, storage: Storage, config: dict[str, Any]) -> dict[
     return record if _comparable(previous) == _comparable(current) else None
 
 
+class PartitionCommand(Protocol):
+    """The job command a backfill runs per partition (``vbatch.jobs.cli.backfill`` builds it)."""
+
+    #: the command as its summary names it (``"segment"``, ``"reid embed"``)
+    name: str
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """One partition's arguments (argument errors surface before anything runs)."""
+        ...
+
+    def config(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The partition's configuration as a dict (compared with the one ``_SUCCESS`` records)."""
+        ...
+
+    def run(self, args: argparse.Namespace, clock: RunClock) -> dict[str, Any]:
+        """Run one partition, print its report; its summary (raises when it fails)."""
+        ...
+
+    def run_shared(
+        self, parsed: list[argparse.Namespace], clocks: list[RunClock]
+    ) -> list[dict[str, Any]]:
+        """Run several partitions through one pipeline and actor pool, print their reports; their
+        summaries in order. Raises :class:`vbatch.jobs.segment.PoolMismatch` when they cannot
+        share a pool."""
+        ...
+
+
 def run_backfill(
     dates: list[str],
     job_argv: list[str],
-    parse: Callable[[list[str]], argparse.Namespace],
-    run_job: Callable[[argparse.Namespace, RunClock], dict[str, Any]],
-    config_of: Callable[[argparse.Namespace], dict[str, Any]],
+    command: PartitionCommand,
     force: bool = False,
-    run_shared: Callable[[list[argparse.Namespace], list[RunClock]], list[dict[str, Any]]]
-    | None = None,
+    shared: bool = True,
 ) -> dict[str, Any]:
     """Run the job once per date, skipping the partitions already finished.
 
     Args:
         dates: the partitions, in order.
         job_argv: the job's command line with ``{date}`` templates (e.g. ``["segment", …]``).
-        parse: the CLI's parser (argument errors of the job surface before anything runs).
-        run_job: runs one parsed job command, prints its report, returns its summary.
-        config_of: the job's configuration as a dict (compared with the one ``_SUCCESS`` records).
+        command: the job command (parses, configures and runs a partition).
         force: redo finished partitions too.
-        run_shared: runs several parsed partitions through one pipeline and actor pool, prints
-            their reports, returns their records in order (``None``: one after another). It
-            raises :class:`vbatch.jobs.segment.PoolMismatch` when the partitions cannot share a
-            pool; they then run one after another.
+        shared: run the partitions to do through one pipeline and actor pool (they run one after
+            another when they cannot share one, or without ``shared``).
 
     Returns:
         The backfill's summary: ``command, status, exit_code, partitions`` (``date, out, status,
         exit_code, run_id, rows, skipped``), counts by status, times and versions.
     """
     clock = RunClock()
-    parsed = [(date, parse(partition_argv(job_argv, date))) for date in dates]
+    parsed = [(date, command.parse(partition_argv(job_argv, date))) for date in dates]
     outs = [normalize(a.out) for _, a in parsed]
     if len(set(outs)) != len(outs):
         raise ValueError("every partition needs its own --out: put {date} in it")
@@ -148,7 +167,7 @@ def run_backfill(
     done: dict[int, dict[str, Any]] = {}
     for n, ((date, args), out) in enumerate(zip(parsed, outs, strict=True)):
         storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
-        record = None if force else finished_record(out, storage, config_of(args))
+        record = None if force else finished_record(out, storage, command.config(args))
         if record is not None:
             logger.info(
                 "backfill %s: finished before (run %s), skipped", date, record.get("run_id")
@@ -157,11 +176,11 @@ def run_backfill(
     todo = [n for n in range(len(parsed)) if n not in done]
     records: dict[int, dict[str, Any]] = {}
     pooled = False
-    if run_shared is not None and len(todo) > 1:
+    if shared and len(todo) > 1:
         try:
             logger.info("backfill: %d partitions through one actor pool", len(todo))
-            shared = run_shared([parsed[n][1] for n in todo], [RunClock() for _ in todo])
-            records, pooled = dict(zip(todo, shared, strict=True)), True
+            results = command.run_shared([parsed[n][1] for n in todo], [RunClock() for _ in todo])
+            records, pooled = dict(zip(todo, results, strict=True)), True
         except PoolMismatch as e:
             logger.warning(
                 "backfill: the partitions cannot share one actor pool (%s); "
@@ -173,8 +192,7 @@ def run_backfill(
             continue
         date, args = parsed[n]
         logger.info("backfill %s: running %s", date, " ".join(partition_argv(job_argv, date)))
-        command = f"reid {args.reid_command}" if args.command == "reid" else args.command
-        records[n] = run_record(command, args, functools.partial(run_job, args))
+        records[n] = run_record(command.name, args, functools.partial(command.run, args))
         # a dataset that failed keeps its actor pool until its executor is collected: free
         # the pool's CPUs/GPUs for the next partition
         gc.collect()

@@ -1,14 +1,19 @@
 """``vbatch env``: what this installation and, with ``--address``, the Ray cluster can do.
 
 Users paste it into bug reports, and the GPU check script starts with it. Every probe is guarded:
-a missing or broken package is reported as such, never raised.
+a missing or broken package is reported as such, never raised. The probes that import torch,
+faiss and ONNX Runtime run in a child interpreter: the ``vbatch`` process itself stays light (the
+CLI imports no framework), and a CUDA driver that crashes its process cannot take the report with
+it.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import json
 import platform
+import subprocess
 import sys
 from typing import Any
 
@@ -88,15 +93,46 @@ def _cluster(address: str) -> dict[str, Any]:
     return {"address": address, "resources": ray.cluster_resources(), "nodes": nodes}
 
 
+#: the probes that import a framework, run together in one child interpreter
+_CHILD_PROBES = {"torch": _torch, "faiss": _faiss, "onnxruntime": _onnxruntime}
+#: seconds the child may take (importing torch with CUDA on a loaded node takes tens of seconds)
+CHILD_TIMEOUT = 300
+
+
+def probe_frameworks() -> dict[str, Any]:
+    """The framework probes, in this process (what the child interpreter runs)."""
+    return {name: _probe(fn) for name, fn in _CHILD_PROBES.items()}
+
+
+def _frameworks_in_child() -> dict[str, Any]:
+    code = "import json; from vbatch.jobs.env import probe_frameworks; print(json.dumps(probe_frameworks(), default=str))"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        failed = f"error: the probe did not finish in {CHILD_TIMEOUT} s"
+        return dict.fromkeys(_CHILD_PROBES, failed)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        failed = f"error: the probe process exited {proc.returncode}: {tail}"
+        return dict.fromkeys(_CHILD_PROBES, failed)
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
 def collect_env(address: str | None = None) -> dict[str, Any]:
     """Versions, accelerators and, with ``address``, the cluster's nodes and resources."""
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": {d: v for d in _DISTS if (v := _version(d)) is not None},
-        "torch": _probe(_torch),
-        "faiss": _probe(_faiss),
-        "onnxruntime": _probe(_onnxruntime),
+        **_frameworks_in_child(),
     }
     if address:
         env["cluster"] = _probe(lambda: _cluster(address))

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import posixpath
-import time
 import uuid
 from typing import Any
 
@@ -75,11 +74,6 @@ def fault_point(step: str) -> None:
     """
     if os.environ.get(FAULT_ENV) == f"publish:{step}":
         raise InjectedFault(f"injected fault at publish:{step} ({FAULT_ENV})")
-
-
-def new_run_id() -> str:
-    """A sortable, unique id: ``20261129T221500Z-1a2b3c`` (UTC)."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 def read_table(uri: str, storage: Storage, columns: list[str] | None = None) -> pa.Table:

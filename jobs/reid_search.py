@@ -25,29 +25,19 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
 
-from vbatch.jobs.publish import publish, read_files, stage, write_run_record
-from vbatch.jobs.runtime import (
-    ensure_ray,
-    refuse_local_paths_on_cluster,
-)
-from vbatch.jobs.segment import (
+from vbatch.jobs.config import INPUT, MODEL, OUTPUT, PLACEMENT, RESULT, RunOptions, role
+from vbatch.jobs.finish import Outcome, Tail, finish
+from vbatch.jobs.image_pipeline import (
     ImageJobConfig,
     model_stages,
     output_options,
     prepare_image_job,
     write_stage,
 )
-from vbatch.jobs.summary import (
-    DEFAULT_MAX_ERROR_RATE,
-    DEFAULT_MAX_INFRA_ERROR_RATE,
-    Counts,
-    JobFailed,
-    Limits,
-    RunClock,
-    check_infrastructure,
-    count_rows,
-    job_record,
-)
+from vbatch.jobs.limits import Limits
+from vbatch.jobs.publish import read_files, stage
+from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
+from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.models import check_model_dir, model_version
 from vbatch.operators.index import IndexInfo, read_info
 from vbatch.operators.index.gallery import check_search_options
@@ -62,8 +52,8 @@ SEARCH_ACTOR_CPUS = 0
 
 
 @dataclass(frozen=True)
-class SearchJobConfig:
-    """The batch search job.
+class SearchJobConfig(RunOptions):
+    """The batch search job. Each field declares its role (:mod:`vbatch.jobs.config`).
 
     Attributes:
         index: the gallery index folder (``reid index``).
@@ -81,23 +71,18 @@ class SearchJobConfig:
         search_threads: faiss threads per search actor (default: the node's cores).
     """
 
-    index: str
-    out: str
-    embeddings: str | None = None
-    embed: ImageJobConfig | None = None
-    k: int = 10
-    nprobe: int | None = None
-    rerank: int | None = None
-    search_actors: int = 1
-    search_batch_rows: int = SEARCH_BATCH_ROWS
-    allow_model_mismatch: bool = False
-    s3_endpoint: str | None = None
-    address: str | None = None
-    forward_s3_env: bool = False
-    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
-    max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
-    cache_root: str | None = None
-    search_threads: int | None = None
+    index: str = role(MODEL)
+    out: str = role(OUTPUT)
+    embeddings: str | None = role(INPUT, None)
+    embed: ImageJobConfig | None = role(INPUT, None)
+    k: int = role(RESULT, 10)
+    nprobe: int | None = role(RESULT, None)
+    rerank: int | None = role(RESULT, None)
+    search_actors: int = role(PLACEMENT, 1)
+    search_batch_rows: int = role(PLACEMENT, SEARCH_BATCH_ROWS)
+    allow_model_mismatch: bool = role(RESULT, False)
+    cache_root: str | None = role(PLACEMENT, None)
+    search_threads: int | None = role(PLACEMENT, None)
 
 
 def _embedded_queries(cfg: ImageJobConfig, storage: Storage) -> tuple[ray.data.Dataset, int]:
@@ -231,49 +216,56 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
         udf_modifying_row_count=True,
     )
     staged = stage(ds, out, storage, clock.run_id)
-    columns = ["query_id", "rank", "status", "error", "error_class"]
-    table = read_files(staged, storage, columns) if staged else None
-    if table is not None:
-        # one row per query: its first hit or its error row
-        first = pc.or_kleene(
-            pc.equal(table.column("rank"), 1), pc.not_equal(table.column("status"), "ok")
-        )
-        per_query = table.filter(pc.fill_null(first, False))
-        counts = count_rows(per_query, "query_id")
-    else:
-        counts = Counts(0, {}, {}, [])
-    if counts.rows != expected:
-        raise JobFailed(
-            f"accounting error: {expected} queries but the results hold {counts.rows} "
-            "(an empty gallery has no hits to return)"
-        )
-    limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
-    check_infrastructure(counts, limits, "queries")
-    hits = table.num_rows if table is not None else 0
-    generation = publish(out, storage, clock.run_id, staged, hits)
-    seconds = clock.seconds()
-    summary = SearchJobSummary(
+
+    def account(staged: list[str]) -> Outcome:
+        columns = ["query_id", "rank", "status", "error", "error_class"]
+        table = read_files(staged, storage, columns) if staged else None
+        if table is not None:
+            # one row per query: its first hit or its error row
+            first = pc.or_kleene(
+                pc.equal(table.column("rank"), 1), pc.not_equal(table.column("status"), "ok")
+            )
+            counts = count_rows(table.filter(pc.fill_null(first, False)), "query_id")
+        else:
+            counts = Counts(0, {}, {}, [])
+        if counts.rows != expected:
+            raise JobFailed(
+                f"accounting error: {expected} queries but the results hold {counts.rows} "
+                "(an empty gallery has no hits to return)"
+            )
+        return Outcome(counts, table.num_rows if table is not None else 0, table)
+
+    def facts(outcome: Outcome, generation: str) -> dict[str, Any]:
+        seconds = clock.seconds()
+        return {
+            "index": cfg.index,
+            "index_generation": info.generation,
+            "k": cfg.k,
+            "hits": outcome.rows,
+            "queries_per_second": outcome.counts.rows / seconds if seconds > 0 else 0.0,
+            "out": out,
+            "results_uri": join(out, "results"),
+            "generation": generation,
+        }
+
+    tail = Tail(
+        command="reid search",
+        out=out,
+        storage=storage,
+        limits=Limits(cfg.max_error_rate, cfg.max_infra_error_rate),
+        what="queries",
+        account=account,
+        facts=facts,
+        run_extra={"config": asdict(cfg)},
+    )
+    record, outcome = finish(tail, clock, staged)
+    counts = outcome.counts
+    return SearchJobSummary(
         queries=counts.rows,
         failed=counts.errors,
-        hits=hits,
-        seconds=seconds,
-        results_uri=join(out, "results"),
+        hits=outcome.rows,
+        seconds=record["seconds"],
+        results_uri=record["results_uri"],
         sample_errors=counts.sample_errors,
-        record={},
+        record=record,
     )
-    summary.record = job_record(
-        "reid search",
-        clock,
-        counts,
-        limits,
-        index=cfg.index,
-        index_generation=info.generation,
-        k=cfg.k,
-        hits=hits,
-        queries_per_second=counts.rows / seconds if seconds > 0 else 0.0,
-        out=out,
-        results_uri=summary.results_uri,
-        generation=generation,
-    )
-    write_run_record(out, storage, {**summary.record, "config": asdict(cfg)})
-    return summary

@@ -129,6 +129,39 @@ def actor_resources(resources: dict[str, float] | None) -> dict[str, Any]:
     return {"resources": dict(resources)} if resources else {}
 
 
+def model_pool_stage(
+    ds: ray.data.Dataset,
+    stage: type,
+    constructor_kwargs: dict[str, Any],
+    res: Resources,
+    resources: dict[str, float] | None,
+) -> ray.data.Dataset:
+    """``ds`` through a pool of model actors (``stage(**constructor_kwargs)`` in each), sized and
+    placed by ``res`` (:func:`decide_resources`) and pinned by the custom ``resources``: the one
+    model stage of every job (images and video windows).
+
+    Returns:
+        The dataset of the stage's output rows, one per input row.
+    """
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs=constructor_kwargs,
+        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        num_gpus=res.gpus_per_actor or None,
+        # one logical CPU: the actor's torch threads use the cores; CPU stages still get scheduled
+        num_cpus=1,
+        # the replica's host memory (ModelEntry.actor_memory_gb). Because it differs from the CPU
+        # stages' resources, Ray also never fuses decoding into the actor (it would on a CPU-only
+        # cluster): decoding overlaps with inference instead of waiting for it.
+        memory=res.memory,
+        # custom resources pin the actors to the nodes that carry them (a node type's label)
+        **actor_resources(resources),
+        udf_modifying_row_count=False,
+    )
+
+
 class LocalPathOnClusterError(ValueError):
     """A local path given to a job on a cluster of several nodes."""
 

@@ -7,7 +7,8 @@ Stages (Ray Data, streaming)::
     → postprocess + write products (CPU tasks) → results Parquet
 
 The same job serves every per-image model (``segment``'s tasks and ``reid embed``), configured by
-:class:`ImageJobConfig`. Results are staged under ``<out>/.staging/<run key>/`` (a rerun after a
+:class:`ImageJobConfig`; its stages are the image pipeline's (:mod:`vbatch.jobs.image_pipeline`).
+Results are staged under ``<out>/.staging/<run key>/`` (a rerun after a
 crash resumes from there: :mod:`vbatch.jobs.resume`), counted, and
 committed as a new generation of ``<out>/results/`` (:mod:`vbatch.jobs.publish`), so a repeated run
 never leaves duplicate rows and readers never see a partial table. Every manifest row comes out
@@ -20,23 +21,25 @@ import dataclasses
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import ray
 
-from vbatch.jobs.publish import (
-    FAULT_ENV,
-    PARTITION,
-    publish,
-    read_files,
-    report_details,
-    stage,
-    stage_partitions,
-    write_run_record,
+from vbatch.jobs.finish import Outcome, Tail, finish
+from vbatch.jobs.image_pipeline import (
+    ImageJobConfig,
+    ImagePipeline,
+    cpu_stages,
+    model_stage,
+    model_stages,
+    output_options,
+    prepare_image_job,
+    tag_partition,
+    write_partitioned,
+    write_stage,
 )
+from vbatch.jobs.limits import Limits
+from vbatch.jobs.publish import FAULT_ENV, read_files, report_details, stage, stage_partitions
 from vbatch.jobs.resume import (
     drop_done,
     fault_row,
@@ -46,33 +49,12 @@ from vbatch.jobs.resume import (
     raise_from_row,
     run_key,
 )
-from vbatch.jobs.runtime import (
-    Resources,
-    actor_resources,
-    decide_resources,
-    ensure_ray,
-    refuse_local_paths_on_cluster,
-)
-from vbatch.jobs.summary import (
-    DEFAULT_MAX_ERROR_RATE,
-    DEFAULT_MAX_INFRA_ERROR_RATE,
-    Counts,
-    JobFailed,
-    Limits,
-    RunClock,
-    check_infrastructure,
-    count_rows,
-    job_record,
-)
-from vbatch.models import check_model_dir, load_transforms, model_entry
+from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
+from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
+from vbatch.models import model_entry
 from vbatch.models import model_version as weights_version
-from vbatch.models.registry import ModelEntry
-from vbatch.operators.columns import set_column
-from vbatch.operators.decode import DEFAULT_MAX_PIXELS
-from vbatch.operators.images import decode_and_preprocess, fetch_bytes
-from vbatch.operators.inference import ModelStage
-from vbatch.operators.manifest import ManifestInfo, read_image_manifest
-from vbatch.operators.outputs import OutputOptions, write_products
+from vbatch.operators.manifest import ManifestInfo
+from vbatch.operators.outputs import OutputOptions
 from vbatch.operators.reuse import (
     Previous,
     carry_forward,
@@ -86,71 +68,9 @@ from vbatch.operators.reuse import (
 )
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 
+__all__ = ["ImageJobConfig", "JobSummary", "PoolMismatch", "run_image_job", "run_image_jobs"]
+
 logger = logging.getLogger(__name__)
-
-#: Rows per dataset block, the unit of work of the CPU stages: large enough to amortise a task's
-#: overhead (~ms), small enough that a few hundred images spread over every worker.
-ROWS_PER_BLOCK = 32
-
-
-@dataclass(frozen=True)
-class ImageJobConfig:
-    """The per-image job (``vbatch segment``, ``vbatch reid embed``): one model over an image
-    manifest. Frozen: a command derives its variant with :func:`dataclasses.replace`."""
-
-    task: str
-    manifest: str
-    model_dir: str
-    out: str
-    batch_size: int | None = None
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    threads_per_actor: int | None = None
-    limit: int | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    s3_endpoint: str | None = None
-    address: str | None = None
-    #: pass the driver's AWS_* variables to the job's workers (runtime_env); off: never silent
-    forward_s3_env: bool = False
-    #: custom Ray resources each model actor requests, e.g. {"gpu_node": 1}: pins the actors to
-    #: the nodes that carry them
-    actor_resources: dict[str, float] | None = None
-    #: "auto" (GPUs when the cluster has or can get them), "cpu" or "cuda"
-    device: str = "auto"
-    #: matting: images with a longer side run downscaled to it (the model card's working range)
-    max_side: int = 2000
-    #: matting: composite cut-outs over this colour or image URI
-    background: str | None = None
-    #: shop-seg on GPU: "fp32", "bf16" or "fp16"
-    precision: str = "fp32"
-    rows_per_block: int = ROWS_PER_BLOCK
-    #: exit 3 above this fraction of error rows (jobs.summary)
-    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
-    #: fail, publishing nothing, above this fraction of infrastructure error rows
-    max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
-    #: "exact" (reference preprocessing), "fast" (DCT-scaled JPEG decode) or "gpu" (JPEGs decoded
-    #: and resized in the model actor, operators.device_decode)
-    decode: str = "exact"
-    #: masks: "full" (original size) or "model" (network resolution; results keep the original size)
-    mask_size: str = "full"
-    #: an earlier run's --out: unchanged rows are carried forward from it (operators.reuse)
-    reuse: str | None = None
-
-
-def task_options(
-    entry: ModelEntry, cfg: Any, res: Resources
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(options for ``load_model``, options for ``load_transforms``): the option names the
-    registry entry declares, valued from the job's configuration ``cfg`` (a dataclass) and the
-    actor's resources (``threads``)."""
-    values = {**asdict(cfg), "threads": res.threads}
-    missing = sorted(set(entry.options + entry.transform_options) - set(values))
-    if missing:
-        raise ValueError(f"{entry.module} declares options the job does not have: {missing}")
-    return (
-        {k: values[k] for k in entry.options},
-        {k: values[k] for k in entry.transform_options},
-    )
 
 
 @dataclass
@@ -411,233 +331,75 @@ def _carried(part: _Partition) -> ray.data.Dataset | None:
 
 
 def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) -> JobSummary:
-    """Count the staged rows, check them, publish, write run.json; the job's summary."""
-    cfg, out, storage, info = part.cfg, part.out, part.p.storage, part.p.info
-    # counted on the staged files, before anything is published: a job that fails its checks
-    # leaves the previous table committed
-    columns = ["image_id", "status", "error", "error_class", "model_version"]
-    table = read_files(staged, storage, columns) if staged else None
-    counts = count_rows(table, "image_id") if table is not None else Counts(0, {}, {}, [])
-    if counts.rows != info.num_rows:
-        raise JobFailed(
-            f"accounting error: the manifest has {info.num_rows} rows but the results have "
-            f"{counts.rows}"
-        )
-    limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
-    check_infrastructure(counts, limits, "images")
-    generation = publish(out, storage, clock.run_id, staged, counts.rows, staging_name=part.key)
-    model_version = _model_version(table)
+    """Count the staged rows, check them, publish, write run.json (:func:`vbatch.jobs.finish`);
+    the job's summary."""
+    cfg, out, info = part.cfg, part.out, part.p.info
     reused_rows = (
         part.carried.count() if part.carried is not None and part.reusable is not None else 0
     )
 
-    summary = JobSummary(
-        task=cfg.task,
-        rows=counts.rows,
-        ok=counts.by_status.get("ok", 0),
-        error=counts.errors,
-        seconds=clock.seconds(),
-        results_uri=join(out, "results"),
+    def account(staged: list[str]) -> Outcome:
+        # counted on the staged files, before anything is published: a job that fails its checks
+        # leaves the previous table committed
+        columns = ["image_id", "status", "error", "error_class", "model_version"]
+        table = read_files(staged, part.p.storage, columns) if staged else None
+        counts = count_rows(table, "image_id") if table is not None else Counts(0, {}, {}, [])
+        if counts.rows != info.num_rows:
+            raise JobFailed(
+                f"accounting error: the manifest has {info.num_rows} rows but the results have "
+                f"{counts.rows}"
+            )
+        return Outcome(counts, counts.rows, table)
+
+    def facts(outcome: Outcome, generation: str) -> dict[str, Any]:
+        seconds = clock.seconds()
+        return {
+            "task": cfg.task,
+            "model_version": _model_version(outcome.table),
+            "images_per_second": outcome.rows / seconds if seconds > 0 else 0.0,
+            "out": out,
+            "results_uri": join(out, "results"),
+            "generation": generation,
+            "resources": part.p.res.describe(),
+            # rows an earlier, crashed attempt of this run had staged: not fetched or inferred
+            "resumed_rows": part.previous.rows,
+            # rows carried forward from --reuse: not fetched or inferred either
+            "reused_rows": reused_rows,
+        }
+
+    tail = Tail(
+        command=command,
         out=out,
-        model_version=model_version,
-        resources=part.p.res.describe(),
-        sample_errors=counts.sample_errors,
-        resumed_rows=part.previous.rows,
-        reused_rows=reused_rows,
-    )
-    summary.record = job_record(
-        command,
-        clock,
-        counts,
-        limits,
-        task=cfg.task,
-        model_version=model_version,
-        images_per_second=summary.images_per_second,
-        out=out,
-        results_uri=summary.results_uri,
-        generation=generation,
-        resources=part.p.res.describe(),
-        # rows an earlier, crashed attempt of this run had staged: not fetched or inferred again
-        resumed_rows=part.previous.rows,
-        # rows carried forward from --reuse: not fetched or inferred either
-        reused_rows=reused_rows,
-    )
-    write_run_record(
-        out,
-        storage,
-        {
-            **summary.record,
+        storage=part.p.storage,
+        limits=Limits(cfg.max_error_rate, cfg.max_infra_error_rate),
+        what="images",
+        account=account,
+        facts=facts,
+        staging_key=part.key,
+        run_extra={
             "config": asdict(cfg),
             "manifest_files": info.files,
             # what a later --reuse of this run compares (operators.reuse)
             "model_identity": part.identity,
         },
     )
-    return summary
-
-
-@dataclass
-class ImagePipeline:
-    """An image job's pieces prepared on the driver (:func:`prepare_image_job`): what its stages
-    need, shared by every job that runs images through a model (``segment``, ``reid embed``,
-    ``reid search --manifest``)."""
-
-    entry: ModelEntry
-    res: Resources
-    storage: Storage
-    local_model_dir: Path
-    transforms: Any
-    model_options: dict[str, Any]
-    ds: ray.data.Dataset
-    info: ManifestInfo
-    #: the CPU stages' map_batches arguments
-    cpu_stage: dict[str, Any]
-
-
-def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
-    """Resources, the checked model directory, its transforms and the annotated manifest dataset
-    (after :func:`vbatch.jobs.runtime.ensure_ray`). A wrong model directory fails here, in
-    seconds, before any worker starts."""
-    entry = model_entry(cfg.task)
-    res = decide_resources(
-        cfg.task,
-        cfg.batch_size,
-        cfg.actors,
-        cfg.gpus_per_actor,
-        cfg.threads_per_actor,
-        cfg.precision,
-        cfg.device,
-    )
-    model_options, transform_options = task_options(entry, cfg, res)
-    local_model_dir = storage.localize_dir(cfg.model_dir)
-    check_model_dir(cfg.task, local_model_dir)
-    transforms = load_transforms(cfg.task, local_model_dir, **transform_options)
-    if cfg.task == "matting":  # a graph not yet converted: say so here, not from every actor
-        from vbatch.models.matting.model import resolve_onnx
-
-        resolve_onnx(local_model_dir)
-    ds, info = read_image_manifest(
-        cfg.manifest, storage, entry.output, cfg.limit, cfg.rows_per_block
-    )
-    logger.info(
-        "manifest %s: %d rows (%d bad), %s",
-        info.uri,
-        info.num_rows,
-        info.num_bad_rows,
-        res.describe(),
-    )
-
-    cpu_stage: dict[str, Any] = {
-        "batch_format": "pyarrow",
-        # a block of a large manifest holds more rows (see operators.manifest): work through it
-        # this many images at a time
-        "batch_size": cfg.rows_per_block,
-        "udf_modifying_row_count": False,
-    }
-    return ImagePipeline(
-        entry, res, storage, local_model_dir, transforms, model_options, ds, info, cpu_stage
-    )
-
-
-def model_stages(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
-    """fetch → decode + preprocess → the model's actor pool, over manifest rows ``ds``."""
-    return model_stage(p, cfg, cpu_stages(p, cfg, ds))
-
-
-def cpu_stages(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
-    """fetch → decode + preprocess (CPU tasks), over manifest rows ``ds``."""
-    # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
-    ds = ds.map_batches(
-        fetch_bytes,  # type: ignore[arg-type]
-        fn_kwargs={"storage": p.storage, "base_uri": p.info.base_uri},
-        **p.cpu_stage,
-    )
-    return ds.map_batches(
-        decode_and_preprocess,  # type: ignore[arg-type]
-        fn_kwargs={
-            "transforms": p.transforms,
-            "max_pixels": cfg.max_pixels,
-            "keep_bytes": p.entry.output == "rgba",
-            "decode": cfg.decode,
-        },
-        **p.cpu_stage,
-    )
-
-
-def model_stage(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> ray.data.Dataset:
-    """The model's actor pool over decoded rows ``ds``."""
-    storage, res = p.storage, p.res
-    return ds.map_batches(
-        ModelStage,
-        fn_constructor_kwargs={
-            "task": cfg.task,
-            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(p.local_model_dir),
-            "storage_options": storage.options,
-            "device": res.device,
-            "threads": res.threads,
-            "model_options": p.model_options,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-        num_gpus=res.gpus_per_actor or None,
-        # one logical CPU: the actor's torch threads use the cores; CPU stages still get scheduled
-        num_cpus=1,
-        # the replica's host memory. Because it differs from the CPU stages' resources, Ray also
-        # never fuses decoding into the actor (it would on a CPU-only cluster): decoding overlaps
-        # with inference instead of waiting for it.
-        memory=res.memory,
-        # custom resources pin the actors to the nodes that carry them (a node type's label)
-        **actor_resources(cfg.actor_resources),
-        udf_modifying_row_count=False,
-    )
-
-
-def output_options(p: ImagePipeline, cfg: ImageJobConfig, out: str) -> OutputOptions:
-    return OutputOptions(
-        out_uri=out,
+    record, outcome = finish(tail, clock, staged)
+    counts = outcome.counts
+    return JobSummary(
         task=cfg.task,
-        output=p.entry.output,
-        background=cfg.background,
-        embedding_dim=getattr(p.transforms, "embed_dim", None),
-        mask_size=cfg.mask_size,
-        base_uri=p.info.base_uri,
+        rows=counts.rows,
+        ok=counts.by_status.get("ok", 0),
+        error=counts.errors,
+        seconds=record["seconds"],
+        results_uri=record["results_uri"],
+        out=out,
+        model_version=record["model_version"],
+        resources=record["resources"],
+        sample_errors=counts.sample_errors,
+        record=record,
+        resumed_rows=part.previous.rows,
+        reused_rows=reused_rows,
     )
-
-
-def write_stage(p: ImagePipeline, ds: ray.data.Dataset, options: OutputOptions) -> ray.data.Dataset:
-    """Postprocess and write each row's products; the result rows."""
-    return ds.map_batches(
-        write_products,  # type: ignore[arg-type]
-        fn_kwargs={"transforms": p.transforms, "options": options, "storage": p.storage},
-        # its blocks are the model's batches already
-        **{**p.cpu_stage, "batch_size": None},
-    )
-
-
-def tag_partition(batch: pa.Table, partition: int) -> pa.Table:
-    """Mark rows with their job's number."""
-    return set_column(batch, PARTITION, pa.array(np.full(batch.num_rows, partition, np.int32)))
-
-
-def write_partitioned(
-    batch: pa.Table,
-    *,
-    transforms: Any,
-    options: dict[int, OutputOptions],
-    storage: Storage,
-) -> pa.Table:
-    """:func:`vbatch.operators.outputs.write_products` for rows of several jobs: each job's rows
-    with its own options (``--out``, manifest folder); the rows keep their job's number."""
-    parts = []
-    numbers = batch.column(PARTITION).to_numpy()
-    for number in np.unique(numbers):
-        rows = batch.filter(pa.array(numbers == number))
-        written = write_products(
-            rows, transforms=transforms, options=options[int(number)], storage=storage
-        )
-        parts.append(tag_partition(written, int(number)))
-    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def _split_reused(

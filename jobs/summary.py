@@ -1,13 +1,5 @@
-"""A run's contract with its scheduler: the exit code and the machine-readable summary.
-
-Exit codes of every job command (``segment``, ``video``, ``reid embed|index|add|search|eval``):
-
-* ``0`` (:data:`EXIT_OK`): finished; at most ``--max-error-rate`` of the rows are error rows;
-* ``3`` (:data:`EXIT_TOO_MANY_ERRORS`): finished and published, but more rows failed than that;
-* ``1`` (:data:`EXIT_FAILED`): the job failed as a whole; nothing new was published. This includes
-  a job in which more than ``--max-infra-error-rate`` of the rows hit infrastructure errors
-  (``error_class == "infrastructure"``): a rerun redoes them;
-* ``2``: usage error (argparse's own).
+"""A run's contract with its scheduler: the exit code (:mod:`vbatch.jobs.limits`) and the
+machine-readable summary.
 
 The summary (``--summary-json PATH|-``, and ``<out>/run.json``) is one JSON object; see
 :func:`job_record` for its fields. A command that is not a row job (``reid index`` …) only
@@ -24,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,21 +24,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vbatch.jobs.publish import new_run_id
+from vbatch.jobs.limits import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TOO_MANY_ERRORS,
+    STATUS_BY_EXIT,
+    Limits,
+)
 from vbatch.schemas.errors import INFRASTRUCTURE, classify_errors
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_TOO_MANY_ERRORS = 3
-STATUS_BY_EXIT = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_TOO_MANY_ERRORS: "too_many_errors"}
-
-#: a nightly catalog has a few broken images; more than 1 % failing is worth a red task
-DEFAULT_MAX_ERROR_RATE = 0.01
-#: a few retried-out reads are bad luck; more means the store was down: fail, publish nothing
-DEFAULT_MAX_INFRA_ERROR_RATE = 0.01
 #: error rows shown in the summary and the report
 SAMPLE_ERRORS = 5
 
@@ -58,13 +47,9 @@ class JobFailed(RuntimeError):
         self.record = record
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The error fractions a run may have: above ``max_error_rate`` exit 3, above
-    ``max_infra_error_rate`` of infrastructure errors exit 1 (nothing published)."""
-
-    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
-    max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
+def new_run_id() -> str:
+    """A sortable, unique id: ``20261129T221500Z-1a2b3c`` (UTC)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
 @dataclass
@@ -243,42 +228,7 @@ def failed_record(
     }
 
 
-# -- the command line ------------------------------------------------------------------------------
-def add_run_arguments(p: argparse.ArgumentParser, rows: bool = True) -> None:
-    """``--summary-json`` (every job command) and, for row jobs, the error-rate limits."""
-    g = p.add_argument_group("run summary and exit status (0 ok, 1 failed, 3 too many error rows)")
-    g.add_argument(
-        "--summary-json",
-        metavar="PATH|-",
-        help="write the run's summary as JSON to PATH (local or s3://), or as the last line of "
-        "stdout with -",
-    )
-    if not rows:
-        return
-    g.add_argument(
-        "--max-error-rate",
-        type=float,
-        default=DEFAULT_MAX_ERROR_RATE,
-        metavar="F",
-        help=f"exit 3 when more than this fraction of rows are error rows (default {DEFAULT_MAX_ERROR_RATE})",
-    )
-    g.add_argument(
-        "--max-infra-error-rate",
-        type=float,
-        default=DEFAULT_MAX_INFRA_ERROR_RATE,
-        metavar="F",
-        help="fail (exit 1, publish nothing) when more than this fraction of rows hit "
-        f"infrastructure errors (default {DEFAULT_MAX_INFRA_ERROR_RATE})",
-    )
-
-
-def limits_of(args: argparse.Namespace) -> Limits:
-    return Limits(
-        getattr(args, "max_error_rate", DEFAULT_MAX_ERROR_RATE),
-        getattr(args, "max_infra_error_rate", DEFAULT_MAX_INFRA_ERROR_RATE),
-    )
-
-
+# -- the scheduler's side ----------------------------------------------------------------------
 def emit(record: dict[str, Any], target: str | None, s3_endpoint: str | None = None) -> None:
     """Write ``record`` to ``target``: a path or URI, ``-`` for one line on stdout, ``None``: nowhere."""
     if not target:

@@ -26,34 +26,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from vbatch.jobs.publish import (
-    FAULT_ENV,
-    publish,
-    read_files,
-    report_details,
-    stage,
-    write_run_record,
-)
+from vbatch.jobs.config import INPUT, MODEL, OUTPUT, RESULT, SELECTION, RunOptions, role
+from vbatch.jobs.finish import Outcome, Tail, finish
+from vbatch.jobs.image_pipeline import task_options
+from vbatch.jobs.limits import Limits
+from vbatch.jobs.publish import FAULT_ENV, read_files, report_details, stage
 from vbatch.jobs.resume import file_fingerprints, model_dir_fingerprint, run_key
 from vbatch.jobs.runtime import (
     Resources,
-    actor_resources,
     decide_resources,
     ensure_ray,
+    model_pool_stage,
     refuse_local_paths_on_cluster,
 )
-from vbatch.jobs.segment import task_options
-from vbatch.jobs.summary import (
-    DEFAULT_MAX_ERROR_RATE,
-    DEFAULT_MAX_INFRA_ERROR_RATE,
-    Counts,
-    JobFailed,
-    Limits,
-    RunClock,
-    check_infrastructure,
-    count_rows,
-    job_record,
-)
+from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.jobs.video_resume import (
     VIDEO_NOT_IN_KEY,
     drop_done_windows,
@@ -75,38 +61,20 @@ from vbatch.operators.video.write import write_window_masks
 
 logger = logging.getLogger(__name__)
 
-#: Windows per model call. One window is already a batch of 24 frames (the GPU's work unit for
-#: MTTR); more per call only keeps more frames alive in the actor.
-DEFAULT_WINDOWS_PER_CALL = 1
 
+@dataclass(frozen=True)
+class VideoConfig(RunOptions):
+    """The video job. Each field declares its role (:mod:`vbatch.jobs.config`); ``batch_size``
+    is windows per model call (default: the rvos entry's, one window of 24 frames)."""
 
-@dataclass
-class VideoConfig:
-    manifest: str
-    model_dir: str
-    out: str
-    #: windows per model call (default 1, see DEFAULT_WINDOWS_PER_CALL)
-    batch_size: int | None = None
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    threads_per_actor: int | None = None
-    limit: int | None = None
-    render: bool = False
-    s3_endpoint: str | None = None
-    address: str | None = None
-    #: pass the driver's AWS_* variables to the job's workers (runtime_env); off: never silent
-    forward_s3_env: bool = False
-    #: custom Ray resources each model actor requests, e.g. {"gpu_node": 1}: pins the actors to
-    #: the nodes that carry them
-    actor_resources: dict[str, float] | None = None
-    #: "auto" (GPUs when the cluster has or can get them), "cpu" or "cuda"
-    device: str = "auto"
-    #: on GPU: "fp32" (the reference's), "bf16" or "fp16" autocast
-    precision: str = "fp32"
-    #: exit 3 above this fraction of error rows (jobs.summary)
-    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
-    #: fail, publishing nothing, above this fraction of infrastructure error rows
-    max_infra_error_rate: float = DEFAULT_MAX_INFRA_ERROR_RATE
+    manifest: str = role(INPUT)
+    model_dir: str = role(MODEL)
+    out: str = role(OUTPUT)
+    limit: int | None = role(SELECTION, None)
+    #: renders are drawn after publishing, from the table: they change no result row
+    render: bool = role(OUTPUT, False)
+    #: "fp32" (the reference's), "bf16" or "fp16" autocast (models.precision)
+    precision: str = role(RESULT, "fp32")
 
 
 @dataclass
@@ -172,15 +140,39 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         clock: the run's id and start time (the CLI's, so that its summary and run.json agree).
     """
     clock = clock or RunClock()
+    plan = _plan(cfg)
+    staged = stage(_stages(cfg, plan), plan.out, plan.storage, plan.key)
+    record, outcome = finish(_tail(cfg, plan, clock), clock, staged)
+    outcome.details.record = record
+    return outcome.details
+
+
+@dataclass
+class _VideoPlan:
+    """The job prepared on the driver: what its stages need, its staging key, what a crashed
+    attempt staged."""
+
+    storage: Storage
+    out: str
+    res: Resources
+    local_model_dir: Any
+    ds: ray.data.Dataset
+    info: Any  # operators.video.manifest.VideoManifestInfo
+    key: str
+    previous: Any  # jobs.video_resume.VideoAttempt
+
+
+def _plan(cfg: VideoConfig) -> _VideoPlan:
+    """Resources, the checked model directory, the manifest, the run key and the crashed attempt."""
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
     ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
     refuse_local_paths_on_cluster(
         {"--manifest": cfg.manifest, "--model-dir": cfg.model_dir, "--out": cfg.out}
     )
-    res: Resources = decide_resources(
+    res = decide_resources(
         "rvos",
-        cfg.batch_size or DEFAULT_WINDOWS_PER_CALL,
+        cfg.batch_size,
         cfg.actors,
         cfg.gpus_per_actor,
         cfg.threads_per_actor,
@@ -200,8 +192,6 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         info.num_queries,
         res.describe(),
     )
-    cpu_stage: dict[str, Any] = {"batch_format": "pyarrow", "udf_modifying_row_count": False}
-    filtering: dict[str, Any] = {**cpu_stage, "batch_size": None, "udf_modifying_row_count": True}
     # staged under a key of what decides the results: the rerun of a crashed run finds its files
     # and skips the videos and windows whose rows are there (jobs.video_resume)
     key = run_key(
@@ -210,6 +200,15 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         model_dir_fingerprint(local_model_dir),
     )
     previous = previous_video_attempt(out, storage, key)
+    return _VideoPlan(storage, out, res, local_model_dir, ds, info, key, previous)
+
+
+def _stages(cfg: VideoConfig, plan: _VideoPlan) -> ray.data.Dataset:
+    """plan windows → decode → model → write masks, skipping what a crashed attempt staged."""
+    storage, previous = plan.storage, plan.previous
+    cpu_stage: dict[str, Any] = {"batch_format": "pyarrow", "udf_modifying_row_count": False}
+    filtering: dict[str, Any] = {**cpu_stage, "batch_size": None, "udf_modifying_row_count": True}
+    ds = plan.ds
     # (the type: ignores below: Ray's stub for map_batches does not model fn_kwargs)
     if previous.rows:  # failed videos staged: not fetched or probed again
         ds = ds.map_batches(
@@ -219,7 +218,7 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         )
     ds = ds.map_batches(
         plan_video_windows,  # type: ignore[arg-type]
-        fn_kwargs={"storage": storage, "base_uri": info.base_uri},
+        fn_kwargs={"storage": storage, "base_uri": plan.info.base_uri},
         batch_format="pyarrow",
         batch_size=None,
         udf_modifying_row_count=True,
@@ -239,26 +238,19 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         batch_size=1,
         **cpu_stage,
     )
-    ds = ds.map_batches(
+    model_dir = cfg.model_dir if "://" in cfg.model_dir else str(plan.local_model_dir)
+    ds = model_pool_stage(
+        ds,
         WindowModelStage,
-        fn_constructor_kwargs={
-            "model_dir": cfg.model_dir if "://" in cfg.model_dir else str(local_model_dir),
+        {
+            "model_dir": model_dir,
             "storage_options": storage.options,
-            "device": res.device,
-            "threads": res.threads,
-            "model_options": task_options(model_entry("rvos"), cfg, res)[0],
+            "device": plan.res.device,
+            "threads": plan.res.threads,
+            "model_options": task_options(model_entry("rvos"), cfg, plan.res)[0],
         },
-        compute=ray.data.ActorPoolStrategy(min_size=res.pool_size()[0], max_size=res.actors),
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-        num_gpus=res.gpus_per_actor or None,
-        num_cpus=1,  # as in vbatch segment: the torch threads use the cores
-        # the replica's host memory (jobs.runtime.ACTOR_MEMORY_GB); differing from the CPU stages'
-        # resources, it also keeps Ray from fusing decoding into the actor
-        memory=res.memory,
-        # custom resources pin the actors to the nodes that carry them (a node type's label)
-        **actor_resources(cfg.actor_resources),
-        udf_modifying_row_count=False,
+        plan.res,
+        cfg.actor_resources,
     )
     crash = fault_window(os.environ.get(FAULT_ENV))
     if crash is not None:
@@ -270,10 +262,10 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
     ds = ds.map_batches(
         write_window_masks,  # type: ignore[arg-type]
         fn_kwargs={
-            "out_uri": out,
+            "out_uri": plan.out,
             "storage": storage,
-            "gt": info.has_gt,
-            "base_uri": info.base_uri,
+            "gt": plan.info.has_gt,
+            "base_uri": plan.info.base_uri,
         },
         batch_format="pyarrow",
         batch_size=None,
@@ -285,44 +277,60 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
             fn_kwargs={"staged": previous.staged},
             **filtering,
         )
+    return ds
 
-    staged = stage(ds, out, storage, key)
-    # counted and checked on the staged files: a failed check publishes nothing
-    table = read_files(staged, storage) if staged else None
-    if table is None:
-        raise JobFailed(
-            f"accounting error: the job wrote no result rows for {info.num_rows} videos"
-        )
-    summary = summarize(table, info.num_rows, join(out, "results"), clock.seconds(), res)
-    summary.resumed_rows = previous.rows
-    limits = Limits(cfg.max_error_rate, cfg.max_infra_error_rate)
-    check_infrastructure(summary.counts, limits, "result rows")
-    generation = publish(out, storage, clock.run_id, staged, table.num_rows, staging_name=key)
-    summary.renders = render_all(table, out, storage) if cfg.render else 0
-    summary.seconds = clock.seconds()
-    summary.record = job_record(
-        "video",
-        clock,
-        summary.counts,
-        limits,
-        task="rvos",
-        model_version=summary.model_version,
-        videos=summary.videos,
-        videos_ok=summary.videos_ok,
-        frames=summary.frames,
-        frames_per_second=summary.frames_per_second,
-        renders=summary.renders,
+
+def _tail(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> Tail:
+    """How the video job finishes: its accounting (every video has rows, no frame twice), its
+    renders after the commit, its summary's facts."""
+    out, storage, info = plan.out, plan.storage, plan.info
+
+    def account(staged: list[str]) -> Outcome:
+        # counted and checked on the staged files: a failed check publishes nothing
+        table = read_files(staged, storage) if staged else None
+        if table is None:
+            raise JobFailed(
+                f"accounting error: the job wrote no result rows for {info.num_rows} videos"
+            )
+        summary = summarize(table, info.num_rows, join(out, "results"), clock.seconds(), plan.res)
+        summary.resumed_rows = plan.previous.rows
+        return Outcome(summary.counts, table.num_rows, table, summary)
+
+    def after_publish(outcome: Outcome) -> None:
+        if cfg.render:
+            outcome.details.renders = render_all(outcome.table, out, storage)
+
+    def facts(outcome: Outcome, generation: str) -> dict[str, Any]:
+        s = outcome.details
+        s.seconds = clock.seconds()
+        return {
+            "task": "rvos",
+            "model_version": s.model_version,
+            "videos": s.videos,
+            "videos_ok": s.videos_ok,
+            "frames": s.frames,
+            "frames_per_second": s.frames_per_second,
+            "renders": s.renders,
+            "out": out,
+            "results_uri": s.results_uri,
+            "generation": generation,
+            "resources": plan.res.describe(),
+            # rows an earlier, crashed attempt of this run had staged: their windows not redone
+            "resumed_rows": plan.previous.rows,
+        }
+
+    return Tail(
+        command="video",
         out=out,
-        results_uri=summary.results_uri,
-        generation=generation,
-        resources=res.describe(),
-        # rows an earlier, crashed attempt of this run had staged: their windows not redone
-        resumed_rows=previous.rows,
+        storage=storage,
+        limits=Limits(cfg.max_error_rate, cfg.max_infra_error_rate),
+        what="result rows",
+        account=account,
+        facts=facts,
+        staging_key=plan.key,
+        run_extra={"config": asdict(cfg), "manifest_files": info.files},
+        after_publish=after_publish,
     )
-    write_run_record(
-        out, storage, {**summary.record, "config": asdict(cfg), "manifest_files": info.files}
-    )
-    return summary
 
 
 def summarize(

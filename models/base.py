@@ -21,9 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 _C = TypeVar("_C")

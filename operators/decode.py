@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-#: Pillow's own bomb limit (``Image.MAX_IMAGE_PIXELS``, 178,956,970 px ≈ 179 Mpx, about 13k × 13k).
-DEFAULT_MAX_PIXELS = 178_956_970
+from vbatch.operators.defaults import DEFAULT_MAX_PIXELS
 
 
 class DecodeError(ValueError):

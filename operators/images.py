@@ -20,6 +20,7 @@ from vbatch.models.salient.transforms import SalientTransforms
 from vbatch.models.shop_seg.transforms import ShopSegTransforms, crop_size
 from vbatch.operators.columns import encode_array, set_column
 from vbatch.operators.decode import DEFAULT_MAX_PIXELS, DecodeError, open_image, probe_jpeg
+from vbatch.operators.defaults import DECODE_MODES
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.storage import Storage, describe_read_error, resolve
 from vbatch.schemas.images import INTERNAL_PREFIX
@@ -29,12 +30,6 @@ logger = logging.getLogger(__name__)
 BYTES = f"{INTERNAL_PREFIX}bytes"  # large_binary: the fetched file
 INPUT = f"{INTERNAL_PREFIX}input"  # large_binary: one preprocessed network input, .npy encoded
 OUTPUT = f"{INTERNAL_PREFIX}output"  # large_binary: one raw network output, .npy encoded
-
-#: decode modes: "exact" = full-size decode and the model's own (reference) resize, the default;
-#: "fast" = JPEGs decoded at a reduced DCT scale (approximate), then the same resize;
-#: "gpu" = JPEGs shipped undecoded, decoded and resized in the model actor on its GPU
-#: (:mod:`vbatch.operators.device_decode`)
-DECODE_MODES = ("exact", "fast", "gpu")
 
 #: transforms whose preprocessing resizes a Pillow image: they take the decoded image as it is
 _PIL_INPUT = (SalientTransforms, ShopSegTransforms, ReidTransforms)

@@ -38,6 +38,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 from vbatch.models.fileio import atomic_path, atomic_write_bytes
+from vbatch.operators.defaults import DEFAULT_RETRY_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ _REMOTE_SCHEMES = ("s3", "s3a")
 #: read-only schemes, for the images and videos a manifest names (CDN URLs)
 _HTTP_SCHEMES = ("http", "https")
 SUPPORTED = "local paths, file://, s3://, http(s)://"
-
-#: default of :attr:`StorageOptions.retry_seconds`: long enough to ride out a store's restart or a
-#: short network partition, short enough that a dead store fails a nightly run within minutes
-DEFAULT_RETRY_SECONDS = 180.0
 
 T = TypeVar("T")
 

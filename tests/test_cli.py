@@ -9,9 +9,13 @@ import json
 import pyarrow as pa
 import pytest
 
-from vbatch.jobs.cli import _image_job_config, _job_arguments, build_parser, main
+from vbatch.jobs.cli import build_parser, main
+from vbatch.jobs.cli import video as video_command
+from vbatch.jobs.cli.options import job_arguments
+from vbatch.jobs.cli.segment import image_job_config
+from vbatch.jobs.image_pipeline import task_options
 from vbatch.jobs.runtime import Resources
-from vbatch.jobs.segment import ImageJobConfig, task_options
+from vbatch.jobs.segment import ImageJobConfig
 from vbatch.jobs.summary import (
     EXIT_FAILED,
     EXIT_OK,
@@ -33,7 +37,8 @@ def test_video_and_segment_arguments_reach_their_configs() -> None:
     pool = ["--batch-size", "3", "--actors", "2", "--threads-per-actor", "4", "--limit", "9"]
     s3 = ["--s3-endpoint", "http://127.0.0.1:9000"]
     args = build_parser().parse_args(["video", *common, *pool, *s3, "--render"])
-    video = VideoConfig(render=args.render, precision=args.precision, **_job_arguments(args))
+    video = video_command.config(args)
+    assert isinstance(video, VideoConfig)
     assert (video.manifest, video.model_dir, video.out) == ("m.parquet", "s3://models/x", "o")
     assert (video.batch_size, video.actors, video.threads_per_actor, video.limit) == (3, 2, 4, 9)
     assert (
@@ -45,7 +50,7 @@ def test_video_and_segment_arguments_reach_their_configs() -> None:
     args = build_parser().parse_args(
         ["segment", "--task", "matting", *common, *pool, "--max-side", "800"]
     )
-    seg = _image_job_config(args, args.task)
+    seg = image_job_config(args, args.task)
     assert (seg.task, seg.batch_size, seg.actors, seg.limit, seg.max_side) == (
         "matting",
         3,
@@ -55,7 +60,7 @@ def test_video_and_segment_arguments_reach_their_configs() -> None:
     )
 
     args = build_parser().parse_args(["reid", "embed", *common])
-    emb = _image_job_config(args, "reid")
+    emb = image_job_config(args, "reid")
     assert emb.task == "reid" and emb.batch_size is None and emb.max_pixels == seg.max_pixels
 
 
@@ -196,7 +201,7 @@ def test_every_job_command_has_the_summary_options() -> None:
         limits = ["--max-error-rate", "0.2", "--max-infra-error-rate", "0.05"]
         args = build_parser().parse_args([*base(command), *limits])
         assert (args.max_error_rate, args.max_infra_error_rate) == (0.2, 0.05)
-        assert _job_arguments(args)["max_error_rate"] == 0.2
+        assert job_arguments(args)["max_error_rate"] == 0.2
 
 
 def test_usage_errors_exit_2(capsys) -> None:

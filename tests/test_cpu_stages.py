@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from vbatch.jobs.cli import _image_job_config, build_parser
+from vbatch.jobs.cli import build_parser
+from vbatch.jobs.cli.segment import image_job_config
 from vbatch.jobs.demo_data import encode, person_crop, product_image
 from vbatch.models.reid.transforms import ReidTransforms
 from vbatch.models.salient.transforms import SalientTransforms
@@ -220,10 +221,10 @@ def test_cli_options_reach_the_job_config() -> None:
         "o",
     ]
     args = build_parser().parse_args(base)
-    cfg = _image_job_config(args, "salient")
+    cfg = image_job_config(args, "salient")
     assert (cfg.decode, cfg.mask_size) == ("exact", "full")
     args = build_parser().parse_args([*base, "--decode", "fast", "--mask-size", "model"])
-    cfg = _image_job_config(args, "salient")
+    cfg = image_job_config(args, "salient")
     assert (cfg.decode, cfg.mask_size) == ("fast", "model")
 
 

@@ -77,15 +77,16 @@ def test_forwarded_variables_are_the_aws_ones(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_cluster_options_reach_the_job_config() -> None:
-    from vbatch.jobs.cli import _image_job_config, build_parser
+    from vbatch.jobs.cli import build_parser
+    from vbatch.jobs.cli.segment import image_job_config
 
     base = ["segment", "--task", "salient", "--manifest", "s3://b/m", "--model-dir", "s3://b/d"]
     base += ["--out", "s3://b/o"]
     args = build_parser().parse_args(base)
-    cfg = _image_job_config(args, "salient")
+    cfg = image_job_config(args, "salient")
     assert cfg.forward_s3_env is False and cfg.actor_resources is None  # nothing implicit
     more = ["--forward-s3-env", "--actor-resource", "gpu_node=1", "--actor-resource", "big=0.5"]
-    cfg = _image_job_config(build_parser().parse_args(base + more), "salient")
+    cfg = image_job_config(build_parser().parse_args(base + more), "salient")
     assert cfg.forward_s3_env is True and cfg.actor_resources == {"gpu_node": 1.0, "big": 0.5}
     assert runtime.actor_resources(cfg.actor_resources) == {
         "resources": {"gpu_node": 1.0, "big": 0.5}

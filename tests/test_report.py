@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.report_data import ellipse_mask, make_run, write_table
-from vbatch.jobs.cli import _write_report, main
+from vbatch.jobs.cli import main
+from vbatch.jobs.cli.command import write_report
 from vbatch.jobs.publish import read_table
 from vbatch.jobs.report import build_report
 from vbatch.jobs.report.data import (
@@ -200,10 +201,11 @@ def test_a_failing_report_never_fails_the_job(tmp_path: Path, caplog) -> None:
     import argparse
 
     args = argparse.Namespace(report_samples=48, s3_endpoint=None)
-    _write_report(args, {"out": str(tmp_path / "no-such-run"), "exit_code": 0})
+    record = {"out": str(tmp_path / "no-such-run"), "exit_code": 0}
+    write_report(record["out"], args, record)
     assert "report could not be written" in caplog.text
     args.report_samples = 0  # off: not even tried
-    _write_report(args, {"out": str(tmp_path / "no-such-run")})
+    write_report(str(tmp_path / "no-such-run"), args, {})
     assert not (tmp_path / "no-such-run").exists()
 
 

@@ -232,6 +232,44 @@ def choose_rows(
     return sample, looks, errors
 
 
+def _looks_section(
+    looks: list[tuple[str, list[int]]], errors: list[int], thumbs: Any, rows: dict[int, Any]
+) -> str:
+    """ "Worth a look": the extremes of each list, then the error rows."""
+    look_html = ["<h2>Worth a look</h2>"]
+    for title, ps in looks:
+        if ps:
+            look_html.append(
+                f"<h3>{page.esc(title)}</h3>" + "".join(thumbs.card(p, rows[p]) for p in ps)
+            )
+    if errors:
+        look_html.append(
+            "<h3>Error rows (their inputs where they could be read)</h3>"
+            + "".join(thumbs.card(p, rows[p]) for p in errors)
+        )
+    look_html.append(
+        '<p class="muted">Lowest-confidence images: none of vbatch\'s models reports a '
+        "confidence per image.</p>"
+    )
+    return "".join(look_html)
+
+
+def _plots_section(light: Any, root: str, storage: Storage) -> str:
+    """The distributions of the numeric columns over the ok rows (PNGs under ``root/plots``)."""
+    plots = distribution_plots(light.numeric, light.ok)
+    for name, _, png in plots:
+        storage.write_bytes(join(root, "plots", name), png, "image/png")
+    return (
+        '<h2>Distributions (ok rows)</h2><div class="plots">'
+        + "".join(
+            f'<img src="plots/{page.esc(n)}" width="420" height="280" alt="{page.esc(c)}">'
+            for n, c, _ in plots
+        )
+        + '</div><p class="muted">Per-image latency is not recorded by vbatch jobs (batches run '
+        "in actor pools); the run's throughput is above.</p>"
+    )
+
+
 def build_report(
     out: str,
     storage: Storage,
@@ -315,35 +353,8 @@ def build_report(
             "<code>--report-samples N</code>).</p>"
             + "".join(thumbs.card(p, rows[p]) for p in sample)
         )
-    look_html = ["<h2>Worth a look</h2>"]
-    for title, ps in looks:
-        if ps:
-            look_html.append(
-                f"<h3>{page.esc(title)}</h3>" + "".join(thumbs.card(p, rows[p]) for p in ps)
-            )
-    if errors:
-        look_html.append(
-            "<h3>Error rows (their inputs where they could be read)</h3>"
-            + "".join(thumbs.card(p, rows[p]) for p in errors)
-        )
-    look_html.append(
-        '<p class="muted">Lowest-confidence images: none of vbatch\'s models reports a '
-        "confidence per image.</p>"
-    )
-    sections.append("".join(look_html))
-
-    plots = distribution_plots(light.numeric, light.ok)
-    for name, _, png in plots:
-        storage.write_bytes(join(root, "plots", name), png, "image/png")
-    sections.append(
-        '<h2>Distributions (ok rows)</h2><div class="plots">'
-        + "".join(
-            f'<img src="plots/{page.esc(n)}" width="420" height="280" alt="{page.esc(c)}">'
-            for n, c, _ in plots
-        )
-        + '</div><p class="muted">Per-image latency is not recorded by vbatch jobs (batches run '
-        "in actor pools); the run's throughput is above.</p>"
-    )
+    sections.append(_looks_section(looks, errors, thumbs, rows))
+    sections.append(_plots_section(light, root, storage))
     if run.record.get("config"):
         sections.append("<h2>Configuration</h2>" + page.config_block(run.record["config"]))
     seconds = time.perf_counter() - t0

@@ -210,59 +210,9 @@ def convert_graph(
     tf, tf2onnx = _import_tensorflow()
     import onnxruntime as ort
 
-    graph_def = _parse_graph(tf, graph_path)
-    graph = tf.Graph()
-    try:
-        with graph.as_default():
-            tf.import_graph_def(graph_def, name="")
-    except Exception as e:
-        raise ConversionError(f"{graph_path}: TensorFlow cannot import the graph ({e})") from e
-    names = {op.name for op in graph.get_operations()}
-    missing = [t for t in (_IN, _OUT) if t.split(":")[0] not in names]
-    if missing:
-        raise ConversionError(
-            f"{graph_path} is not ModelScope's matting graph: no tensor {', '.join(missing)} "
-            f"(the pipeline feeds {_IN} and fetches {_OUT})"
-        )
-    placeholder = graph.get_tensor_by_name(_IN)
-    # The pipeline always feeds (H, W, 3); a placeholder frozen without a shape gets that one so
-    # that tf2onnx can infer every shape downstream while H and W stay dynamic.
-    shape_override = {_IN: [None, None, 3]} if placeholder.shape.rank is None else None
-
-    logger.info("converting %s with tf2onnx %s (opset %d)", graph_path, tf2onnx.__version__, opset)
-    try:
-        model_proto, _ = tf2onnx.convert.from_graph_def(
-            graph_def,
-            name="matting",
-            input_names=[_IN],
-            output_names=[_OUT],
-            opset=opset,
-            shape_override=shape_override,
-            tensors_to_rename=_RENAME,
-        )
-    except Exception as e:
-        raise ConversionError(f"tf2onnx cannot convert {graph_path}: {e}") from e
-    data = model_proto.SerializeToString()
-
-    session = ort.InferenceSession(
-        data, sess_options=session_options(None), providers=["CPUExecutionProvider"]
-    )
-    (inp,) = session.get_inputs()
-    if any(isinstance(d, int) for d in inp.shape[:2]):
-        raise ConversionError(
-            f"converted input {inp.name} has a static shape {inp.shape}; H and W must stay dynamic"
-        )
-    feed_dtype = ORT_DTYPES.get(inp.type)
-    if feed_dtype is None:
-        raise ConversionError(
-            f"converted input {inp.name} has type {inp.type}, expected a float image"
-        )
-
-    images = (
-        check_images
-        if check_images is not None
-        else [sample_image(h, w, seed=i) for i, (h, w) in enumerate(DEFAULT_CHECK_SIZES)]
-    )
+    graph_def, graph = _import_graph(tf, graph_path)
+    data = _to_onnx(tf2onnx, graph_def, graph, graph_path, opset)
+    session, feed_dtype = _onnx_session(data)
     report = ConversionReport(
         onnx_path=onnx_path,
         meta_path=meta_path,
@@ -272,30 +222,12 @@ def convert_graph(
         tf2onnx_version=tf2onnx.__version__,
         onnxruntime_version=ort.__version__,
     )
-    differing = total = 0
-    with tf.Session(graph=graph) as tf_session:
-        fetch = graph.get_tensor_by_name(_OUT)
-        for image in images:
-            image = _read_image(Path(image)) if isinstance(image, (str, Path)) else image
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ConversionError(
-                    f"check images must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}"
-                )
-            # exactly the pipeline's feed: float64, which the session casts to the placeholder's dtype
-            expected = tf_session.run(fetch, feed_dict={placeholder: image.astype(float)})
-            (got,) = session.run(None, {inp.name: image.astype(feed_dtype)})
-            if got.shape != expected.shape or got.dtype != expected.dtype:
-                raise ConversionError(
-                    f"ONNX output {got.dtype} {got.shape} differs from TensorFlow's "
-                    f"{expected.dtype} {expected.shape} for an image of shape {image.shape}"
-                )
-            diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
-            report.checked_sizes.append(tuple(image.shape[:2]))
-            report.max_abs_diff_alpha = max(report.max_abs_diff_alpha, int(diff[..., 3].max()))
-            report.max_abs_diff_rgb = max(report.max_abs_diff_rgb, int(diff[..., :3].max()))
-            differing += int(np.count_nonzero(diff[..., 3]))
-            total += diff[..., 3].size
-    report.frac_alpha_differing = differing / max(total, 1)
+    images = (
+        check_images
+        if check_images is not None
+        else [sample_image(h, w, seed=i) for i, (h, w) in enumerate(DEFAULT_CHECK_SIZES)]
+    )
+    _compare(tf, graph, session, feed_dtype, images, report)
     if report.max_abs_diff_alpha > tolerance or report.max_abs_diff_rgb > tolerance:
         raise ConversionError(
             f"ONNX translation of {graph_path} disagrees with TensorFlow: max |diff| alpha "
@@ -314,12 +246,113 @@ def convert_graph(
             for k, v in report.to_dict().items()
             if k not in ("onnx_path", "meta_path", "skipped")
         },
-        "input": inp.name,
+        "input": session.get_inputs()[0].name,
         "output": session.get_outputs()[0].name,
     }
     atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     logger.info("%s", report.summary())
     return report
+
+
+def _import_graph(tf: ModuleType, graph_path: Path) -> tuple[Any, Any]:
+    """(the GraphDef, the imported graph) of ModelScope's matting graph; refuses another graph."""
+    graph_def = _parse_graph(tf, graph_path)
+    graph = tf.Graph()
+    try:
+        with graph.as_default():
+            tf.import_graph_def(graph_def, name="")
+    except Exception as e:
+        raise ConversionError(f"{graph_path}: TensorFlow cannot import the graph ({e})") from e
+    names = {op.name for op in graph.get_operations()}
+    missing = [t for t in (_IN, _OUT) if t.split(":")[0] not in names]
+    if missing:
+        raise ConversionError(
+            f"{graph_path} is not ModelScope's matting graph: no tensor {', '.join(missing)} "
+            f"(the pipeline feeds {_IN} and fetches {_OUT})"
+        )
+    return graph_def, graph
+
+
+def _to_onnx(
+    tf2onnx: ModuleType, graph_def: Any, graph: Any, graph_path: Path, opset: int
+) -> bytes:
+    """The serialised ONNX model tf2onnx makes of the graph, with dynamic H and W."""
+    placeholder = graph.get_tensor_by_name(_IN)
+    # The pipeline always feeds (H, W, 3); a placeholder frozen without a shape gets that one so
+    # that tf2onnx can infer every shape downstream while H and W stay dynamic.
+    shape_override = {_IN: [None, None, 3]} if placeholder.shape.rank is None else None
+    logger.info("converting %s with tf2onnx %s (opset %d)", graph_path, tf2onnx.__version__, opset)
+    try:
+        model_proto, _ = tf2onnx.convert.from_graph_def(
+            graph_def,
+            name="matting",
+            input_names=[_IN],
+            output_names=[_OUT],
+            opset=opset,
+            shape_override=shape_override,
+            tensors_to_rename=_RENAME,
+        )
+    except Exception as e:
+        raise ConversionError(f"tf2onnx cannot convert {graph_path}: {e}") from e
+    return bytes(model_proto.SerializeToString())
+
+
+def _onnx_session(data: bytes) -> tuple[Any, Any]:
+    """(an ONNX Runtime CPU session of ``data``, the dtype its input is fed as); refuses a static
+    input shape or a non-float input."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        data, sess_options=session_options(None), providers=["CPUExecutionProvider"]
+    )
+    (inp,) = session.get_inputs()
+    if any(isinstance(d, int) for d in inp.shape[:2]):
+        raise ConversionError(
+            f"converted input {inp.name} has a static shape {inp.shape}; H and W must stay dynamic"
+        )
+    feed_dtype = ORT_DTYPES.get(inp.type)
+    if feed_dtype is None:
+        raise ConversionError(
+            f"converted input {inp.name} has type {inp.type}, expected a float image"
+        )
+    return session, feed_dtype
+
+
+def _compare(
+    tf: ModuleType,
+    graph: Any,
+    session: Any,
+    feed_dtype: Any,
+    images: Sequence[np.ndarray | str | Path],
+    report: ConversionReport,
+) -> None:
+    """Run TensorFlow and ONNX Runtime on ``images``; the largest differences into ``report``."""
+    placeholder = graph.get_tensor_by_name(_IN)
+    name = session.get_inputs()[0].name
+    differing = total = 0
+    with tf.Session(graph=graph) as tf_session:
+        fetch = graph.get_tensor_by_name(_OUT)
+        for image in images:
+            image = _read_image(Path(image)) if isinstance(image, (str, Path)) else image
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ConversionError(
+                    f"check images must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}"
+                )
+            # exactly the pipeline's feed: float64, which the session casts to the placeholder's dtype
+            expected = tf_session.run(fetch, feed_dict={placeholder: image.astype(float)})
+            (got,) = session.run(None, {name: image.astype(feed_dtype)})
+            if got.shape != expected.shape or got.dtype != expected.dtype:
+                raise ConversionError(
+                    f"ONNX output {got.dtype} {got.shape} differs from TensorFlow's "
+                    f"{expected.dtype} {expected.shape} for an image of shape {image.shape}"
+                )
+            diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+            report.checked_sizes.append(tuple(image.shape[:2]))
+            report.max_abs_diff_alpha = max(report.max_abs_diff_alpha, int(diff[..., 3].max()))
+            report.max_abs_diff_rgb = max(report.max_abs_diff_rgb, int(diff[..., :3].max()))
+            differing += int(np.count_nonzero(diff[..., 3]))
+            total += diff[..., 3].size
+    report.frac_alpha_differing = differing / max(total, 1)
 
 
 def _parse_graph(tf: ModuleType, graph_path: Path) -> Any:
