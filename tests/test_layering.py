@@ -174,3 +174,24 @@ print("torch" in sys.modules, "ray" in sys.modules)
     result = _fresh(code)
     assert result.stdout.strip().splitlines()[-1] == "False False"
     assert '"torch"' in result.stdout  # env still reports torch, probed in its child
+
+
+def test_readme_batch_defaults_are_the_entries() -> None:
+    """The README's table of default batches is a copy of the registry's facts: kept equal."""
+    import re
+
+    from vbatch.models.registry import REGISTRY
+
+    line = next(
+        x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith("| `--batch-size`")
+    )
+    stated = {
+        name: (int(gpu), int(cpu))
+        for name, gpu, cpu in re.findall(r"([a-z-]+) (\d+)(?: \(GPU\))? / (\d+)", line)
+    }
+    expected = {
+        n: (e.batch_gpu, e.batch_cpu)
+        for n, e in REGISTRY.items()
+        if n in ("salient", "shop-seg", "reid", "matting")
+    }
+    assert stated == expected
