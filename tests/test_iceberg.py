@@ -32,7 +32,7 @@ from vbatch.operators.lakehouse import (
     read_current,
 )
 from vbatch.operators.lakehouse import upsert as commit_module
-from vbatch.schemas.images import image_results_schema
+from vbatch.schemas.images import image_results_schema, image_row_errors
 from vbatch.schemas.videos import VIDEO_RESULTS
 
 SCHEMA = image_results_schema("mask")
@@ -220,19 +220,20 @@ def test_files_stay_bounded_across_nights(target):
 
 # -- keys -------------------------------------------------------------------------------------------
 def test_rows_of_unusable_ids_are_not_committed_and_duplicate_keys_are_refused(target):
-    rows = image_rows(["a", "b", "b", None], "r1").to_pylist()
-    # the manifest's key errors, as schemas.images.key_error words them
-    rows[2].update(
-        status="error",
-        error="manifest row 2: duplicate image_id 'b' (first at row 1, which is processed)",
-        error_class="input",
-    )
-    rows[3].update(status="error", error="manifest row 3: image_id is null", error_class="input")
+    ids = ["a", "b", "b", None, " ", "d"]
+    rows = image_rows(ids, "r1").to_pylist()
+    # the manifest's key errors as the jobs word them; an empty uri leaves the id usable
+    uris = ["a.jpg", "b.jpg", "b2.jpg", "x.jpg", "y.jpg", ""]
+    for row, error in zip(rows, image_row_errors(ids, uris), strict=True):
+        if error is not None:
+            row.update(status="error", error=error, error_class="input")
     info = commit(
         target, pa.Table.from_pylist(rows, schema=SCHEMA), key=IMAGE, schema=SCHEMA, run_id="r1"
     )
-    assert (info.rows, info.rows_skipped) == (2, 2)
-    assert sorted(read_current(target).column("image_id").to_pylist()) == ["a", "b"]
+    assert (info.rows, info.rows_skipped) == (3, 3)
+    stored = by_id(read_current(target))
+    assert sorted(stored) == ["a", "b", "d"]
+    assert stored["b"]["status"] == "ok" and stored["d"]["error"] == "manifest row 5: uri is empty"
 
     twice = image_rows(["c", "c"], "r2")
     with pytest.raises(IcebergError, match=r"1 key\(s\) of \(image_id\).*\(c\)"):
