@@ -157,15 +157,29 @@ def test_two_nightly_runs_upsert_by_key_in_one_snapshot_each(s3_server, target):
     assert load_catalog(target.catalog).table_exists(target.table) is False
 
     props = {"vbatch.model-version": "m1", "vbatch.version": "0.1.0", "vbatch.ok": 300}
-    first = commit(target, stage(s3_server, night1), key=IMAGE, schema=SCHEMA, run_id="night1",
-                   properties=props, storage=s3_server.storage())  # fmt: skip
+    first = commit(
+        target,
+        stage(s3_server, night1),
+        key=IMAGE,
+        schema=SCHEMA,
+        run_id="night1",
+        properties=props,
+        storage=s3_server.storage(),
+    )
     assert first.created and first.rows == 300 and first.rows_replaced == 0
 
     # night 2: 10 % of the catalog changed (30 images), plus 20 new images
     changed, new = ids[::10], [f"new{i:03d}" for i in range(20)]
     night2 = image_rows(changed + new, "night2")
-    second = commit(target, stage(s3_server, night2), key=IMAGE, schema=SCHEMA, run_id="night2",
-                    properties=props, storage=s3_server.storage())  # fmt: skip
+    second = commit(
+        target,
+        stage(s3_server, night2),
+        key=IMAGE,
+        schema=SCHEMA,
+        run_id="night2",
+        properties=props,
+        storage=s3_server.storage(),
+    )
     assert (second.rows, second.rows_replaced, second.attempts) == (50, 30, 1)
 
     current = by_id(read_current(target))
@@ -189,6 +203,36 @@ def test_two_nightly_runs_upsert_by_key_in_one_snapshot_each(s3_server, target):
 
     # what the commits left is what the table references: no orphan data files
     assert data_files(s3_server, target) >= referenced_files(target)
+
+
+def test_reuse_gets_the_last_run_and_its_rows_as_parquet_files(target, tmp_path, monkeypatch):
+    """What ``--reuse`` from a table reads: the current snapshot's run record, and the current
+    rows as Parquet files in vbatch's types (``string``, not pyiceberg's ``large_string``)."""
+    from vbatch.operators import lakehouse
+    from vbatch.operators.storage import Storage
+
+    ids = [f"img{i:02d}" for i in range(30)]
+    commit(target, image_rows(ids, "r1"), key=IMAGE, schema=SCHEMA, run_id="r1")
+    commit(
+        target,
+        image_rows(ids[:3], "r2"),
+        key=IMAGE,
+        schema=SCHEMA,
+        run_id="r2",
+        properties={"vbatch.model-identity": "abc", "vbatch.options": '{"size": 320}'},
+    )
+    summary = lakehouse.current_summary(target)
+    assert summary[RUN_ID] == "r2" and summary["vbatch.model-identity"] == "abc"
+    assert summary["operation"] == "overwrite"
+
+    monkeypatch.setattr(lakehouse.catalog, "EXPORT_FILE_ROWS", 7)
+    columns = ["image_id", "uri", "status", "source_fingerprint", "mask_uri"]
+    files = lakehouse.export_current(target, str(tmp_path / "reuse"), Storage(), columns)
+    assert len(files) >= 30 // 7
+    exported = pa.concat_tables(pq.read_table(f) for f in files)
+    assert exported.schema == pa.schema([SCHEMA.field(c) for c in columns])
+    assert by_id(exported) == by_id(read_current(target, columns=columns))
+    assert by_id(exported)["img01"]["mask_uri"] == "s3://out/r2/img01.png"
 
 
 def test_a_rerun_of_a_committed_run_adds_no_snapshot(target):
@@ -244,12 +288,22 @@ def test_rows_of_unusable_ids_are_not_committed_and_duplicate_keys_are_refused(t
 def video_rows(video: str, frames: list[int | None], run: str) -> list[dict]:
     ok = frames and frames[0] is not None
     return [
-        {"video_id": video, "uri": f"{video}.mp4", "query_index": q, "query": f"query {q}",
-         "frame_index": f, "timestamp_s": None if f is None else f / 25, "status": "ok" if ok else "error",
-         "mask_uri": f"s3://out/{run}/{video}/{q}/{f}.png" if ok else None,
-         "error": None if ok else "cannot decode video", "model_version": "m1", "manifest_row": 0}
-        for q in (0, 1) for f in frames
-    ]  # fmt: skip
+        {
+            "video_id": video,
+            "uri": f"{video}.mp4",
+            "query_index": q,
+            "query": f"query {q}",
+            "frame_index": f,
+            "timestamp_s": None if f is None else f / 25,
+            "status": "ok" if ok else "error",
+            "mask_uri": f"s3://out/{run}/{video}/{q}/{f}.png" if ok else None,
+            "error": None if ok else "cannot decode video",
+            "model_version": "m1",
+            "manifest_row": 0,
+        }
+        for q in (0, 1)
+        for f in frames
+    ]
 
 
 def test_a_video_is_replaced_as_a_whole(target):
@@ -264,10 +318,16 @@ def test_a_video_is_replaced_as_a_whole(target):
     info = commit(target, night2, key=key, schema=VIDEO_RESULTS, run_id="n2")
     assert (info.rows, info.rows_replaced) == (2, 6)
     rows = read_current(target).to_pylist()
-    assert sorted((r["video_id"], r["query_index"], r["frame_index"], r["status"]) for r in rows) == [
-        ("v1", 0, None, "error"), ("v1", 1, None, "error"),
-        ("v2", 0, 0, "ok"), ("v2", 0, 5, "ok"), ("v2", 1, 0, "ok"), ("v2", 1, 5, "ok"),
-    ]  # fmt: skip
+    assert sorted(
+        (r["video_id"], r["query_index"], r["frame_index"], r["status"]) for r in rows
+    ) == [
+        ("v1", 0, None, "error"),
+        ("v1", 1, None, "error"),
+        ("v2", 0, 0, "ok"),
+        ("v2", 0, 5, "ok"),
+        ("v2", 1, 0, "ok"),
+        ("v2", 1, 5, "ok"),
+    ]
 
 
 # -- schema ------------------------------------------------------------------------------------------
@@ -400,7 +460,11 @@ def _duckdb_extensions() -> list[str]:
     """The Iceberg extension and what it needs, from their wheels (DuckDB would download them)."""
     found = []
     for name in ("httpfs", "avro", "iceberg"):
-        paths = [p for sp in site.getsitepackages() for p in glob.glob(f"{sp}/duckdb_extension_{name}/extensions/*/{name}.duckdb_extension")]  # fmt: skip
+        paths = [
+            p
+            for sp in site.getsitepackages()
+            for p in glob.glob(f"{sp}/duckdb_extension_{name}/extensions/*/{name}.duckdb_extension")
+        ]
         if not paths:
             pytest.skip(f"DuckDB's {name} extension is not installed (duckdb-extension-{name})")
         found.append(paths[0])
@@ -422,8 +486,12 @@ def test_duckdb_reads_the_table_and_its_first_snapshot(s3_server, iceberg_catalo
     props = iceberg_catalog.properties
     user, secret = props["credential"].split(":")
     s3 = s3_server.endpoint.removeprefix("http://")
-    con.execute(f"CREATE SECRET (TYPE S3, KEY_ID '{user}', SECRET '{secret}', ENDPOINT '{s3}', URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')")  # fmt: skip
-    con.execute(f"CREATE SECRET cat (TYPE ICEBERG, CLIENT_ID '{user}', CLIENT_SECRET '{secret}', OAUTH2_SERVER_URI '{props['oauth2-server-uri']}')")  # fmt: skip
+    con.execute(
+        f"CREATE SECRET (TYPE S3, KEY_ID '{user}', SECRET '{secret}', ENDPOINT '{s3}', URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')"
+    )
+    con.execute(
+        f"CREATE SECRET cat (TYPE ICEBERG, CLIENT_ID '{user}', CLIENT_SECRET '{secret}', OAUTH2_SERVER_URI '{props['oauth2-server-uri']}')"
+    )
     warehouse = props["warehouse"].removeprefix("s3://")
     con.execute(
         f"ATTACH '{warehouse}' AS lake (TYPE ICEBERG, ENDPOINT '{props['uri']}', SECRET cat)"

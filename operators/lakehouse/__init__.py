@@ -7,6 +7,8 @@
     info = commit(target, staged_files, key=JOB_KEYS["segment"], schema=schema, run_id=run_id,
                   properties={"vbatch.model-version": …}, storage=storage)     # -> CommitInfo
     read_current(target, columns=[…], snapshot_id=None)                       # -> pa.Table
+    current_summary(target)        # the last run's record (snapshot summary)  -> dict[str, str]
+    export_current(target, folder, storage, columns=[…])  # Parquet files for --reuse -> [uri]
 
 :mod:`.catalog` opens the catalog the pyiceberg way; :mod:`.keys` declares each job's key;
 :mod:`.schema` decides what evolves and what is refused, and the layout of a new table;
@@ -16,6 +18,8 @@
 from vbatch.operators.lakehouse.catalog import (
     IcebergError,
     IcebergTarget,
+    current_summary,
+    export_current,
     load_catalog,
     read_current,
 )
@@ -33,6 +37,8 @@ __all__ = [
     "IcebergTarget",
     "TableKey",
     "commit",
+    "current_summary",
+    "export_current",
     "load_catalog",
     "prepare",
     "read_current",

@@ -9,15 +9,22 @@ only when called: ``vbatch --help`` and jobs without ``--table`` never import it
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vbatch.operators.storage import Storage, join
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
     from pyiceberg.table import Table
+
+#: rows per Parquet file :func:`export_current` writes
+EXPORT_FILE_ROWS = 1_000_000
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
@@ -107,8 +114,84 @@ def read_current(
     Raises:
         FileNotFoundError: there is no such table.
     """
+    fields = tuple(columns) if columns else ("*",)
+    table = _existing(target).scan(selected_fields=fields, snapshot_id=snapshot_id).to_arrow()
+    return table.cast(_small_schema(table.schema))
+
+
+def _small(typ: pa.DataType) -> pa.DataType:
+    """``typ`` with 32-bit offsets: pyiceberg reads ``large_string``/``large_list``, vbatch's
+    schemas (schemas/) and its readers use ``string``/``list``."""
+    if pa.types.is_large_string(typ):
+        return pa.string()
+    if pa.types.is_large_binary(typ):
+        return pa.binary()
+    if pa.types.is_large_list(typ) or pa.types.is_list(typ):
+        return pa.list_(typ.value_field.with_type(_small(typ.value_type)))
+    if pa.types.is_struct(typ):
+        return pa.struct([f.with_type(_small(f.type)) for f in typ])
+    return typ
+
+
+def _small_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([f.with_type(_small(f.type)) for f in schema], metadata=schema.metadata)
+
+
+def _existing(target: IcebergTarget) -> Table:
     table = load_table(load_catalog(target.catalog), target)
     if table is None:
         raise FileNotFoundError(f"no Iceberg table {target.table} in catalog {target.catalog!r}")
+    return table
+
+
+def current_summary(target: IcebergTarget) -> dict[str, str]:
+    """The current snapshot's summary: the last run's record (``vbatch.run-id`` and the properties
+    its commit recorded; what ``--reuse`` compares), empty before the first commit.
+
+    Raises:
+        FileNotFoundError: there is no such table.
+    """
+    snapshot = _existing(target).current_snapshot()
+    if snapshot is None or snapshot.summary is None:
+        return {}
+    return {"operation": snapshot.summary.operation.value, **snapshot.summary.additional_properties}
+
+
+def export_current(
+    target: IcebergTarget, folder: str, storage: Storage, columns: Sequence[str] | None = None
+) -> list[str]:
+    """Stream the table's current rows into Parquet files under ``folder`` (at most
+    :data:`EXPORT_FILE_ROWS` rows each), the form ``--reuse`` reads an earlier run's rows in.
+
+    The table's own data files are not handed out: reading them needs the catalog's credentials,
+    their rows may be deleted by delete files, and older files lack newer columns.
+
+    Returns:
+        The files written, in order; none for a table without rows.
+
+    Raises:
+        FileNotFoundError: there is no such table.
+    """
     fields = tuple(columns) if columns else ("*",)
-    return table.scan(selected_fields=fields, snapshot_id=snapshot_id).to_arrow()
+    reader = _existing(target).scan(selected_fields=fields).to_arrow_batch_reader()
+    schema = _small_schema(reader.schema)
+    files: list[str] = []
+    writer: pq.ParquetWriter | None = None
+    rows = 0
+    storage.makedirs(folder)
+    try:
+        for batch in reader:
+            if writer is not None and rows + batch.num_rows > EXPORT_FILE_ROWS and rows:
+                writer.close()
+                writer = None
+            if writer is None:
+                files.append(join(folder, f"part-{len(files):05d}-{uuid.uuid4().hex[:8]}.parquet"))
+                fs, path = storage.arrow_fs(files[-1])
+                writer = pq.ParquetWriter(fs.open_output_stream(path), schema)
+                rows = 0
+            writer.write_batch(batch.cast(schema))
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return files
