@@ -32,6 +32,7 @@ from vbatch.operators.lakehouse import (
     read_current,
 )
 from vbatch.operators.lakehouse import upsert as commit_module
+from vbatch.operators.lakehouse.catalog import load_table
 from vbatch.schemas.images import image_results_schema, image_row_errors
 from vbatch.schemas.videos import VIDEO_RESULTS
 
@@ -401,6 +402,8 @@ def test_a_commit_that_fails_midway_leaves_the_previous_snapshot(s3_server, targ
         commit(target, image_rows(ids[:3], "r2"), key=IMAGE, schema=SCHEMA, run_id="r2")
     assert [s.snapshot_id for s in snapshots(target)] == [first.snapshot_id]
     assert by_id(read_current(target)) == by_id(read_current(target, snapshot_id=first.snapshot_id))
+    # the files it had written (the run's rows) were deleted
+    assert data_files(s3_server, target) == referenced_files(target)
 
 
 def _another_writer_commits_first(monkeypatch, target, rows: pa.Table, times: int) -> list[int]:
@@ -442,6 +445,25 @@ def test_a_conflicting_commit_is_retried_from_a_fresh_plan(target, monkeypatch):
     assert rows["img007"]["mask_uri"] == "s3://out/r2/img007.png"  # ours, committed last
     assert rows["zz-other"]["mask_uri"] == "s3://out/other/zz-other.png"
     assert [s.summary.get(RUN_ID) for s in snapshots(target)] == ["r1", None, "r2"]
+
+
+def test_two_runs_creating_the_table_at_once(target, monkeypatch):
+    """The table appears between our look-up and our create: the create fails at the catalog,
+    the retry upserts into the other run's table."""
+    ids = [f"img{i}" for i in range(10)]
+    commit(target, image_rows(ids, "theirs"), key=IMAGE, schema=SCHEMA, run_id="theirs")
+    looked_up = []
+
+    def missing_once(catalog, target):
+        looked_up.append(target)
+        return None if len(looked_up) == 1 else load_table(catalog, target)
+
+    monkeypatch.setattr(commit_module, "load_table", missing_once)
+    info = commit(target, image_rows(ids[:2], "ours"), key=IMAGE, schema=SCHEMA, run_id="ours")
+    assert info.attempts == 2 and info.conflicts[0].startswith("CommitFailedException")
+    assert not info.created and info.rows_replaced == 2
+    assert [s.summary[RUN_ID] for s in snapshots(target)] == ["theirs", "ours"]
+    assert read_current(target).num_rows == 10
 
 
 def test_a_commit_that_keeps_losing_gives_up_and_cleans_up(s3_server, target, monkeypatch):

@@ -316,10 +316,12 @@ def _delete_quietly(io: FileIO | None, files: Iterable[DataFile]) -> None:
 
 @dataclass
 class _Attempt:
-    """The data files one attempt wrote (deleted when its commit fails)."""
+    """The data files one attempt wrote: deleted when it fails before its commit reaches the
+    catalog, or the catalog refuses it; kept when the commit's outcome is unknown."""
 
     io: FileIO | None = None
     written: list[DataFile] = field(default_factory=list)
+    committing: bool = False
 
 
 def _create(
@@ -345,6 +347,7 @@ def _create(
     with txn.update_snapshot(snapshot_properties=summary).fast_append() as snap:
         for f in new:
             snap.append_data_file(f)
+    attempt.committing = True
     sid = txn.commit_transaction().metadata.current_snapshot_id
     assert sid is not None
     return CommitInfo(target.table, sid, run.rows, run.skipped, 0, len(new), created=True)
@@ -383,6 +386,7 @@ def _upsert(
                 snap.append_data_file(f)
         for f in new:
             snap.append_data_file(f)
+    attempt.committing = True
     sid = txn.commit_transaction().metadata.current_snapshot_id
     assert sid is not None
     return CommitInfo(
@@ -484,6 +488,10 @@ def commit(
             )
             time.sleep(delay)
             continue
+        except BaseException:
+            if not attempt.committing:  # nothing can have landed: no orphan files
+                _delete_quietly(attempt.io, attempt.written)
+            raise
         info = replace(
             info, attempts=number, conflicts=tuple(conflicts), seconds=time.monotonic() - start
         )
