@@ -286,6 +286,18 @@ def test_rows_of_unusable_ids_are_not_committed_and_duplicate_keys_are_refused(t
     assert len(snapshots(target)) == 1
 
 
+def test_embeddings_round_trip(target):
+    """``reid embed``'s table: its fixed-size vectors are Iceberg lists, read back as written."""
+    schema = image_results_schema("embedding", embedding_dim=4)
+    ids = ["a", "b", "c"]
+    base = image_rows(ids, "r1").drop_columns(["mask_uri", "foreground_ratio"])
+    vectors = pa.array([[i, 0.5, -1.0, 2.0] for i in range(3)], pa.list_(pa.float32(), 4))
+    rows = base.append_column(schema.field("embedding"), vectors).cast(schema)
+    commit(target, rows, key=JOB_KEYS["reid-embed"], schema=schema, run_id="r1")
+    back = read_current(target).sort_by("image_id")
+    assert back.column("embedding").cast(vectors.type).equals(pa.chunked_array([vectors]))
+
+
 def video_rows(video: str, frames: list[int | None], run: str) -> list[dict]:
     ok = frames and frames[0] is not None
     return [
