@@ -13,9 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(UV) pip install --python $(VENV)/bin/python -e '.[cpu,dev]'
 	touch $@
 
-# The tests also convert TensorFlow graphs (the `convert` extra); workers never need TensorFlow.
+# The tests also convert TensorFlow graphs (the `convert` extra; workers never need TensorFlow) and
+# write Iceberg tables (the `iceberg` extra).
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(UV) pip install --python $(VENV)/bin/python -e '.[cpu,dev,convert]'
+	$(UV) pip install --python $(VENV)/bin/python -e '.[cpu,dev,convert,iceberg]'
 	touch $@
 
 $(ORACLE_VENV)/.installed: tests/oracle/requirements.txt tests/oracle/requirements-nodeps.txt | $(VENV)/.installed

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.iceberg_server import iceberg_catalog  # noqa: F401 (a session fixture)
 from tests.services import missing_service
 
 # Credentials for the loopback server (it accepts any); set before Ray starts so workers inherit them.
@@ -71,6 +72,9 @@ class S3Server:
         self.cmd, self.data = cmd, data
         port = next(c for c in cmd if c.startswith("-s3.port="))
         self.endpoint = f"http://127.0.0.1:{port.split('=')[1]}"
+        # its Iceberg REST catalog (tests/iceberg_server.py)
+        port = next(c for c in cmd if c.startswith("-s3.port.iceberg="))
+        self.iceberg_endpoint = f"http://127.0.0.1:{port.split('=')[1]}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> None:
@@ -115,14 +119,15 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "iceberg")}
     cmd = [
         _weed(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-s3", f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
         f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-        # the S3 gateway also opens a Lance namespace (9101) and an Iceberg catalog (8181) on fixed
-        # ports by default: a second server on the machine would die with "address in use"
-        "-s3.port.lance=0", "-s3.port.iceberg=0",
+        # the S3 gateway also opens a Lance namespace (9101) and an Iceberg REST catalog (8181) on
+        # fixed ports by default: a second server on the machine would die with "address in use";
+        # the catalog gets a free port (tests/iceberg_server.py), the Lance namespace none
+        "-s3.port.lance=0", f"-s3.port.iceberg={ports['iceberg']}",
         # every bucket is a SeaweedFS collection that grows 7 volumes of its own: -volume.max=50
         # ran out at the 8th bucket ("no free volumes left" -> S3 InternalError) in the full suite;
         # volumes are sparse files, so a high count costs nothing until written

@@ -51,7 +51,8 @@ def _family(pins: dict[str, str], prefix: str) -> list[str]:
     ("extras", "faiss", "ort"),
     [
         (("cpu",), "faiss-cpu", "onnxruntime"),
-        (("cpu", "dev", "convert"), "faiss-cpu", "onnxruntime"),  # what `make test` installs
+        # what `make test` installs
+        (("cpu", "dev", "convert", "iceberg"), "faiss-cpu", "onnxruntime"),
         (("gpu",), "faiss-gpu", "onnxruntime-gpu"),
     ],
 )

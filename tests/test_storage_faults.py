@@ -239,10 +239,13 @@ def test_second_seaweedfs_server_starts_alongside(s3_server, tmp_path: Path) -> 
     """The fixture's server no longer holds SeaweedFS's fixed Lance/Iceberg ports."""
     from tests.conftest import S3Server, _free_port
 
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
+    # every port of its own, the Iceberg catalog's too (the fixture's is a free port, not 8181)
+    flags = {"-s3.port": "s3", "-master.port": "master", "-volume.port": "volume",
+             "-filer.port": "filer", "-s3.port.iceberg": "iceberg"}  # fmt: skip
+    ports = {k: _free_port() for k in flags.values()}
     cmd = [
-        a.split("=")[0] + "=" + str(ports[a.split(".")[0].lstrip("-")])
-        if a.split("=")[0] in ("-s3.port", "-master.port", "-volume.port", "-filer.port")
+        f"{a.split('=')[0]}={ports[flags[a.split('=')[0]]]}"
+        if a.split("=")[0] in flags
         else (f"-dir={tmp_path}" if a.startswith("-dir=") else a)
         for a in s3_server.cmd
     ]
