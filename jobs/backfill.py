@@ -6,9 +6,11 @@
 
 Every ``{date}`` in the job's arguments is replaced by each date (ISO ``YYYY-MM-DD``); each
 partition is a complete run of the job (staged, checked, published atomically to its own
-``--out``, with its own ``run.json`` and ``_SUCCESS``). The ledger is those markers: a partition
-whose ``<out>/_SUCCESS`` records a finished run (exit 0 or 3) of the same configuration is skipped
-on a rerun (``--force`` redoes it); a partition that crashed resumes (``jobs.resume``). The
+``--out``, with its own ``run.json``, ``_SUCCESS`` and, when the job's arguments name one, its own
+``--summary-json``). The ledger is those markers: a partition whose ``<out>/_SUCCESS`` records a
+finished run (exit 0 or 3) with the run key the partition has now (options, manifest content,
+model content: ``jobs.segment.image_run_key``) is skipped on a rerun (``--force`` redoes it); a
+partition that crashed resumes (``jobs.resume``). The
 backfill's summary lists every partition's status, and its exit code is the worst partition's
 (1 failed > 3 too many error rows > 0).
 
@@ -39,20 +41,19 @@ from vbatch.jobs.summary import (
     EXIT_TOO_MANY_ERRORS,
     STATUS_BY_EXIT,
     RunClock,
+    emit,
     run_record,
     utc_iso,
     versions,
 )
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
-from vbatch.operators.tables import SUCCESS
+from vbatch.operators.tables import SUCCESS, commit_record
 
 logger = logging.getLogger(__name__)
 
 DATE = "{date}"
 #: exit codes from best to worst
 _SEVERITY = {EXIT_OK: 0, EXIT_TOO_MANY_ERRORS: 1, EXIT_FAILED: 2}
-#: the job's configuration fields that do not decide its results (see jobs.resume.NOT_IN_KEY)
-_CONFIG_IGNORED = {"max_error_rate", "max_infra_error_rate"}
 
 
 def parse_dates(spec: str) -> list[str]:
@@ -90,22 +91,26 @@ def worst_exit(codes: list[int]) -> int:
     return max(codes, key=lambda c: _SEVERITY.get(c, 2), default=EXIT_OK)
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _CONFIG_IGNORED}
+def finished_record(out: str, storage: Storage, run_key: str | None) -> dict[str, Any] | None:
+    """The run record in ``<out>/_SUCCESS`` when it is a finished run (exit 0 or 3) with run key
+    ``run_key``, and the committed generation was computed under that key too; else ``None``.
 
-
-def finished_record(out: str, storage: Storage, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The run record in ``<out>/_SUCCESS`` when it is a finished run (exit 0 or 3) of ``config``
-    (the same configuration, JSON-compared), else ``None``."""
+    The run key covers what decides the results: the options, the manifest files' content
+    fingerprints and the model's content identity. So a manifest rewritten at the same path, or
+    new weights in the same model directory, make the partition run again.
+    """
+    if run_key is None:
+        return None
     try:
         record = json.loads(storage.read_bytes(join(out, SUCCESS)))
+        committed = commit_record(out, storage) or {}
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     if record.get("exit_code") not in (EXIT_OK, EXIT_TOO_MANY_ERRORS):
         return None
-    previous = json.loads(json.dumps(record.get("config") or {}, default=str))
-    current = json.loads(json.dumps(config, default=str))
-    return record if _comparable(previous) == _comparable(current) else None
+    if record.get("run_key") != run_key or committed.get("run_key") != run_key:
+        return None
+    return record
 
 
 class PartitionCommand(Protocol):
@@ -118,8 +123,9 @@ class PartitionCommand(Protocol):
         """One partition's arguments (argument errors surface before anything runs)."""
         ...
 
-    def config(self, args: argparse.Namespace) -> dict[str, Any]:
-        """The partition's configuration as a dict (compared with the one ``_SUCCESS`` records)."""
+    def run_key(self, args: argparse.Namespace) -> str | None:
+        """The partition's run key (compared with the one its ``_SUCCESS`` records); ``None``
+        when it cannot be computed (a missing manifest: the partition runs and says why)."""
         ...
 
     def run(self, args: argparse.Namespace, clock: RunClock) -> dict[str, Any]:
@@ -167,7 +173,7 @@ def run_backfill(
     done: dict[int, dict[str, Any]] = {}
     for n, ((date, args), out) in enumerate(zip(parsed, outs, strict=True)):
         storage = Storage(StorageOptions(endpoint_url=args.s3_endpoint))
-        record = None if force else finished_record(out, storage, command.config(args))
+        record = None if force else finished_record(out, storage, command.run_key(args))
         if record is not None:
             logger.info(
                 "backfill %s: finished before (run %s), skipped", date, record.get("run_id")
@@ -196,6 +202,8 @@ def run_backfill(
         # a dataset that failed keeps its actor pool until its executor is collected: free
         # the pool's CPUs/GPUs for the next partition
         gc.collect()
+    for n, record in records.items():
+        _partition_summary(record, parsed[n][1])
     partitions: list[dict[str, Any]] = []
     for n, ((date, _), out) in enumerate(zip(parsed, outs, strict=True)):
         record, skipped = (done[n], True) if n in done else (records[n], False)
@@ -232,6 +240,15 @@ def run_backfill(
         "ended_at": utc_iso(dt.datetime.now(dt.timezone.utc).timestamp()),
         "versions": versions(),
     }
+
+
+def _partition_summary(record: dict[str, Any], args: argparse.Namespace) -> None:
+    """The partition job's own ``--summary-json``, as the job alone would write it."""
+    target = getattr(args, "summary_json", None)
+    try:
+        emit(record, target, getattr(args, "s3_endpoint", None))
+    except Exception as e:  # the backfill's summary still says what happened
+        logger.warning("backfill: cannot write the partition's --summary-json %s: %s", target, e)
 
 
 def report(summary: dict[str, Any]) -> str:

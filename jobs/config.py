@@ -121,6 +121,8 @@ class RunOptions:
     #: custom Ray resources each model actor requests, e.g. {"gpu_node": 1}: pins the actors to
     #: the nodes that carry them
     actor_resources: dict[str, float] | None = role(PLACEMENT, None)  # noqa: RUF009 (a field)
+    #: take over --out's lease even when its holder looks alive (jobs.lease)
+    break_lease: bool = role(PLACEMENT, False)
     #: exit 3 above this fraction of error rows (jobs.summary)
     max_error_rate: float = role(LIMITS, DEFAULT_MAX_ERROR_RATE)
     #: fail, publishing nothing, above this fraction of infrastructure error rows

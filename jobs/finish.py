@@ -7,23 +7,30 @@ Ray has staged its result rows (:func:`vbatch.jobs.publish.stage`):
    (the job's own rule: one row per image, ``k`` hits or one error per query, rows per video
    frame); an accounting error fails the job before anything is published;
 2. **limits**: more infrastructure errors than ``--max-infra-error-rate`` fail it too;
-3. **publish** the staged files as a new generation (:func:`vbatch.jobs.publish.publish`);
-4. whatever the job does with a published table (video renders);
-5. **record**: the summary (:func:`vbatch.jobs.summary.job_record`) and ``run.json``/``_SUCCESS``.
+3. **lease**: the run still holds its ``--out`` (:mod:`vbatch.jobs.lease`);
+4. **publish** the staged files as a new generation with its commit record (what it was
+   computed with) and the product folders its rows reference (:func:`vbatch.jobs.publish.publish`);
+5. whatever the job does with a published table (video renders);
+6. **record**: the summary (:func:`vbatch.jobs.summary.job_record`) and ``run.json``/``_SUCCESS``.
 
-A job differs only in its accounting (:class:`Tail.account`) and the facts it records.
+Once the pointer has moved the run is published: a failure in steps 5-6 is a warning, never
+exit 1 ("nothing new published" would be false). A job differs only in its accounting
+(:class:`Tail.account`), its commit record and the facts it records.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vbatch.jobs.limits import Limits
-from vbatch.jobs.publish import publish, write_run_record
+from vbatch.jobs.publish import InjectedFault, product_dirs, publish, write_run_record
 from vbatch.jobs.summary import Counts, RunClock, check_infrastructure, job_record
 from vbatch.operators.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,12 +42,15 @@ class Outcome:
         rows: rows of the table to publish (recorded in the generation's ``_SUCCESS``).
         table: the staged rows as read (the columns the accounting needed), or ``None``.
         details: the job's own findings (a video job's per-video counts…).
+        files: the staged files to publish when the accounting changed them (it dropped rows a
+            retried task had staged twice), else ``None``: the files as staged.
     """
 
     counts: Counts
     rows: int
     table: Any = None
     details: Any = None
+    files: list[str] | None = None
 
 
 @dataclass
@@ -58,6 +68,10 @@ class Tail:
         staging_key: the staging folder's name (the run key of resumable jobs; default the run id).
         run_extra: what ``run.json`` holds besides the summary (configuration, manifest files…).
         after_publish: runs once the table is committed, before the summary (video renders).
+        commit: the commit record: what the generation was computed with (model identity, the
+            options that decide results, the run key), read back by ``--reuse`` and backfills.
+        product_columns: the result columns holding product URIs (their folders are kept).
+        lease: the run's lease on ``out`` (checked before the commit), if it took one.
     """
 
     command: str
@@ -70,6 +84,9 @@ class Tail:
     staging_key: str | None = None
     run_extra: dict[str, Any] = field(default_factory=dict)
     after_publish: Callable[[Outcome], None] | None = None
+    commit: dict[str, Any] = field(default_factory=dict)
+    product_columns: tuple[str, ...] = ()
+    lease: Any = None  # jobs.lease.Lease
 
 
 def finish(tail: Tail, clock: RunClock, staged: list[str]) -> tuple[dict[str, Any], Outcome]:
@@ -84,13 +101,37 @@ def finish(tail: Tail, clock: RunClock, staged: list[str]) -> tuple[dict[str, An
     """
     outcome = tail.account(staged)
     check_infrastructure(outcome.counts, tail.limits, tail.what)
+    if tail.lease is not None:
+        tail.lease.check()
     generation = publish(
-        tail.out, tail.storage, clock.run_id, staged, outcome.rows, staging_name=tail.staging_key
+        tail.out,
+        tail.storage,
+        clock.run_id,
+        outcome.files if outcome.files is not None else staged,
+        outcome.rows,
+        staging_name=tail.staging_key,
+        record={"command": tail.command, **tail.commit},
+        product_dirs=product_dirs(outcome.table, tail.out, tail.product_columns),
     )
     if tail.after_publish is not None:
-        tail.after_publish(outcome)
+        _published(lambda: tail.after_publish(outcome), tail.out)  # type: ignore[misc]
     record = job_record(
         tail.command, clock, outcome.counts, tail.limits, **tail.facts(outcome, generation)
     )
-    write_run_record(tail.out, tail.storage, {**record, **tail.run_extra})
+    _published(
+        lambda: write_run_record(tail.out, tail.storage, {**record, **tail.run_extra}), tail.out
+    )
     return record, outcome
+
+
+def _published(step: Callable[[], None], out: str) -> None:
+    """A step after the commit: its failure is logged, the run stays published (a crash injected
+    by the tests still propagates, as a killed driver would stop there)."""
+    try:
+        step()
+    except InjectedFault:
+        raise
+    except Exception as e:
+        logger.warning(
+            "%s is published; a step after the commit failed: %s: %s", out, type(e).__name__, e
+        )

@@ -13,6 +13,7 @@ result rows (stage, count, publish) is the job's (:mod:`vbatch.jobs.segment`, ``
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import pyarrow as pa
 import ray
 
 from vbatch.jobs.config import INPUT, MODEL, OUTPUT, PLACEMENT, RESULT, SELECTION, RunOptions, role
-from vbatch.jobs.publish import PARTITION
+from vbatch.jobs.publish import FAULT_ENV, PARTITION
+from vbatch.jobs.resume import fault_row, raise_from_row
 from vbatch.jobs.runtime import Resources, decide_resources, model_pool_stage
 from vbatch.models import check_model_dir, load_transforms, model_entry
 from vbatch.models.registry import ModelEntry
@@ -188,6 +190,19 @@ def model_stage(p: ImagePipeline, cfg: ImageJobConfig, ds: ray.data.Dataset) -> 
         },
         p.res,
         cfg.actor_resources,
+    )
+
+
+def fault_stage(p: ImagePipeline, ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``VBATCH_FAULT=rows:<N>`` / ``hang:<N>`` (tests, benchmarks): a stage before the write
+    stage that raises in (or blocks) the first batch holding manifest row N or later."""
+    crash = fault_row(os.environ.get(FAULT_ENV))
+    if crash is None:
+        return ds
+    return ds.map_batches(
+        raise_from_row,  # type: ignore[arg-type]
+        fn_kwargs={"row": crash[0], "hang": crash[1]},
+        **{**p.cpu_stage, "batch_size": None},
     )
 
 

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import posixpath
-import uuid
 from typing import Any
 
 import pyarrow as pa
@@ -40,9 +39,11 @@ import ray
 from vbatch.operators.storage import Storage, join
 from vbatch.operators.tables import (
     POINTER,
+    PRODUCTS,
     RESULTS,
     STAGING,
     SUCCESS,
+    read_text,
     results_files,
 )
 
@@ -143,7 +144,7 @@ def _write_staged(
         out, key = targets[int(number)]
         buf = io.BytesIO()
         pq.write_table(rows, buf)
-        storage.write_bytes(join(out, STAGING, key, f"{uuid.uuid4().hex}.parquet"), buf.getvalue())
+        storage.write_bytes(join(out, STAGING, key, staged_name(rows)), buf.getvalue())
         counts.append((int(number), rows.num_rows))
     return pa.table(
         {
@@ -151,6 +152,23 @@ def _write_staged(
             "rows": pa.array([c[1] for c in counts], pa.int64()),
         }
     )
+
+
+def staged_name(rows: pa.Table) -> str:
+    """A staged file's name from its rows (their ids and errors, sorted): a task that Ray retries
+    after its worker died writes the same rows under the same name, replacing its first file
+    instead of adding a second copy of the rows."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    keys = pc.binary_join_element_wise(
+        pc.cast(rows.column("image_id"), pa.string()).fill_null("\x00"),
+        pc.cast(rows.column("error"), pa.string()).fill_null(""),
+        "\x1f",
+    )
+    digest = hashlib.sha256("\x1e".join(sorted(keys.to_pylist())).encode()).hexdigest()
+    return f"part-{digest[:32]}.parquet"
 
 
 def staged_files(out: str, storage: Storage, run_id: str) -> list[str]:
@@ -171,6 +189,8 @@ def publish(
     staged: list[str],
     rows: int,
     staging_name: str | None = None,
+    record: dict[str, Any] | None = None,
+    product_dirs: list[str] | None = None,
 ) -> str:
     """Commit the staged files as the generation ``run_id`` of ``<out>/results``.
 
@@ -180,6 +200,12 @@ def publish(
         rows: the table's row count, recorded in the generation's ``_SUCCESS``.
         staging_name: the staging folder under ``<out>/.staging/`` (default ``run_id``; the image
             jobs stage under their run key so that a rerun can resume, see ``jobs.resume``).
+        record: the commit record: what the generation was computed with (model identity,
+            the options that decide results, the run key). Written into the generation's
+            ``_SUCCESS`` before the pointer moves, so that whoever follows the pointer
+            (``--reuse``, a backfill's ledger) reads the facts of that very generation.
+        product_dirs: the product folders (relative to ``out``) the generation's rows reference;
+            after the commit every other product folder is deleted.
 
     Returns:
         The generation's folder, ``<out>/results/<run_id>``.
@@ -196,30 +222,88 @@ def publish(
         storage.move(staging, generation)
     else:
         storage.makedirs(generation)
-    marker = {"run_id": run_id, "files": sorted(names), "rows": rows}
+    marker = {
+        **(record or {}),
+        "run_id": run_id,
+        "files": sorted(names),
+        "rows": rows,
+        "product_dirs": sorted(product_dirs or []),
+    }
     storage.write_bytes(join(generation, SUCCESS), json.dumps(marker, indent=1).encode())
     fault_point("after-copy")
     # the commit: one object, replaced whole
     storage.write_bytes(join(out, POINTER), f"{RESULTS}/{run_id}\n".encode())
     fault_point("after-pointer")
-    remove_stale(out, storage, run_id)
+    try:
+        remove_stale(out, storage, run_id, set(product_dirs or []))
+    except InjectedFault:
+        raise
+    except Exception as e:  # published: a later run's cleanup removes what is left
+        logger.warning("%s: the new generation is committed, cleaning up failed: %s", out, e)
     fault_point("after-cleanup")
     return generation
 
 
-def remove_stale(out: str, storage: Storage, keep: str) -> None:
-    """Delete every generation but ``keep`` (and files of the layout before generations) and
-    every staging folder under ``out``. Only after the pointer moved to ``keep``."""
+#: product folders of the layout before products lived under ``products/<run id>/``
+LEGACY_PRODUCT_DIRS = ("masks", "mattes", "cutouts", "composites", "frames")
+
+
+def product_dirs(table: pa.Table | None, out: str, columns: tuple[str, ...]) -> list[str]:
+    """The product folders (relative to ``out``: ``products/<run id>`` or a legacy folder) that
+    the rows of ``table`` reference in its URI ``columns``."""
+    import pyarrow.compute as pc
+
+    if table is None:
+        return []
+    prefix = out.rstrip("/") + "/"
+    found: set[str] = set()
+    for name in columns:
+        if name not in table.column_names:
+            continue
+        uris = pc.unique(table.column(name).drop_null())
+        inside = uris.filter(pc.starts_with(uris, prefix))
+        for rel in pc.utf8_slice_codeunits(inside, len(prefix)).to_pylist():
+            parts = rel.split("/")
+            found.add("/".join(parts[:2]) if parts[0] == PRODUCTS else parts[0])
+    return sorted(found)
+
+
+def remove_stale(out: str, storage: Storage, keep: str, products: set[str] | None = None) -> None:
+    """After the pointer moved to generation ``keep``: delete every other generation (and files
+    of the layout before generations), every staging folder, and every product folder the
+    committed rows do not reference (``products``; ``None``: leave the products alone).
+
+    The generation ``_LATEST`` names is never deleted, whichever it is: should another run have
+    committed after this one (runs take a lease; this is the last line of defence), its table
+    stays readable.
+    """
+    committed = read_text(join(out, POINTER), storage) or ""
+    spared = {keep, posixpath.basename(committed.rstrip("/"))}
     results = join(out, RESULTS)
     fs, path = storage.fs(results)
     fs.invalidate_cache()
     if fs.exists(path):
         for entry in fs.ls(path, detail=False):
             name = posixpath.basename(entry.rstrip("/"))
-            if name == keep:
-                continue
-            storage.delete(join(results, name), recursive=True)
+            if name not in spared:
+                storage.delete(join(results, name), recursive=True)
     storage.delete(join(out, STAGING), recursive=True)
+    if products is None or posixpath.basename(committed.rstrip("/")) != keep:
+        return
+    candidates = [f"{PRODUCTS}/{name}" for name in _children(storage, join(out, PRODUCTS))]
+    candidates += [d for d in LEGACY_PRODUCT_DIRS if storage.exists(join(out, d))]
+    for rel in candidates:
+        if rel not in products:
+            storage.delete(join(out, rel), recursive=True)
+
+
+def _children(storage: Storage, uri: str) -> list[str]:
+    """The names directly under folder ``uri`` (none when it does not exist)."""
+    fs, path = storage.fs(uri)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(e.rstrip("/")) for e in fs.ls(path, detail=False))
 
 
 def write_run_record(out: str, storage: Storage, record: dict[str, Any]) -> None:

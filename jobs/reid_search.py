@@ -29,11 +29,13 @@ from vbatch.jobs.config import INPUT, MODEL, OUTPUT, PLACEMENT, RESULT, RunOptio
 from vbatch.jobs.finish import Outcome, Tail, finish
 from vbatch.jobs.image_pipeline import (
     ImageJobConfig,
+    fault_stage,
     model_stages,
     output_options,
     prepare_image_job,
     write_stage,
 )
+from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import read_files, stage
 from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
@@ -89,7 +91,7 @@ def _embedded_queries(cfg: ImageJobConfig, storage: Storage) -> tuple[ray.data.D
     """The embedding stages of the image job (:func:`vbatch.jobs.segment.run_image_job`, which
     also stages, resumes and publishes: none of that is wanted here) over a query manifest."""
     p = prepare_image_job(cfg, storage)
-    ds = model_stages(p, cfg, p.ds)
+    ds = fault_stage(p, model_stages(p, cfg, p.ds))
     return write_stage(p, ds, output_options(p, cfg, cfg.out)), p.info.num_rows
 
 
@@ -186,6 +188,17 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
     info = read_info(cfg.index, storage)  # a missing or damaged index fails here, in seconds
     # here, not once per search actor inside Ray's task errors
     check_search_options(info, cfg.k, cfg.nprobe, cfg.rerank)
+    with Lease(out, storage, clock.run_id, "reid search", cfg.break_lease) as lease:
+        ds, expected = _search_stages(cfg, storage, info)
+        staged = stage(ds, out, storage, clock.run_id)
+        return _finish(cfg, storage, out, info, expected, clock, staged, lease)
+
+
+def _search_stages(
+    cfg: SearchJobConfig, storage: Storage, info: IndexInfo
+) -> tuple[ray.data.Dataset, int]:
+    """The queries (embedded by the image pipeline, or read) → the search actors; the dataset
+    of hit rows and how many queries it has."""
     if cfg.embed is not None:
         if not cfg.allow_model_mismatch:
             _check_model_dir_version(cfg.embed.model_dir, info, storage)
@@ -215,7 +228,20 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
         num_cpus=SEARCH_ACTOR_CPUS,
         udf_modifying_row_count=True,
     )
-    staged = stage(ds, out, storage, clock.run_id)
+    return ds, expected
+
+
+def _finish(
+    cfg: SearchJobConfig,
+    storage: Storage,
+    out: str,
+    info: IndexInfo,
+    expected: int,
+    clock: RunClock,
+    staged: list[str],
+    lease: Lease,
+) -> SearchJobSummary:
+    """Count the hit rows (one per query: its first hit or its error), publish, record."""
 
     def account(staged: list[str]) -> Outcome:
         columns = ["query_id", "rank", "status", "error", "error_class"]
@@ -257,6 +283,8 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
         account=account,
         facts=facts,
         run_extra={"config": asdict(cfg)},
+        commit={"index": cfg.index, "index_generation": info.generation},
+        lease=lease,
     )
     record, outcome = finish(tail, clock, staged)
     counts = outcome.counts

@@ -2,7 +2,7 @@
 
 A run stages its results under ``<out>/.staging/<run key>/`` (see :mod:`vbatch.jobs.publish`),
 where the key is a hash of what decides the results (:func:`run_key`: the manifest files as listed,
-the model directory's files, the task and its options). A driver killed mid-run leaves that folder
+the model's content identity, the options whose role is to decide results, ``jobs.config``). A driver killed mid-run leaves that folder
 with the Parquet files Ray had written so far; each is written in one go (a single PUT on S3; a
 file cut short locally has no footer and is dropped here), and the write stage writes a row's
 products before its result row, so a staged row means its products exist. The rerun reads the row
@@ -24,11 +24,11 @@ Rows with infrastructure errors are redone: a staged file holding one is deleted
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,23 +44,6 @@ from vbatch.schemas.images import key_error_row
 
 logger = logging.getLogger(__name__)
 
-#: configuration fields that change no result row (pool, placement, limits of the run's exit
-#: status): a rerun with other values still resumes
-NOT_IN_KEY = frozenset(
-    {
-        "batch_size",
-        "actors",
-        "gpus_per_actor",
-        "threads_per_actor",
-        "address",
-        "device",
-        "rows_per_block",
-        "max_error_rate",
-        "max_infra_error_rate",
-        "s3_endpoint",
-    }
-)
-
 
 def file_fingerprints(files: list[str], storage: Storage) -> list[list[Any]]:
     """``[uri, size, ETag or modification time]`` per file, from one listing call each
@@ -74,20 +57,11 @@ def file_fingerprints(files: list[str], storage: Storage) -> list[list[Any]]:
     return out
 
 
-def model_dir_fingerprint(local_dir: Path) -> list[list[Any]]:
-    """``[name, size, mtime_ns]`` of every file of a (localised) model directory: new weights of
-    the same size still change the key (a cached copy is rewritten when its source changes)."""
-    return [
-        [str(p.relative_to(local_dir)), p.stat().st_size, p.stat().st_mtime_ns]
-        for p in sorted(local_dir.rglob("*"))
-        if p.is_file()
-    ]
-
-
-def run_key(config: dict[str, Any], manifest: list[list[Any]], model: list[list[Any]]) -> str:
+def run_key(config: dict[str, Any], manifest: list[list[Any]], model: list[Any]) -> str:
     """The staging folder name of a run: ``run-<16 hex>`` over the configuration fields that
-    decide results (all but :data:`NOT_IN_KEY`), the manifest's and the model's fingerprints."""
-    decided = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_KEY}
+    decide results (``config``: ``jobs.config.key_fields``), the manifest's fingerprints and the
+    model's (its content identity, ``operators.reuse.model_identity``)."""
+    decided = dict(sorted(config.items()))
     blob = json.dumps([decided, manifest, model], sort_keys=True, default=str).encode()
     return "run-" + hashlib.sha256(blob).hexdigest()[:16]
 
@@ -192,6 +166,55 @@ def previous_attempt(out: str, storage: Storage, key: str) -> PreviousAttempt:
             found.dropped,
         )
     return found
+
+
+def row_keys(table: pa.Table) -> list[str]:
+    """The key of each result row of an image job: ``id:<image_id>``, or ``row:<n>`` for the row
+    of an unusable key (null, empty or duplicate id) that names manifest row n."""
+    keys, is_key_error = _key_rows(table)
+    ids = table.column("image_id").to_pylist()
+    return [
+        f"row:{k}" if bad and k is not None else f"id:{i}"
+        for k, bad, i in zip(keys, is_key_error, ids, strict=True)
+    ]
+
+
+def dedupe_staged(files: list[str], storage: Storage) -> tuple[list[str], int]:
+    """The staged files of an image job with no row twice.
+
+    Ray retries a task whose worker died (an OOM kill, a lost node); a write task that had
+    written its file before dying writes its rows again, under another name when the retried
+    batch is cut differently. Publishing would then fail its accounting on every rerun. Here a
+    row whose key (:func:`row_keys`) an earlier file (in name order) already holds is dropped:
+    its file is rewritten without it (one atomic write), or deleted when nothing is left.
+
+    Returns:
+        (the files to publish, the rows dropped).
+    """
+    seen: set[str] = set()
+    kept: list[str] = []
+    dropped = 0
+    for uri in sorted(files):
+        afs, path = storage.arrow_fs(uri)
+        table = pq.read_table(path, filesystem=afs)
+        fresh = []
+        for k in row_keys(table):
+            fresh.append(k not in seen)
+            seen.add(k)
+        if all(fresh):
+            kept.append(uri)
+            continue
+        dropped += fresh.count(False)
+        if not any(fresh):
+            storage.delete(uri)
+            continue
+        buf = io.BytesIO()
+        pq.write_table(table.filter(pa.array(fresh)), buf)
+        storage.write_bytes(uri, buf.getvalue())
+        kept.append(uri)
+    if dropped:
+        logger.warning("staging held %d rows twice (a retried task): dropped the copies", dropped)
+    return kept, dropped
 
 
 def drop_done(batch: pa.Table, done_ids: np.ndarray, done_rows: np.ndarray) -> pa.Table:

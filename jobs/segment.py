@@ -17,19 +17,21 @@ exactly once, ``ok`` or ``error``; the job checks that before it publishes.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
 
+from vbatch.jobs.config import key_fields, pool_fields, reuse_fields
 from vbatch.jobs.finish import Outcome, Tail, finish
 from vbatch.jobs.image_pipeline import (
     ImageJobConfig,
     ImagePipeline,
     cpu_stages,
+    fault_stage,
     model_stage,
     model_stages,
     output_options,
@@ -38,22 +40,21 @@ from vbatch.jobs.image_pipeline import (
     write_partitioned,
     write_stage,
 )
+from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
-from vbatch.jobs.publish import FAULT_ENV, read_files, report_details, stage, stage_partitions
+from vbatch.jobs.publish import read_files, report_details, stage, stage_partitions
 from vbatch.jobs.resume import (
+    dedupe_staged,
     drop_done,
-    fault_row,
     file_fingerprints,
-    model_dir_fingerprint,
     previous_attempt,
-    raise_from_row,
     run_key,
 )
 from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.models import model_entry
 from vbatch.models import model_version as weights_version
-from vbatch.operators.manifest import ManifestInfo
+from vbatch.operators.manifest import ManifestInfo, manifest_files
 from vbatch.operators.outputs import OutputOptions
 from vbatch.operators.reuse import (
     Previous,
@@ -67,6 +68,8 @@ from vbatch.operators.reuse import (
     previous_run,
 )
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
+from vbatch.operators.tables import product_root
+from vbatch.schemas.images import PRODUCT_URI_COLUMNS
 
 __all__ = ["ImageJobConfig", "JobSummary", "PoolMismatch", "run_image_job", "run_image_jobs"]
 
@@ -148,23 +151,18 @@ def run_image_job(
             Nothing new is published then.
     """
     clock = clock or RunClock()
+    command = command or "segment"
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
-    part = _plan(cfg, storage)
-    ds = model_stages(part.p, cfg, part.ds)
-    crash = fault_row(os.environ.get(FAULT_ENV))
-    if crash is not None:
-        ds = ds.map_batches(
-            raise_from_row,  # type: ignore[arg-type]
-            fn_kwargs={"row": crash[0], "hang": crash[1]},
-            **{**part.p.cpu_stage, "batch_size": None},
-        )
-    ds = write_stage(part.p, ds, part.options)
-    carried = _carried(part)
-    if carried is not None:
-        ds = ds.union(carried)
-    staged = stage(ds, part.out, storage, part.key)
-    return _finish(part, clock, command or "segment", staged)
+    part = _plan(cfg, storage, clock, command)
+    with part.lease:
+        ds = fault_stage(part.p, model_stages(part.p, cfg, part.ds))
+        ds = write_stage(part.p, ds, part.options)
+        carried = _carried(part)
+        if carried is not None:
+            ds = ds.union(carried)
+        staged = stage(ds, part.out, storage, part.key)
+        return _finish(part, clock, command, staged)
 
 
 def run_image_jobs(
@@ -191,20 +189,39 @@ def run_image_jobs(
     """
     first = cfgs[0]
     for c in cfgs[1:]:
-        if dataclasses.replace(c, **_OWN_FIELDS(first)) != first:
+        if pool_fields(c) != pool_fields(first) or c.model_dir != first.model_dir:
             raise PoolMismatch(
                 "one actor pool needs one model configuration: these jobs differ in more than "
-                "--manifest, --out, --reuse and --limit"
+                "--manifest, --out, --reuse, --limit and the error limits"
             )
+    command = command or "segment"
     storage = Storage(StorageOptions(endpoint_url=first.s3_endpoint))
     ensure_ray(first.address, forward_s3_env=first.forward_s3_env)
     results: list[JobSummary | Exception | None] = [None] * len(cfgs)
     parts: dict[int, _Partition] = {}
-    for i, c in enumerate(cfgs):
-        try:
-            parts[i] = _plan(c, storage)
-        except Exception as e:  # this job's manifest or output: it fails alone
-            results[i] = e
+    try:
+        for i, c in enumerate(cfgs):
+            try:
+                parts[i] = _plan(c, storage, clocks[i], command)
+            except Exception as e:  # this job's manifest, output or lease: it fails alone
+                results[i] = e
+        _run_partitions(parts, cfgs, clocks, command, storage, results)
+    finally:
+        for part in parts.values():
+            part.lease.release()
+    return [r if r is not None else RuntimeError("not run") for r in results]
+
+
+def _run_partitions(
+    parts: dict[int, _Partition],
+    cfgs: list[ImageJobConfig],
+    clocks: list[RunClock],
+    command: str,
+    storage: Storage,
+    results: list[JobSummary | Exception | None],
+) -> None:
+    """The planned jobs through one pipeline; each one's summary or error into ``results``."""
+    first = cfgs[0]
     if parts:
         p0 = next(iter(parts.values())).p
         inputs = [
@@ -241,19 +258,13 @@ def run_image_jobs(
         )
         for i, part in parts.items():
             try:
-                results[i] = _finish(part, clocks[i], command or "segment", staged[i])
+                results[i] = _finish(part, clocks[i], command, staged[i])
             except Exception as e:
                 results[i] = e
-    return [r if r is not None else RuntimeError("not run") for r in results]
 
 
 class PoolMismatch(ValueError):
     """Jobs that cannot share one actor pool (another model, other model options)."""
-
-
-def _OWN_FIELDS(cfg: ImageJobConfig) -> dict[str, Any]:
-    """The fields a job of a shared pool keeps for itself (:func:`run_image_jobs`)."""
-    return {"manifest": cfg.manifest, "out": cfg.out, "reuse": cfg.reuse, "limit": cfg.limit}
 
 
 @dataclass
@@ -272,11 +283,31 @@ class _Partition:
     carried: ray.data.Dataset | None
     reusable: Previous | None
     options: OutputOptions
+    #: the job's lease on ``out``, held from the plan to the end (released by the caller)
+    lease: Lease
 
 
-def _plan(cfg: ImageJobConfig, storage: Storage) -> _Partition:
-    """Check the job, read its manifest, find what a crashed attempt staged and what ``--reuse``
-    carries forward (after :func:`vbatch.jobs.runtime.ensure_ray`)."""
+def image_run_key(
+    cfg: ImageJobConfig,
+    storage: Storage,
+    files: list[str] | None = None,
+    local_model_dir: Path | None = None,
+) -> tuple[str, str]:
+    """(the run key, the model's identity) of an image job: the key a crashed run's rerun stages
+    under (``jobs.resume``) and a backfill's ledger compares: a hash of the configuration fields
+    that decide results (``jobs.config.key_fields``), the manifest files as listed (size and ETag
+    or modification time) and the model's content identity (``operators.reuse.model_identity``:
+    the weights' hash and the other files', never a cache's modification times, so a fresh
+    node that downloads the same model resumes)."""
+    local = local_model_dir or storage.localize_dir(cfg.model_dir)
+    identity = model_identity(weights_version(cfg.task, local), local)
+    files = files if files is not None else manifest_files(cfg.manifest, storage)
+    return run_key(key_fields(cfg), file_fingerprints(files, storage), [identity]), identity
+
+
+def _plan(cfg: ImageJobConfig, storage: Storage, clock: RunClock, command: str) -> _Partition:
+    """Take ``--out``'s lease, check the job, read its manifest, find what a crashed attempt
+    staged and what ``--reuse`` carries forward (after :func:`vbatch.jobs.runtime.ensure_ray`)."""
     entry = model_entry(cfg.task)
     if entry.output not in ("mask", "rgba", "embedding"):
         raise ValueError(
@@ -290,14 +321,22 @@ def _plan(cfg: ImageJobConfig, storage: Storage) -> _Partition:
     refuse_local_paths_on_cluster(
         {"--manifest": cfg.manifest, "--model-dir": cfg.model_dir, "--out": cfg.out}
     )
+    lease = Lease(out, storage, clock.run_id, command, cfg.break_lease)
+    lease.__enter__()
+    try:
+        return _plan_leased(cfg, storage, clock, out, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _plan_leased(
+    cfg: ImageJobConfig, storage: Storage, clock: RunClock, out: str, lease: Lease
+) -> _Partition:
     p = prepare_image_job(cfg, storage)
     # staged under a key of what decides the results: the rerun of a crashed run finds its files
     # and skips their rows before anything is fetched (jobs.resume)
-    key = run_key(
-        asdict(cfg),
-        file_fingerprints(list(p.info.files), storage),
-        model_dir_fingerprint(p.local_model_dir),
-    )
+    key, identity = image_run_key(cfg, storage, list(p.info.files), p.local_model_dir)
     previous = previous_attempt(out, storage, key)
     ds = p.ds
     if previous.rows:
@@ -306,10 +345,10 @@ def _plan(cfg: ImageJobConfig, storage: Storage) -> _Partition:
             fn_kwargs={"done_ids": previous.done_ids, "done_rows": previous.done_rows},
             **{**p.cpu_stage, "udf_modifying_row_count": True},
         )
-    identity = model_identity(weights_version(cfg.task, p.local_model_dir), p.local_model_dir)
     ds, carried, reusable = _split_reused(ds, cfg, p.info, storage, identity, p.cpu_stage)
-    options = output_options(p, cfg, out)
-    return _Partition(cfg, out, p, key, previous, identity, ds, carried, reusable, options)
+    # this run's products go to its own folder: no other run ever writes there
+    options = output_options(p, cfg, product_root(out, clock.run_id))
+    return _Partition(cfg, out, p, key, previous, identity, ds, carried, reusable, options, lease)
 
 
 def _carried(part: _Partition) -> ray.data.Dataset | None:
@@ -321,6 +360,7 @@ def _carried(part: _Partition) -> ray.data.Dataset | None:
         fn_kwargs={
             "previous": part.reusable,
             "out": part.out,
+            "product_root": part.options.out_uri,
             "task": part.cfg.task,
             "output": part.p.entry.output,
             "embedding_dim": part.options.embedding_dim,
@@ -342,14 +382,25 @@ def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) 
         # counted on the staged files, before anything is published: a job that fails its checks
         # leaves the previous table committed
         columns = ["image_id", "status", "error", "error_class", "model_version"]
-        table = read_files(staged, part.p.storage, columns) if staged else None
-        counts = count_rows(table, "image_id") if table is not None else Counts(0, {}, {}, [])
+        columns += [c for c in PRODUCT_URI_COLUMNS if c in part.options.product_columns]
+
+        def count(files: list[str]) -> tuple[Any, Counts]:
+            table = read_files(files, part.p.storage, columns) if files else None
+            return table, (
+                count_rows(table, "image_id") if table is not None else Counts(0, {}, {}, [])
+            )
+
+        table, counts = count(staged)
+        files = None
+        if counts.rows > info.num_rows:  # a retried task staged rows twice: keep one of each
+            files, _ = dedupe_staged(staged, part.p.storage)
+            table, counts = count(files)
         if counts.rows != info.num_rows:
             raise JobFailed(
                 f"accounting error: the manifest has {info.num_rows} rows but the results have "
                 f"{counts.rows}"
             )
-        return Outcome(counts, counts.rows, table)
+        return Outcome(counts, counts.rows, table, files=files)
 
     def facts(outcome: Outcome, generation: str) -> dict[str, Any]:
         seconds = clock.seconds()
@@ -379,9 +430,19 @@ def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) 
         run_extra={
             "config": asdict(cfg),
             "manifest_files": info.files,
-            # what a later --reuse of this run compares (operators.reuse)
             "model_identity": part.identity,
+            "run_key": part.key,
         },
+        # what a later --reuse of this generation compares (operators.reuse), and a backfill's
+        # ledger (jobs.backfill)
+        commit={
+            "task": cfg.task,
+            "model_identity": part.identity,
+            "options": json.loads(json.dumps(reuse_fields(cfg), default=str)),
+            "run_key": part.key,
+        },
+        product_columns=PRODUCT_URI_COLUMNS,
+        lease=part.lease,
     )
     record, outcome = finish(tail, clock, staged)
     counts = outcome.counts
@@ -422,7 +483,7 @@ def _split_reused(
     previous: Previous | None = None
     listing = None
     if cfg.reuse is not None:
-        previous = previous_run(cfg.reuse, storage, identity, asdict(cfg))
+        previous = previous_run(cfg.reuse, storage, identity, reuse_fields(cfg))
         if previous.reason:
             logger.warning("--reuse %s: nothing to reuse: %s", cfg.reuse, previous.reason)
         else:

@@ -17,6 +17,7 @@ staged (:mod:`vbatch.jobs.video_resume`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,12 +27,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from vbatch.jobs.config import INPUT, MODEL, OUTPUT, RESULT, SELECTION, RunOptions, role
+from vbatch.jobs.config import (
+    INPUT,
+    MODEL,
+    OUTPUT,
+    RESULT,
+    SELECTION,
+    RunOptions,
+    key_fields,
+    reuse_fields,
+    role,
+)
 from vbatch.jobs.finish import Outcome, Tail, finish
 from vbatch.jobs.image_pipeline import task_options
+from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import FAULT_ENV, read_files, report_details, stage
-from vbatch.jobs.resume import file_fingerprints, model_dir_fingerprint, run_key
+from vbatch.jobs.resume import file_fingerprints, run_key
 from vbatch.jobs.runtime import (
     Resources,
     decide_resources,
@@ -41,7 +53,6 @@ from vbatch.jobs.runtime import (
 )
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.jobs.video_resume import (
-    VIDEO_NOT_IN_KEY,
     drop_done_windows,
     drop_failed_videos,
     drop_staged_rows,
@@ -50,7 +61,10 @@ from vbatch.jobs.video_resume import (
     stop_from_window,
 )
 from vbatch.models import check_model_dir, model_entry
+from vbatch.models import model_version as weights_version
+from vbatch.operators.reuse import model_identity
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
+from vbatch.operators.tables import product_root
 from vbatch.operators.video.decode import decode_windows
 from vbatch.operators.video.manifest import read_video_manifest
 from vbatch.operators.video.model_stage import WindowModelStage
@@ -58,6 +72,7 @@ from vbatch.operators.video.plan import plan_video_windows
 from vbatch.operators.video.queries import rvos_query_check
 from vbatch.operators.video.render import render_video
 from vbatch.operators.video.write import write_window_masks
+from vbatch.schemas.images import PRODUCT_URI_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +155,10 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
         clock: the run's id and start time (the CLI's, so that its summary and run.json agree).
     """
     clock = clock or RunClock()
-    plan = _plan(cfg)
-    staged = stage(_stages(cfg, plan), plan.out, plan.storage, plan.key)
-    record, outcome = finish(_tail(cfg, plan, clock), clock, staged)
+    plan = _plan(cfg, clock)
+    with plan.lease:
+        staged = stage(_stages(cfg, plan, clock), plan.out, plan.storage, plan.key)
+        record, outcome = finish(_tail(cfg, plan, clock), clock, staged)
     outcome.details.record = record
     return outcome.details
 
@@ -160,16 +176,29 @@ class _VideoPlan:
     info: Any  # operators.video.manifest.VideoManifestInfo
     key: str
     previous: Any  # jobs.video_resume.VideoAttempt
+    identity: str
+    lease: Lease
 
 
-def _plan(cfg: VideoConfig) -> _VideoPlan:
-    """Resources, the checked model directory, the manifest, the run key and the crashed attempt."""
+def _plan(cfg: VideoConfig, clock: RunClock) -> _VideoPlan:
+    """The lease on ``--out``, then :func:`_plan_leased` (the lease is released if that fails)."""
     storage = Storage(StorageOptions(endpoint_url=cfg.s3_endpoint))
     out = normalize(cfg.out)
     ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
     refuse_local_paths_on_cluster(
         {"--manifest": cfg.manifest, "--model-dir": cfg.model_dir, "--out": cfg.out}
     )
+    lease = Lease(out, storage, clock.run_id, "video", cfg.break_lease)
+    lease.__enter__()
+    try:
+        return _plan_leased(cfg, storage, out, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _plan_leased(cfg: VideoConfig, storage: Storage, out: str, lease: Lease) -> _VideoPlan:
+    """Resources, the checked model directory, the manifest, the run key and the crashed attempt."""
     res = decide_resources(
         "rvos",
         cfg.batch_size,
@@ -193,17 +222,15 @@ def _plan(cfg: VideoConfig) -> _VideoPlan:
         res.describe(),
     )
     # staged under a key of what decides the results: the rerun of a crashed run finds its files
-    # and skips the videos and windows whose rows are there (jobs.video_resume)
-    key = run_key(
-        {k: v for k, v in asdict(cfg).items() if k not in VIDEO_NOT_IN_KEY},
-        file_fingerprints(list(info.files), storage),
-        model_dir_fingerprint(local_model_dir),
-    )
+    # and skips the videos and windows whose rows are there (jobs.video_resume); the model by its
+    # content, as the image jobs' key (jobs.segment.image_run_key)
+    identity = model_identity(weights_version("rvos", local_model_dir), local_model_dir)
+    key = run_key(key_fields(cfg), file_fingerprints(list(info.files), storage), [identity])
     previous = previous_video_attempt(out, storage, key)
-    return _VideoPlan(storage, out, res, local_model_dir, ds, info, key, previous)
+    return _VideoPlan(storage, out, res, local_model_dir, ds, info, key, previous, identity, lease)
 
 
-def _stages(cfg: VideoConfig, plan: _VideoPlan) -> ray.data.Dataset:
+def _stages(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> ray.data.Dataset:
     """plan windows → decode → model → write masks, skipping what a crashed attempt staged."""
     storage, previous = plan.storage, plan.previous
     cpu_stage: dict[str, Any] = {"batch_format": "pyarrow", "udf_modifying_row_count": False}
@@ -262,7 +289,8 @@ def _stages(cfg: VideoConfig, plan: _VideoPlan) -> ray.data.Dataset:
     ds = ds.map_batches(
         write_window_masks,  # type: ignore[arg-type]
         fn_kwargs={
-            "out_uri": plan.out,
+            # this run's own product folder: no other run writes there
+            "out_uri": product_root(plan.out, clock.run_id),
             "storage": storage,
             "gt": plan.info.has_gt,
             "base_uri": plan.info.base_uri,
@@ -328,8 +356,16 @@ def _tail(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> Tail:
         account=account,
         facts=facts,
         staging_key=plan.key,
-        run_extra={"config": asdict(cfg), "manifest_files": info.files},
+        run_extra={"config": asdict(cfg), "manifest_files": info.files, "run_key": plan.key},
         after_publish=after_publish,
+        commit={
+            "task": "rvos",
+            "model_identity": plan.identity,
+            "options": json.loads(json.dumps(reuse_fields(cfg), default=str)),
+            "run_key": plan.key,
+        },
+        product_columns=PRODUCT_URI_COLUMNS,
+        lease=plan.lease,
     )
 
 
@@ -400,13 +436,17 @@ def render_all(table: pa.Table, out: str, storage: Storage) -> int:
     ok = table.filter(pc.equal(table.column("status"), "ok")).to_pylist()
     by_video: dict[str, dict] = {}
     for r in ok:
-        v = by_video.setdefault(r["video_id"], {"uri": r["uri"], "queries": {}, "frames": set()})
+        v = by_video.setdefault(
+            r["video_id"], {"uri": r["uri"], "queries": {}, "frames": set(), "masks": {}}
+        )
         v["queries"][r["query_index"]] = r["query"]
         v["frames"].add(r["frame_index"])
+        v["masks"][(r["query_index"], r["frame_index"])] = r["mask_uri"]
     refs = []
     for vid, v in by_video.items():
         queries = sorted(v["queries"].items())
-        refs.append(_render.remote(v["uri"], vid, queries, sorted(v["frames"]), out, storage))
+        frames = sorted(v["frames"])
+        refs.append(_render.remote(v["uri"], vid, queries, frames, out, storage, None, v["masks"]))
     done = 0
     for ref in refs:
         try:

@@ -1,7 +1,7 @@
 """Resume a video job after a crash, window by window (the video side of :mod:`.resume`).
 
 The job stages under ``<out>/.staging/<run key>/`` (:func:`vbatch.jobs.resume.run_key` over the
-configuration less :data:`VIDEO_NOT_IN_KEY`). Its unit of work is a window, but a result row names
+configuration's fields that decide results, ``jobs.config.key_fields``). Its unit of work is a window, but a result row names
 a (manifest row, query, frame), so the rerun knows a window by its rows. :class:`StagedRows` holds,
 per (manifest row, query), the runs of consecutive frames staged, and the (manifest row, query)
 pairs of the rows without a frame (a failed video's, a query's that cannot run). Then:
@@ -34,9 +34,6 @@ from vbatch.schemas.videos import query_errors
 
 logger = logging.getLogger(__name__)
 
-#: besides :data:`vbatch.jobs.resume.NOT_IN_KEY`, the video configuration's fields that change no
-#: result row: renders are drawn after publishing, from the table; the rest is placement
-VIDEO_NOT_IN_KEY = frozenset({"render", "forward_s3_env", "actor_resources"})
 
 #: the frame index's share of a run's 64-bit sort key (the rest is its pair's rank)
 _FRAME_BITS = 39

@@ -33,6 +33,7 @@ from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
     COMMON_RESULT_FIELDS,
     INTERNAL_PREFIX,
+    OUTPUT_FIELDS,
     STATUS_ERROR,
     STATUS_OK,
     image_results_schema,
@@ -161,6 +162,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
 class OutputOptions:
     """Where and how products are written."""
 
+    #: the folder products are written under (a run's own ``<out>/products/<run id>``)
     out_uri: str
     task: str
     #: the model's output kind: "mask", "rgba", "embedding"
@@ -174,6 +176,11 @@ class OutputOptions:
     mask_size: str = "full"
     #: the manifest's folder: relative ground-truth URIs (``gt_mask_uri``) resolve against it
     base_uri: str = ""
+
+    @property
+    def product_columns(self) -> tuple[str, ...]:
+        """The result columns of this output that hold product URIs."""
+        return tuple(f.name for f in OUTPUT_FIELDS.get(self.output, []) if f.name.endswith("_uri"))
 
 
 def is_color(value: str) -> bool:

@@ -5,7 +5,7 @@ A nightly catalog changes by a few percent a day. A row of tonight's manifest is
 earlier run's committed table (``URI``, e.g. yesterday's ``--out``) holds an ``ok`` row with the
 same ``image_id``, the same ``uri`` and the same **content fingerprint**, and that run used the
 same model (``model_version`` and the model directory's other files) and the same options that
-decide results (:func:`decided_options`). Its result row is copied (tonight's passthrough columns,
+decide results, as the commit record of its committed generation says (``jobs.publish``). Its result row is copied (tonight's passthrough columns,
 the earlier ``processed_at``) and its products are copied server-side into tonight's ``--out``
 (a rename-free ``CopyObject`` on S3, a file copy locally), so tonight's output stands on its own
 when yesterday's is deleted. With ``--reuse`` equal to ``--out`` the products are already there.
@@ -43,7 +43,7 @@ from vbatch.operators.columns import set_column
 from vbatch.operators.manifest import ERROR, id_hashes, sorted_lookup
 from vbatch.operators.quality import GT_COLUMN, GT_ERROR, metric_kind
 from vbatch.operators.storage import Storage, is_http, join, normalize, resolve
-from vbatch.operators.tables import read_text, results_files
+from vbatch.operators.tables import PRODUCTS, commit_record, committed_generation
 from vbatch.schemas.errors import classify_errors
 from vbatch.schemas.images import (
     INTERNAL_PREFIX,
@@ -60,35 +60,6 @@ FINGERPRINT_COLUMNS = ("content_hash", "etag")
 #: internal columns: the row's fingerprint, and whether it is carried forward
 FINGERPRINT = "_vb_fingerprint"
 REUSE = "_vb_reuse"
-
-#: configuration fields that change no ``ok`` row's outputs, or name where things are rather than
-#: what they are (the model is compared by content: :func:`model_identity`)
-NOT_DECIDING = frozenset(
-    {
-        "manifest",
-        "out",
-        "limit",
-        "reuse",
-        "model_dir",
-        "s3_endpoint",
-        "address",
-        "forward_s3_env",
-        "actor_resources",
-        "batch_size",
-        "actors",
-        "gpus_per_actor",
-        "threads_per_actor",
-        "device",
-        "rows_per_block",
-        "max_error_rate",
-        "max_infra_error_rate",
-    }
-)
-
-
-def decided_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The job configuration fields that decide an ``ok`` row's outputs."""
-    return {k: v for k, v in sorted(config.items()) if k not in NOT_DECIDING}
 
 
 def model_identity(model_version: str, local_model_dir: Path) -> str:
@@ -228,28 +199,41 @@ class Previous:
 
 
 def previous_run(reuse: str, storage: Storage, identity: str, options: dict[str, Any]) -> Previous:
-    """Read what the run at ``reuse`` can give: its ``ok`` rows with a fingerprint, if it ran the
-    same model (``identity``, :func:`model_identity`) with the same :func:`decided_options`.
+    """Read what the run at ``reuse`` can give: its ``ok`` rows with a fingerprint, if its
+    committed generation was computed with the same model (``identity``, :func:`model_identity`)
+    and the same ``options`` (the job's fields that decide results, ``jobs.config.reuse_fields``),
+    as that generation's commit record says.
 
     Reads only the committed table's key columns (``image_id, uri, status, source_fingerprint``).
     """
     reuse = normalize(reuse)
     found = Previous(out=reuse)
-    record_text = read_text(join(reuse, "run.json"), storage)
-    if record_text is None:
-        found.reason = f"{join(reuse, 'run.json')} not found (no finished run there)"
+    # the committed generation's own record, not run.json: a run that failed between its commit
+    # and its run.json would leave run.json describing another generation
+    try:
+        record = commit_record(reuse, storage)
+    except FileNotFoundError as e:
+        found.reason = str(e)
         return found
-    record = json.loads(record_text)
+    if record is None:
+        found.reason = f"{reuse} has no committed table (no finished run there)"
+        return found
+    if "model_identity" not in record:
+        found.reason = (
+            "its commit record has no model identity (written before vbatch recorded one)"
+        )
+        return found
     if record.get("model_identity") != identity:
         found.reason = f"the model differs (then {record.get('model_identity')}, now {identity})"
         return found
-    then = decided_options(record.get("config") or {})
-    now = decided_options(options)
+    then, now = record.get("options") or {}, json.loads(json.dumps(options, default=str))
     if then != now:
         differs = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
         found.reason = f"options that decide results differ: {', '.join(differs)}"
         return found
-    files = results_files(reuse, storage)
+    generation = committed_generation(reuse, storage)
+    assert generation is not None
+    files = [join(generation, name) for name in record["files"]]
     keys, file_index, row_index = [], [], []
     for i, uri in enumerate(files):
         afs, path = storage.arrow_fs(uri)
@@ -320,6 +304,13 @@ def keep(batch: pa.Table, *, reused: bool) -> pa.Table:
     return batch.filter(flags if reused else pc.invert(flags))
 
 
+def _product_path(rel: str) -> str:
+    """A product's path inside its run's product folder: ``products/<run id>/masks/a.png`` →
+    ``masks/a.png`` (a legacy ``masks/a.png`` stays as it is)."""
+    parts = rel.split("/")
+    return "/".join(parts[2:]) if parts[0] == PRODUCTS and len(parts) > 2 else rel
+
+
 def _product_columns(output: str) -> list[str]:
     return [f.name for f in OUTPUT_FIELDS.get(output, []) if f.name.endswith("_uri")]
 
@@ -333,10 +324,14 @@ def carry_forward(
     output: str,
     embedding_dim: int | None,
     storage: Storage,
+    product_root: str | None = None,
 ) -> pa.Table:
     """Ray Data stage: the result rows of reused manifest rows, taken from the earlier run's table,
-    their products copied into ``out``. One row out per row in, in the results schema plus the
-    (tonight's) passthrough columns."""
+    their products copied into this run's ``product_root`` (default: to the same path under
+    ``out``) — or, when the earlier run is this
+    ``out``, referenced where they are: its committed generation owns them, and the commit keeps
+    every product folder the new rows reference). One row out per row in, in the results schema
+    plus the (tonight's) passthrough columns."""
     schema = image_results_schema(output, embedding_dim=embedding_dim)
     n = batch.num_rows
     keys = _row_keys(batch.column("image_id"), batch.column("uri"), batch.column(FINGERPRINT))
@@ -373,10 +368,11 @@ def carry_forward(
         values = old.column(name).to_pylist() if name in old.column_names else [None] * n
         moved: list[str | None] = []
         for i, src in enumerate(values):
-            if src is None or not src.startswith(src_out + "/"):
-                moved.append(src)  # not under the earlier --out: referenced where it is
+            if src is None or not src.startswith(src_out + "/") or src_out == out.rstrip("/"):
+                moved.append(src)  # not under the earlier --out, or under this one: in place
                 continue
-            dst = join(out, src[len(src_out) + 1 :])
+            rel = src[len(src_out) + 1 :]
+            dst = join(product_root, _product_path(rel)) if product_root else join(out, rel)
             if dst != src:
                 try:
                     storage.copy(src, dst)

@@ -408,6 +408,38 @@ class Storage:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         atomic_write_bytes(path, data, durable=False)
 
+    def create(self, uri: str, data: bytes) -> bool:
+        """Write ``uri`` only if nothing is there: an ``O_EXCL`` create locally, a conditional
+        PUT (``If-None-Match: *``) on S3, so that of two writers exactly one creates it.
+
+        Returns:
+            True when this call created the object, False when it already existed (a retried PUT
+            whose first attempt had landed also answers False: compare the content to tell).
+        """
+        self._writable(uri)
+        fs, path = self.fs(uri)
+        if is_remote(uri):
+
+            def put() -> bool:
+                try:
+                    fs.pipe_file(path, data, mode="create")
+                except OSError as e:
+                    # s3fs maps S3's 412 PreconditionFailed to EINVAL; nothing else does here
+                    if e.errno == errno.EINVAL and "pre-condition" in str(e).lower():
+                        return False
+                    raise
+                return True
+
+            return self._retry("create", put, uri)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
     def makedirs(self, uri: str) -> None:
         """Local folders are created; S3 has no folders (a no-op there)."""
         if not is_remote(uri):

@@ -15,6 +15,9 @@ import re
 from vbatch.operators.storage import Storage, join, normalize, parent
 
 RESULTS = "results"
+#: ``<out>/products/<run id>/``: the products (masks, mattes, frames…) one run wrote; the rows of a
+#: committed generation reference them, no other run writes there
+PRODUCTS = "products"
 STAGING = ".staging"
 POINTER = "_LATEST"
 SUCCESS = "_SUCCESS"
@@ -50,6 +53,24 @@ def committed_generation(out: str, storage: Storage) -> str | None:
     """The committed generation's folder (``<out>/results/<run id>``), ``None`` before the first."""
     pointer = read_text(join(out, POINTER), storage)
     return join(out, pointer) if pointer else None
+
+
+def commit_record(out: str, storage: Storage) -> dict | None:
+    """The committed generation's ``_SUCCESS``: its files and rows, and what it was computed with
+    (``jobs.publish.publish``'s commit record); ``None`` before the first commit."""
+    folder = committed_generation(out, storage)
+    if folder is None:
+        return None
+    marker = read_text(join(folder, SUCCESS), storage)
+    if marker is None:
+        raise FileNotFoundError(f"{folder}: committed by {POINTER} but has no {SUCCESS}")
+    record: dict = json.loads(marker)
+    return record
+
+
+def product_root(out: str, run_id: str) -> str:
+    """Where run ``run_id`` writes its products: ``<out>/products/<run id>``."""
+    return join(out, PRODUCTS, run_id)
 
 
 def results_files(uri: str, storage: Storage) -> list[str]:

@@ -59,6 +59,10 @@ OUTPUT_FIELDS: dict[str, list[pa.Field]] = {
     ],
 }
 
+#: the result columns that hold product URIs (images and video frames): the folders they name are
+#: the committed generation's products (``jobs.publish``)
+PRODUCT_URI_COLUMNS = ("mask_uri", "matte_uri", "cutout_uri", "composite_uri")
+
 #: the per-image metrics of each metric kind (a model's ``ModelEntry.metric_kind``), added when the
 #: manifest has a ground-truth column (``gt_mask_uri``, see :mod:`vbatch.operators.quality`), all
 #: null on rows without a usable ground truth, and ``gt_error``: why a row that names a ground

@@ -181,3 +181,47 @@ def ray_session():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# -- model directories every job test uses (ModelScope's layout, random weights) ----------------
+@pytest.fixture(scope="session")
+def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full SENet at a 64² input: a forward costs milliseconds."""
+    from vbatch.models.salient.modeldir import write_random_model_dir
+
+    return write_random_model_dir(tmp_path_factory.mktemp("salient"), norm_size=(64, 64))
+
+
+@pytest.fixture(scope="session")
+def reid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PASS ViT in its TINY configuration."""
+    from vbatch.models.reid import TINY
+    from vbatch.models.reid.modeldir import write_random_model_dir
+
+    return write_random_model_dir(tmp_path_factory.mktemp("reid") / "model", config=TINY)
+
+
+@pytest.fixture(scope="session")
+def rvos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MTTR in its TINY configuration."""
+    from vbatch.models.rvos import TINY
+    from vbatch.models.rvos.modeldir import write_random_model_dir
+
+    return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
+
+
+@pytest.fixture(scope="session")
+def matting_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small generated ONNX graph with the real matting graph's interface."""
+    from vbatch.models.matting.modeldir import write_random_model_dir
+
+    return write_random_model_dir(tmp_path_factory.mktemp("matting") / "model")
+
+
+@pytest.fixture(scope="session")
+def shop_seg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DenseCLIP in its TINY configuration."""
+    from vbatch.models.shop_seg import TINY
+    from vbatch.models.shop_seg.modeldir import write_random_model_dir
+
+    return write_random_model_dir(tmp_path_factory.mktemp("shop-seg") / "model", config=TINY)

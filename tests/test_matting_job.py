@@ -18,13 +18,6 @@ from vbatch.operators.outputs import safe_name
 from vbatch.schemas.images import validate_image_results
 
 
-@pytest.fixture(scope="module")
-def matting_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.matting.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("matting") / "model")
-
-
 def _png(path: str) -> np.ndarray:
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     return cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA) if img.ndim == 3 else img

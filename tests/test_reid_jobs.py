@@ -18,14 +18,6 @@ from vbatch.models import load_model
 from vbatch.operators.storage import Storage, join
 
 
-@pytest.fixture(scope="module")
-def reid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.reid import TINY
-    from vbatch.models.reid.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("reid") / "model", config=TINY)
-
-
 def _day(storage, root: str, day: int, n: int) -> str:
     rows = []
     for i in range(n):

@@ -25,14 +25,6 @@ from vbatch.operators.index.embeddings import vector_problems
 from vbatch.operators.storage import Storage
 
 
-@pytest.fixture(scope="module")
-def reid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.reid import TINY
-    from vbatch.models.reid.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("reid") / "model", config=TINY)
-
-
 def _floats(v) -> list[float]:
     return [float(a) for a in v]
 

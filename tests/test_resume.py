@@ -10,6 +10,7 @@ Which rows the rerun processed is read from the results themselves: a resumed ro
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -28,22 +29,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from vbatch.jobs.cli import main
+from vbatch.jobs.config import key_fields
 from vbatch.jobs.demo_data import encode, product_image
 from vbatch.jobs.publish import FAULT_ENV, read_table
 from vbatch.jobs.resume import drop_done, run_key
+from vbatch.jobs.segment import ImageJobConfig
 from vbatch.operators.manifest import ERROR, ROW, id_hashes
 from vbatch.operators.storage import Storage, join
 from vbatch.operators.tables import STAGING
 
-NORM_SIZE = (64, 64)
 ROWS = 64
-
-
-@pytest.fixture(scope="module")
-def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.salient.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("salient"), norm_size=NORM_SIZE)
 
 
 def _write_manifest(storage: Storage, root: str, rows: int = ROWS) -> str:
@@ -123,7 +118,8 @@ def _kill_driver_then_resume(storage: Storage, argv: list[str], out: str, hang_r
     assert sorted(kept, key=str) == sorted(((r["image_id"], r["error"]) for r in staged), key=str)
     assert len(redone) == ROWS + 2 - len(staged)
     # one mask per ok row, nothing left in staging
-    masks = storage.list_files(join(out, "masks"))
+    # the crashed attempt's masks (of the rows it staged) and the rerun's, in their own folders
+    masks = storage.list_files(join(out, "products"))
     assert len(masks) == ROWS and all(m.endswith(".png") for m in masks)
     assert not storage.list_files(join(out, STAGING), suffix=".parquet")
 
@@ -168,12 +164,37 @@ def test_drop_done_keeps_rows_not_staged() -> None:
 
 
 def test_run_key_ignores_pool_settings_only() -> None:
-    config = {"task": "salient", "manifest": "m", "batch_size": 4, "actors": 2, "max_side": 2000}
-    base = run_key(config, [["m", 10, "t"]], [["w.pt", 5, 1]])
-    assert (
-        run_key({**config, "batch_size": 8, "actors": 1}, [["m", 10, "t"]], [["w.pt", 5, 1]])
-        == base
+    config = ImageJobConfig("salient", "m", "d", "o", batch_size=4, actors=2)
+
+    def key(cfg: ImageJobConfig, manifest: int = 10, model: str = "v1:aa") -> str:
+        return run_key(key_fields(cfg), [["m", manifest, "t"]], [model])
+
+    base = key(config)
+    assert key(dataclasses.replace(config, batch_size=8, actors=1)) == base
+    # placement and locations decide no row either: a retry with them added still resumes
+    moved = dataclasses.replace(
+        config, forward_s3_env=True, actor_resources={"gpu": 1}, model_dir="s3://b/d", out="x"
     )
-    assert run_key({**config, "max_side": 1000}, [["m", 10, "t"]], [["w.pt", 5, 1]]) != base
-    assert run_key(config, [["m", 11, "t"]], [["w.pt", 5, 1]]) != base  # manifest changed
-    assert run_key(config, [["m", 10, "t"]], [["w.pt", 5, 2]]) != base  # weights rewritten
+    assert key(moved) == base
+    assert key(dataclasses.replace(config, max_side=1000)) != base
+    assert key(config, manifest=11) != base  # manifest changed
+    assert key(config, model="v2:aa") != base  # weights rewritten
+
+
+def test_every_config_field_has_a_role() -> None:
+    """The run key, --reuse and the backfill pool derive from each field's role: a field
+    without one fails here (and when its class is used)."""
+    from vbatch.jobs.config import RESULT, check_roles, role
+    from vbatch.jobs.reid_search import SearchJobConfig
+    from vbatch.jobs.video import VideoConfig
+
+    for cls in (ImageJobConfig, VideoConfig, SearchJobConfig):
+        check_roles(cls)
+
+    @dataclasses.dataclass(frozen=True)
+    class Grown(ImageJobConfig):
+        new_option: int = 3
+        decided: int = role(RESULT, 1)
+
+    with pytest.raises(TypeError, match="new_option"):
+        check_roles(Grown)

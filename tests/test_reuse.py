@@ -8,6 +8,7 @@ keep night one's ``processed_at`` (the model did not run on them) and their mask
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,14 +19,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from vbatch.jobs.cli import main
+from vbatch.jobs.config import reuse_fields
 from vbatch.jobs.demo_data import encode, product_image
 from vbatch.jobs.publish import read_table
+from vbatch.jobs.segment import ImageJobConfig
 from vbatch.operators.manifest import ERROR
 from vbatch.operators.reuse import (
     FINGERPRINT,
     REUSE,
     Listing,
-    decided_options,
     fingerprint_of,
     keep,
     list_fingerprints,
@@ -34,16 +36,6 @@ from vbatch.operators.reuse import (
     previous_run,
 )
 from vbatch.operators.storage import Storage, StorageOptions, join
-
-NORM_SIZE = (64, 64)
-
-
-@pytest.fixture(scope="module")
-def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.salient.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("salient"), norm_size=NORM_SIZE)
-
 
 # -- units -------------------------------------------------------------------------------------
 
@@ -109,19 +101,45 @@ def test_mark_matches_id_uri_and_fingerprint() -> None:
     assert keep(marked, reused=False).num_rows == 4
 
 
+def _committed(out: Path, record: dict, run_id: str = "20261201T000000Z-aaaaaa") -> None:
+    """A committed generation with no rows, whose _SUCCESS carries ``record``."""
+    (out / "results" / run_id).mkdir(parents=True)
+    marker = {**record, "run_id": run_id, "files": [], "rows": 0}
+    (out / "results" / run_id / "_SUCCESS").write_text(json.dumps(marker))
+    (out / "_LATEST").write_text(f"results/{run_id}\n")
+
+
 def test_previous_run_refuses_other_model_or_options(tmp_path: Path) -> None:
     storage = Storage()
-    config = {"task": "salient", "decode": "exact", "mask_size": "full", "out": "x", "actors": 2}
-    (tmp_path / "run.json").write_text(json.dumps({"model_identity": "v1:aa", "config": config}))
-    assert "model differs" in (previous_run(str(tmp_path), storage, "v2:aa", config).reason or "")
-    other = {**config, "mask_size": "model"}
+    config = ImageJobConfig("salient", "m", "d", "x", actors=2)
+    options = reuse_fields(config)
+    _committed(tmp_path, {"model_identity": "v1:aa", "options": options})
+    assert "model differs" in (previous_run(str(tmp_path), storage, "v2:aa", options).reason or "")
+    other = reuse_fields(dataclasses.replace(config, mask_size="model"))
     assert "mask_size" in (previous_run(str(tmp_path), storage, "v1:aa", other).reason or "")
     # where things are and how the pool is sized decide nothing
-    moved = {**config, "out": "y", "actors": 8}
-    assert decided_options(moved) == decided_options(config)
+    moved = dataclasses.replace(config, out="y", actors=8, manifest="n", model_dir="e")
+    assert reuse_fields(moved) == reuse_fields(config)
     assert "no finished run" in (
-        previous_run(str(tmp_path / "nope"), storage, "v1:aa", config).reason or ""
+        previous_run(str(tmp_path / "nope"), storage, "v1:aa", options).reason or ""
     )
+
+
+def test_previous_run_trusts_the_committed_generation_not_run_json(tmp_path: Path) -> None:
+    """run.json is a convenience copy that a run failing after its commit leaves behind: what
+    --reuse compares is the committed generation's own record."""
+    storage = Storage()
+    options = reuse_fields(ImageJobConfig("salient", "m", "d", "x"))
+    # the generation _LATEST names was computed by model B; run.json still says model A
+    _committed(tmp_path, {"model_identity": "B:bb", "options": options})
+    (tmp_path / "run.json").write_text(
+        json.dumps({"model_identity": "A:aa", "config": {"task": "salient"}})
+    )
+    assert "model differs" in (previous_run(str(tmp_path), storage, "A:aa", options).reason or "")
+    # a generation committed before vbatch recorded the model reuses nothing
+    legacy = tmp_path / "legacy"
+    _committed(legacy, {})
+    assert "no model identity" in (previous_run(str(legacy), storage, "A:aa", options).reason or "")
 
 
 def test_model_identity_sees_config_files(tmp_path: Path) -> None:

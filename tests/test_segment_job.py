@@ -35,15 +35,6 @@ from vbatch.operators.outputs import safe_name
 from vbatch.operators.storage import Storage, join
 from vbatch.schemas.images import ManifestError, validate_image_results
 
-NORM_SIZE = (64, 64)  # full SENet, small input: a forward costs milliseconds
-
-
-@pytest.fixture(scope="module")
-def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.salient.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("salient"), norm_size=NORM_SIZE)
-
 
 def _exif_rotated(seed: int) -> bytes:
     pil = Image.fromarray(product_image(seed, (90, 40)))
@@ -175,6 +166,8 @@ def _check(
         range(len(cases))
     )  # passthrough intact, none lost or doubled
     predictor = load_model(task, model_dir, device="cpu")
+    # a fresh run's products are in its own folder, products/<run id>/
+    run_id = storage.read_bytes(join(out, POINTER)).decode().strip().split("/")[-1]
     assert {r["model_version"] for r in rows} == {file_version(model_dir / WEIGHTS[task])}
     for row, (image_id, _name, data, status, fragment) in zip(rows, _cases(), strict=True):
         assert row["image_id"] == image_id
@@ -189,7 +182,9 @@ def _check(
         assert row["error"] is None and row["error_class"] is None
         image = decode_image(data)
         assert (row["height"], row["width"]) == image.shape[:2]
-        assert row["mask_uri"] == join(out, "masks", safe_name(image_id) + ".png")
+        assert row["mask_uri"] == join(
+            out, "products", run_id, "masks", safe_name(image_id) + ".png"
+        )
         mask = cv2.imdecode(
             np.frombuffer(storage.read_bytes(row["mask_uri"]), np.uint8), cv2.IMREAD_UNCHANGED
         )
@@ -224,7 +219,9 @@ def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path, cap
     # run.json and _SUCCESS hold the same summary (run.json also the configuration)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert {
-        k: v for k, v in run.items() if k not in ("config", "manifest_files", "model_identity")
+        k: v
+        for k, v in run.items()
+        if k not in ("config", "manifest_files", "model_identity", "run_key")
     } == record
     assert json.loads((tmp_path / "out" / SUCCESS).read_text()) == run
     assert (tmp_path / "out" / POINTER).read_text().strip() == f"results/{record['run_id']}"
@@ -239,9 +236,10 @@ def test_segment_local_paths(ray_session, tmp_path: Path, salient_dir: Path, cap
         f"{8 - len(shown)} more error rows (see the results table)"
     )
     _check(storage, out, cases, salient_dir)
-    # the escaping id stayed inside masks/
+    # the escaping id stayed inside the run's masks/
     assert not (tmp_path / "escape").exists()
-    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == sorted(
+    masks = tmp_path / "out" / "products" / record["run_id"] / "masks"
+    assert sorted(p.name for p in masks.iterdir()) == sorted(
         safe_name(c[0]) + ".png" for c in cases if c[3] == "ok"
     )
 
@@ -289,7 +287,9 @@ def test_segment_on_s3_and_rerun_replaces(ray_session, s3_server, salient_dir: P
     assert not storage.exists(join(out, SUCCESS))
     summary = run_image_job(cfg)  # a repeated run replaces the results instead of adding to them
     _check(storage, out, cases, salient_dir)
-    assert len(storage.list_files(join(out, "masks"))) == 7
+    # the first run's products are gone with its generation: 7 masks, all the new run's
+    masks = storage.list_files(join(out, "products"))
+    assert len(masks) == 7 and all(f"/products/{summary.record['run_id']}/" in m for m in masks)
     assert not set(first_files) & set(results_files(out, storage))
     # one generation left, no staged files, the run marker back
     parts = storage.list_files(join(out, "results"), suffix=".parquet")

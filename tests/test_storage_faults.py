@@ -29,14 +29,6 @@ from vbatch.operators.storage import (
     with_retries,
 )
 
-
-@pytest.fixture(scope="module")
-def salient_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.salient.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("salient"), norm_size=(64, 64))
-
-
 # -- classification and the retry loop -------------------------------------------------------------
 
 
@@ -232,7 +224,7 @@ def test_job_survives_s3_outage(ray_session, s3_server, tmp_path: Path, salient_
     table = pq.read_table(path, filesystem=fs)
     assert sorted(table["image_id"].to_pylist()) == ids
     assert set(table["status"].to_pylist()) == {"ok"}
-    assert len(storage.list_files(join(out, "masks"))) == n
+    assert len(storage.list_files(join(out, "products"), ".png")) == n
 
 
 def test_second_seaweedfs_server_starts_alongside(s3_server, tmp_path: Path) -> None:

@@ -222,14 +222,6 @@ def test_http_and_relative_file_uris_in_the_plan(
 
 
 # -- queries ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def rvos_dir(tmp_path_factory) -> Path:
-    from vbatch.models.rvos import TINY
-    from vbatch.models.rvos.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
-
-
 def test_queries_longer_than_the_text_encoder_fail_alone(rvos_dir: Path) -> None:
     check = rvos_query_check(rvos_dir)
     long = "a red ball " * 200  # 600+ tokens with the tiny tokenizer, 600 with roberta-base's

@@ -29,6 +29,7 @@ from vbatch.models.rvos import owned_frames, plan_windows
 from vbatch.operators.manifest import ERROR, ROW
 from vbatch.operators.outputs import safe_name
 from vbatch.operators.storage import Storage, join
+from vbatch.operators.tables import commit_record
 from vbatch.operators.video.columns import (
     FRAMES,
     OWN_START,
@@ -86,14 +87,6 @@ FRAMES_OF = {"walk.mp4": 25, "ride.mp4": 43}
 
 
 @pytest.fixture(scope="module")
-def rvos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vbatch.models.rvos import TINY
-    from vbatch.models.rvos.modeldir import write_random_model_dir
-
-    return write_random_model_dir(tmp_path_factory.mktemp("rvos"), config=TINY)
-
-
-@pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("videos")
     files = {
@@ -147,6 +140,11 @@ def write_inputs(storage: Storage, root: str, videos: dict[str, bytes]) -> str:
 def check_results(storage: Storage, out: str, expected_masks: dict) -> None:
     table = read_table(out if out.endswith("results") else join(out, "results"), storage)
     validate_video_results(table)
+    # frames live in the folders of the runs that wrote them (one for a fresh run; a resumed run
+    # keeps the crashed attempt's too), which the commit record names
+    out = out[: -len("/results")] if out.endswith("/results") else out
+    roots = [join(out, d) for d in (commit_record(out, storage) or {})["product_dirs"]]
+    assert all(r.startswith(join(out, "products") + "/") for r in roots) and roots
     rows = table.to_pylist()
     by_row: dict[int, list[dict]] = {}
     for r in rows:
@@ -175,9 +173,8 @@ def check_results(storage: Storage, out: str, expected_masks: dict) -> None:
             for r in q_rows:
                 assert r["status"] == "ok" and r["error"] is None
                 assert r["timestamp_s"] == pytest.approx(r["frame_index"] / FPS, abs=1e-3)
-                assert r["mask_uri"] == join(
-                    out, "frames", safe_name(vid), str(qi), f"{r['frame_index']}.png"
-                )
+                name = join("frames", safe_name(vid), str(qi), f"{r['frame_index']}.png")
+                assert r["mask_uri"] in {join(root, name) for root in roots}
                 png = cv2.imdecode(
                     np.frombuffer(storage.read_bytes(r["mask_uri"]), np.uint8),
                     cv2.IMREAD_UNCHANGED,
@@ -198,7 +195,8 @@ def test_video_local_paths(ray_session, tmp_path: Path, rvos_dir, videos, expect
     check_results(storage, out, expected_masks)
     assert (summary.videos, summary.videos_ok, summary.videos_error) == (len(CASES), 2, 6)
     assert summary.frames == 25 + 43 + 18 and summary.rows_ok == 2 * 25 + 43 + 18
-    assert "ride/clip" not in os.listdir(tmp_path / "out" / "frames")  # ids are safe names
+    frames = tmp_path / "out" / "products" / summary.record["run_id"] / "frames"
+    assert "ride/clip" not in os.listdir(frames)  # ids are safe names
     assert summary.renders == 3
     report = summary.report()
     assert report.startswith(f"rvos: {len(CASES)} videos — 2 ok, 6 with errors — 86 frames")
@@ -220,14 +218,17 @@ def test_video_on_s3_and_rerun(ray_session, s3_server, rvos_dir, videos, expecte
     summary = run_video(cfg)
     check_results(storage, out, expected_masks)
     first = storage.list_files(join(out, "results"))
-    assert len(storage.list_files(join(out, "frames"))) == summary.rows_ok
+    assert len(storage.list_files(join(out, "products"))) == summary.rows_ok
     # a repeated run (here on the first video only, to keep the test short) replaces the results
     again = run_video(replace(cfg, limit=1))
     assert (again.videos, again.videos_ok, again.rows_ok) == (1, 1, 2 * 25)
     table = read_table(join(out, "results"), storage)
     assert set(table.column("video_id").to_pylist()) == {"walk"} and table.num_rows == 2 * 25
     assert not set(first) & set(storage.list_files(join(out, "results")))
-    assert len(storage.list_files(join(out, "frames"))) == summary.rows_ok  # overwritten in place
+    # the first run's frames went with its generation: only the rerun's remain, in its folder
+    frames = storage.list_files(join(out, "products"))
+    assert len(frames) == again.rows_ok
+    assert all(f"/products/{again.record['run_id']}/frames/" in f for f in frames)
 
 
 def test_manifest_missing_column_fails_fast(ray_session, tmp_path: Path, rvos_dir) -> None:

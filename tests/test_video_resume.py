@@ -11,6 +11,7 @@ and reruns the same command, as ``tests/test_resume.py`` does for the image jobs
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -34,15 +35,15 @@ from tests.test_video_job import (  # noqa: F401  (fixtures)
     FRAMES_OF,
     check_results,
     expected_masks,
-    rvos_dir,
     videos,
     write_inputs,
 )
 from vbatch.jobs.cli import main
+from vbatch.jobs.config import key_fields
 from vbatch.jobs.publish import FAULT_ENV, InjectedFault, read_files, read_table
 from vbatch.jobs.resume import run_key
+from vbatch.jobs.video import VideoConfig
 from vbatch.jobs.video_resume import (
-    VIDEO_NOT_IN_KEY,
     StagedRows,
     drop_done_windows,
     drop_failed_videos,
@@ -222,14 +223,16 @@ def test_fault_spec_and_run_key() -> None:
         stop_from_window(windows.slice(1, 2), 0, 2)
     with pytest.raises(InjectedFault):
         stop_from_window(windows.slice(3, 1), 1, 0)  # row 2 is after row 1
-    config = {"manifest": "m", "render": False, "actors": 1, "precision": "fp32", "limit": None}
+    config = VideoConfig("m", "d", "o", actors=1)
 
-    def key(c: dict) -> str:
-        return run_key({k: v for k, v in c.items() if k not in VIDEO_NOT_IN_KEY}, [], [])
+    def key(c: VideoConfig) -> str:
+        return run_key(key_fields(c), [], [])
 
-    assert key({**config, "render": True, "actors": 4}) == key(config)
-    assert key({**config, "precision": "bf16"}) != key(config)
-    assert key({**config, "limit": 2}) != key(config)
+    # renders, placement, locations and limits decide no row; precision and limit do
+    same = dataclasses.replace(config, render=True, actors=4, out="elsewhere", max_error_rate=1.0)
+    assert key(same) == key(config)
+    assert key(dataclasses.replace(config, precision="bf16")) != key(config)
+    assert key(dataclasses.replace(config, limit=2)) != key(config)
 
 
 # -- a real driver killed mid-run, then the same command again -------------------------------------
@@ -307,14 +310,16 @@ def _kill_at_hang(storage: Storage, argv: list[str], out: str) -> dict[str, list
 
 
 def _comparable(table: pa.Table, out: str, storage: Storage) -> list[tuple]:
-    """Rows without the output folder in ``mask_uri``, each with its mask PNG's pixels."""
+    """Rows without the output and product folder in ``mask_uri`` (``frames/…``), each with its
+    mask PNG's pixels."""
     rows = []
     for r in table.to_pylist():
         png = None
         if r["mask_uri"] is not None:
             data = storage.read_bytes(r["mask_uri"])
             png = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).tobytes()
-            r["mask_uri"] = r["mask_uri"][len(out) :]
+            rel = r["mask_uri"][len(out) :]  # /products/<run id>/frames/…
+            r["mask_uri"] = rel.split("/", 3)[3]
         rows.append((tuple(sorted(r.items(), key=lambda kv: kv[0])), png))
     return sorted(rows, key=repr)
 
@@ -324,7 +329,7 @@ def test_video_resume_after_killed_driver(
     request: pytest.FixtureRequest,
     ray_session,
     tmp_path: Path,
-    rvos_dir,  # noqa: F811
+    rvos_dir,
     videos,  # noqa: F811
     expected_masks,  # noqa: F811
     where: str,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from types import ModuleType
 from typing import Any
 
@@ -73,8 +72,15 @@ class PartitionJob:
     def parse(self, argv: list[str]) -> argparse.Namespace:
         return self.parser.parse_args(argv)
 
-    def config(self, args: argparse.Namespace) -> dict[str, Any]:
-        return asdict(self.module.config(args))
+    def run_key(self, args: argparse.Namespace) -> str | None:
+        from vbatch.jobs.cli.command import storage_of
+        from vbatch.jobs.segment import image_run_key
+
+        try:
+            return image_run_key(self.module.config(args), storage_of(args))[0]
+        except Exception as e:  # the partition runs, and fails with the reason
+            logger.info("backfill: no run key for %s (%s): it runs", args.out, e)
+            return None
 
     def run(self, args: argparse.Namespace, clock: Any) -> dict[str, Any]:
         record: dict[str, Any] = self.module.run(args, clock)

@@ -245,13 +245,20 @@ def add_run_arguments(p: argparse.ArgumentParser, rows: bool = True) -> None:
 
 def add_row_job(p: argparse.ArgumentParser, batch_help: str | None = None) -> None:
     """What every row job (``segment``, ``video``, ``reid embed``, ``reid search``) takes besides
-    its own options: the actor pool, the common options, the run summary and limits."""
+    its own options: the actor pool, the common options, the run summary and limits, the lease."""
     if batch_help is None:
         add_pool(p)
     else:
         add_pool(p, batch_help=batch_help)
     add_common(p)
     add_run_arguments(p)
+    p.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take over --out from another run that holds its lease (<out>/_LEASE) and is known "
+        "to be dead; a lease whose run died on this host, or with no heartbeat for 10 minutes, "
+        "is taken over without it. One run per --out at a time: a second run exits 1",
+    )
 
 
 # -- from arguments to configurations -------------------------------------------------------------
@@ -269,6 +276,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     pool = ("batch_size", "actors", "gpus_per_actor", "threads_per_actor", "device")
     return {k: getattr(args, k) for k in ("s3_endpoint", "address", *pool)} | {
         "forward_s3_env": args.forward_s3_env,
+        "break_lease": args.break_lease,
         "actor_resources": dict(args.actor_resources) if args.actor_resources else None,
         "max_error_rate": limits.max_error_rate,
         "max_infra_error_rate": limits.max_infra_error_rate,

@@ -88,10 +88,8 @@ def jf_section(files: list[str], storage: Storage, shown: int = 20) -> str:
     )
 
 
-def _frames_with_masks(out: str, video_id: str, query_index: int, storage: Storage) -> list[int]:
-    from vbatch.operators.outputs import safe_name
-
-    folder = join(out, "frames", safe_name(video_id), str(query_index))
+def _frames_with_masks(folder: str, storage: Storage) -> list[int]:
+    """The frames with a mask in ``folder`` (one query's masks of one video)."""
     names = [posixpath.basename(f)[: -len(".png")] for f in storage.list_files(folder, ".png")]
     return sorted(int(n) for n in names if n.isdigit())
 
@@ -127,7 +125,6 @@ def video_section(
     from vbatch.operators.outputs import safe_name
     from vbatch.operators.storage import resolve
     from vbatch.operators.video.container import open_video
-    from vbatch.operators.video.write import mask_uri
 
     parts = [
         '<h2>Videos: masks per query</h2><p class="muted">Sampled videos and queries; frames '
@@ -137,7 +134,10 @@ def video_section(
         notes: list[str] = []
         pics: list[tuple[str, str, int, int]] = []
         try:
-            indices = _frames_with_masks(out, video_id, qi, storage)
+            # the folder of the run that wrote this query's masks (jobs.publish: products live
+            # under the run's own products/<run id>/)
+            folder = posixpath.dirname(row["mask_uri"])
+            indices = _frames_with_masks(folder, storage)
             spread = np.linspace(0, len(indices) - 1, min(FRAMES, len(indices))).round()
             chosen = [indices[int(i)] for i in spread] if indices else []
             frames: np.ndarray | None = None
@@ -147,7 +147,7 @@ def video_section(
             except Exception as e:
                 notes.append(f"video unreadable ({type(e).__name__}): masks only")
             for j, f in enumerate(chosen):
-                data = storage.read_bytes(mask_uri(out, video_id, qi, f))
+                data = storage.read_bytes(join(folder, f"{f}.png"))
                 if frames is not None:
                     frame = fit(frames[j])
                     picture = _overlay(frame, read_grey(data, frame.shape[:2]))

@@ -59,6 +59,7 @@ def render_video(
     out_uri: str,
     storage: Storage,
     fps: float | None = None,
+    masks: dict[tuple[int, int], str] | None = None,
 ) -> str:
     """An MP4 of the video's frames with every query's mask overlaid in its own colour.
 
@@ -69,6 +70,8 @@ def render_video(
     Args:
         uri: the video. video_id: its id. queries: (query_index, text) to draw.
         frame_indices: the frames that have masks, in order. out_uri: the job's output folder.
+        masks: each (query index, frame index)'s mask, as the result rows name it (products
+            live in the folder of the run that wrote them); default: under ``out_uri/frames``.
 
     Returns:
         The render's URI.
@@ -97,7 +100,8 @@ def render_video(
                     canvas = np.zeros((h + band, w, 3), np.uint8)
                     img = frame.astype(np.float32)
                     for n, (qi, _) in enumerate(queries):
-                        data = storage.read_bytes(mask_uri(out_uri, video_id, qi, f))
+                        where = (masks or {}).get((qi, f)) or mask_uri(out_uri, video_id, qi, f)
+                        data = storage.read_bytes(where)
                         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
                         if decoded is None:
                             raise ValueError(f"unreadable mask PNG for frame {f}")

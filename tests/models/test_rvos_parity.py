@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,14 +24,20 @@ from vbatch.models.rvos.transforms import frame_masks, preprocess_frames, select
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
 
-def _oracle(tmp_path_factory, mode: str):
-    out = tmp_path_factory.mktemp(f"rvos_{mode}")
-    run_oracle("rvos_ref.py", out, mode)
-    return out / "model", dict(np.load(out / "ref.npz"))
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory) -> Path:
+    """Both reference cases, from one oracle process (its start-up is paid once)."""
+    out = tmp_path_factory.mktemp("rvos")
+    run_oracle("rvos_ref.py", out, "full,pipeline")
+    return out
 
 
-def test_full_window_parity(tmp_path_factory):
-    model_dir, ref = _oracle(tmp_path_factory, "full")
+def _oracle(oracle: Path, mode: str):
+    return oracle / mode / "model", dict(np.load(oracle / mode / "ref.npz"))
+
+
+def test_full_window_parity(oracle):
+    model_dir, ref = _oracle(oracle, "full")
     predictor = models.load_model("rvos", model_dir, device="cpu")
     query = str(ref["query"])
     assert normalize_query(query) == str(ref["normalized_query"])
@@ -79,8 +87,8 @@ def test_full_window_parity(tmp_path_factory):
     assert (np.abs(at_flips) < 1e-4).all()
 
 
-def test_pipeline_parity(tmp_path_factory):
-    model_dir, ref = _oracle(tmp_path_factory, "pipeline")
+def test_pipeline_parity(oracle):
+    model_dir, ref = _oracle(oracle, "pipeline")
     predictor = models.load_model("rvos", model_dir, device="cpu")
     masks = predictor.predict_video(ref["frames"], [str(q) for q in ref["queries"]])
     theirs = (ref["masks"] * 255).astype(np.uint8)

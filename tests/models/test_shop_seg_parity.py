@@ -26,11 +26,18 @@ logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.parity
 
 
-def test_tokenizer_matches_reference(tmp_path: Path) -> None:
-    run_oracle("shop_seg_ref.py", "tokens", tmp_path)
-    ref = np.load(tmp_path / "tokens.npz")
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tokenizer's and the full model's references, from one oracle process."""
+    out = tmp_path_factory.mktemp("shop_seg")
+    run_oracle("shop_seg_ref.py", "tokens,model", out, "0")
+    return out
+
+
+def test_tokenizer_matches_reference(oracle: Path) -> None:
+    ref = np.load(oracle / "tokens.npz")
     texts = [str(t) for t in ref["texts"]]
-    ours = ClipTokenizer(tmp_path / WEIGHTS.vocab)(texts, FULL.prompt_length)
+    ours = ClipTokenizer(oracle / WEIGHTS.vocab)(texts, FULL.prompt_length)
     assert texts[:2] == list(FULL.prompts)
     np.testing.assert_array_equal(ours[:2], ref["ids"][:2])  # the model's prompts
     np.testing.assert_array_equal(ours, ref["ids"])  # and ordinary text, truncation included
@@ -42,10 +49,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_full_size_parity(tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
-    run_oracle("shop_seg_ref.py", "model", tmp_path, "0")
-    ref = np.load(tmp_path / "ref.npz")
-    pred = load(tmp_path / "model", device="cpu")
+def test_full_size_parity(oracle: Path, record_property: Callable[[str, object], None]) -> None:
+    ref = np.load(oracle / "ref.npz")
+    pred = load(oracle / "model", device="cpu")
     images = [ref[f"image{i}"] for i in range(3)]
     inputs = [pred.transforms.preprocess(im) for im in images]
 

@@ -318,5 +318,10 @@ def run_pipeline(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(int(os.environ.get("VBATCH_ORACLE_THREADS", "2")))
-    out_dir, mode = Path(sys.argv[1]), sys.argv[2]
-    {"full": run_full, "pipeline": run_pipeline}[mode](out_dir)
+    # MODE[,MODE…]: several cases in one process, each under OUT_DIR/<mode>/ (modelscope's import
+    # costs the tests seconds per process)
+    out_dir, modes = Path(sys.argv[1]), sys.argv[2].split(",")
+    for mode in modes:
+        case = out_dir / mode if len(modes) > 1 else out_dir
+        case.mkdir(parents=True, exist_ok=True)
+        {"full": run_full, "pipeline": run_pipeline}[mode](case)

@@ -148,14 +148,16 @@ def dump_model(out: Path, seed: int) -> None:
 
 
 def main() -> None:
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    # MODE[,MODE…]: several cases in one process (modelscope's import costs seconds a process)
+    modes, out = sys.argv[1].split(","), Path(sys.argv[2])
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    if mode == "tokens":
-        dump_tokens(out)
-    elif mode == "model":
-        dump_model(out, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
-    else:
-        raise SystemExit(f"unknown mode {mode!r}")
+    for mode in modes:
+        if mode == "tokens":
+            dump_tokens(out)
+        elif mode == "model":
+            dump_model(out, int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+        else:
+            raise SystemExit(f"unknown mode {mode!r}")
 
 
 if __name__ == "__main__":
