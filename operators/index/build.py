@@ -12,7 +12,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,27 @@ logger = logging.getLogger(__name__)
 # k-means points per PQ centroid while training (see _train)
 PQ_TRAIN_POINTS_PER_CENTROID = 40
 
+#: OpenMP threads every training runs with, wherever it runs (this process, a Ray task): the
+#: trained index must be a function of its inputs alone, and faiss' training is not bit-stable
+#: across thread counts. OPQ's rotation (LAPACK sgeqrf/sgesvd), random rotations and PCA are
+#: reproducible single-threaded only (faiss' own finding, VectorTransform.cpp); and OpenBLAS cuts a
+#: product's inner dimension into other blocks with one thread than with several, so k-means
+#: distances differ in the last bit for some dims (500, 1000, 1700; not 32 or 1536) and a near-tie
+#: can go to another centroid. Recorded in index.json (``train_threads``); what it costs in
+#: training time is in docs/BENCHMARKS.md ("Training threads").
+TRAIN_THREADS = 1
+
+
+@contextlib.contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """faiss' OpenMP threads set to ``n`` inside the block, the caller's restored after it."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
 
 def _want_gpu(use_gpu: bool | str) -> bool:
     """``"auto"``: use a GPU when faiss was built with CUDA and sees one."""
@@ -79,6 +100,12 @@ def _want_gpu(use_gpu: bool | str) -> bool:
 
 
 def _train(index: faiss.Index, sample: np.ndarray, gpu: bool) -> None:
+    """Train ``index`` on ``sample`` with :data:`TRAIN_THREADS` threads (see there)."""
+    with omp_threads(TRAIN_THREADS):
+        _train_with(index, sample, gpu)
+
+
+def _train_with(index: faiss.Index, sample: np.ndarray, gpu: bool) -> None:
     ivf = ivf_or_none(index)
     pq = getattr(faiss.downcast_index(ivf if ivf is not None else index), "pq", None)
     if pq is not None:
@@ -147,6 +174,8 @@ class _Trained:
     probe_queries: np.ndarray | None
     probe_ordinals: np.ndarray | None
     seconds: float
+    #: OpenMP threads it was trained with (``None``: the index needs no training)
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +206,9 @@ def _train_phase(
     t0 = time.perf_counter()
     index = make_index(stats.dim, factory, metric)
     queries = ordinals = None
+    threads = None
     if not index.is_trained:
+        threads = TRAIN_THREADS
         sample, sample_ordinals = sample_embeddings(
             stats.files, storage, stats.dim, stats.count, n_train, seed, batch_rows
         )
@@ -187,7 +218,7 @@ def _train_phase(
             queries, ordinals = sample[:n_q].copy(), sample_ordinals[:n_q].copy()
         del sample
     data = faiss.serialize_index(index)
-    return _Trained(data.tobytes(), queries, ordinals, time.perf_counter() - t0)
+    return _Trained(data.tobytes(), queries, ordinals, time.perf_counter() - t0, threads)
 
 
 def _probe(trained: _Trained) -> RecallProbe | None:
@@ -547,6 +578,7 @@ def build_index(
         plan_reason=plan.reason,
         memory_budget=budget,
         build_seconds={"train": round(trained.seconds, 3)},
+        train_threads=trained.threads,
         created_at=now,
         vbatch_version=vbatch_version(),
         faiss_version=faiss.__version__,

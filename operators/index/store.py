@@ -95,6 +95,8 @@ class IndexInfo:
         plan_reason: why this factory (auto choice or ``"explicit factory"``).
         memory_budget: bytes the build was asked to fit (``None``: no limit).
         build_seconds: ``train``, ``add``, ``tune`` and ``total`` seconds of the build.
+        train_threads: OpenMP threads the index was trained with, wherever it was trained
+            (``None``: an index without training, or a manifest written before it was kept).
         created_at, updated_at: UTC ISO timestamps.
         vbatch_version, faiss_version: software that wrote it.
         history: one dict per build/add: generation, operation, source URI, added, skipped…
@@ -122,6 +124,7 @@ class IndexInfo:
     plan_reason: str = ""
     memory_budget: int | None = None
     build_seconds: dict[str, float] = field(default_factory=dict)
+    train_threads: int | None = None
     created_at: str = ""
     updated_at: str = ""
     vbatch_version: str = ""
@@ -194,6 +197,10 @@ class IndexInfo:
             return f"nprobe must be an integer >= 1 or null, got {self.nprobe!r}"
         if not is_int(self.generation) or self.generation < 0:
             return f"generation must be an integer >= 0, got {self.generation!r}"
+        if self.train_threads is not None and (
+            not is_int(self.train_threads) or self.train_threads < 1
+        ):
+            return f"train_threads must be an integer >= 1 or null, got {self.train_threads!r}"
         if self.index_bytes is not None and (not is_int(self.index_bytes) or self.index_bytes < 0):
             return f"index_bytes must be an integer >= 0 or null, got {self.index_bytes!r}"
         # file names stay inside the index folder (no "../" from a tampered manifest)
