@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_index import ReidLikeEmbeddings
 
-from vbatch.operators.index.build import TRAIN_THREADS, _train_with, omp_threads
 from vbatch.operators.index.indexes import make_index
+from vbatch.operators.index.train import TRAIN_THREADS, _train, omp_threads
 
 
 def main() -> None:
@@ -65,7 +65,7 @@ def main() -> None:
                 index = make_index(args.dim, factory)
                 t0 = time.perf_counter()
                 with omp_threads(threads):
-                    _train_with(index, sample, gpu=False)
+                    _train(index, sample, gpu=False)
                 seconds[threads].append(time.perf_counter() - t0)
                 digests.add(hashlib.sha256(faiss.serialize_index(index).tobytes()).hexdigest())
         cells = " ".join(
