@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from vbatch.models.registry import model_entry
+from vbatch.operators.ray_cluster import autoscaler_max_gpus, cluster_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -193,34 +194,8 @@ def refuse_local_paths_on_cluster(paths: dict[str, str | None]) -> None:
         )
 
 
-def cluster_gpus() -> int:
-    """GPUs up now."""
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
-
-
-#: a cap for "the autoscaler may add without limit" (a node type with max_workers -1)
-_UNBOUNDED_GPUS = 1024
-
-
-def autoscaler_max_gpus() -> int | None:
-    """GPUs the cluster's autoscaler may run at most (node types × max workers), or ``None`` when
-    the cluster publishes no autoscaler configuration (a fixed cluster, ``ray start`` by hand).
-
-    Read the way Ray Data reads it for its own shuffles (a developer API of Ray's GCS state).
-    """
-    try:
-        from ray._private.state import state
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # older Ray, no GCS access: as if there were no autoscaler
-        return None
-    if limits is None:
-        return None
-    return int(min(limits.get("GPU", 0), _UNBOUNDED_GPUS))
 
 
 def node_cpus() -> int:

@@ -211,11 +211,11 @@ def test_rabitq_training_without_the_residual_copy_is_faiss_training(metric) -> 
     trains the encoder on a copy of every residual, which RaBitQ does not use): the trained and
     the filled index must be faiss' own, byte for byte; a faiss whose RaBitQ learns from data
     fails here."""
-    from vbatch.operators.index.build import _train
+    from vbatch.operators.index.train import train_index
 
     x, _ = clustered(400, 5, 48, seed=4)
     ours = faiss.index_factory(48, "IVF16,RaBitQ3", metric)
-    _train(ours, x, gpu=False)
+    train_index(ours, x, gpu=False)
     theirs = faiss.index_factory(48, "IVF16,RaBitQ3", metric)
     theirs.train(x)
     assert ours.is_trained

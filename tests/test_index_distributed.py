@@ -109,9 +109,7 @@ def test_shard_plan_skips_what_a_sequential_add_skips(tmp_path: Path) -> None:
 
 # what the automatic plan picks for large galleries under a tight budget, kept small here
 RERANKED = {"factory": "IVF32,RaBitQ3", "refine": True, "sample_size": 2_000}
-
-
-@pytest.mark.parametrize(
+BUILDS = pytest.mark.parametrize(
     "kwargs",
     [
         RERANKED,
@@ -121,6 +119,9 @@ RERANKED = {"factory": "IVF32,RaBitQ3", "refine": True, "sample_size": 2_000}
     ],
     ids=["ivf-rabitq-reranked", "opq-ivf-pq", "auto-small", "flat"],
 )
+
+
+@BUILDS
 def test_distributed_build_is_the_single_process_build(tmp_path: Path, ray_session, kwargs) -> None:
     storage = Storage()
     _table(tmp_path / "emb")
@@ -135,6 +136,41 @@ def test_distributed_build_is_the_single_process_build(tmp_path: Path, ray_sessi
     queries, _ = clustered(600, 1, DIM, seed=3, draw_seed=7)
     _same_gallery(str(tmp_path / "one"), str(tmp_path / "three"), storage, queries[:100])
     assert not (tmp_path / "three" / "_shards").exists()  # staging removed at the commit
+
+
+@BUILDS
+def test_the_index_does_not_depend_on_the_threads_it_is_built_with(
+    tmp_path: Path, ray_session, kwargs
+) -> None:
+    """faiss' OPQ (and, for some dims, k-means) training gives other bits with other thread
+    counts: the build trains with a fixed count wherever it runs, and gives the caller's back."""
+    storage = Storage()
+    _table(tmp_path / "emb")
+    emb = str(tmp_path / "emb")
+    caller = faiss.omp_get_max_threads()
+    try:
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            info = fi.build_index(emb, str(tmp_path / f"threads-{threads}"), storage, **kwargs)
+            assert faiss.omp_get_max_threads() == threads  # restored after training
+    finally:
+        faiss.omp_set_num_threads(caller)
+    trains = "factory" not in kwargs or kwargs["factory"] != "Flat"
+    assert info.train_threads == (1 if trains else None)
+
+    def distributed_build_with_two_threads() -> tuple[int, int]:
+        """A Ray task whose own tasks (train, shards, merge) inherit OMP_NUM_THREADS=2."""
+        import ray
+
+        seen = ray.get(ray.remote(num_cpus=1)(faiss.omp_get_max_threads).remote())
+        fi.build_index(emb, str(tmp_path / "ray-2"), Storage(), workers=3, **kwargs)
+        return faiss.omp_get_max_threads(), seen
+
+    task = ray_session.remote(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
+    assert ray_session.get(task(distributed_build_with_two_threads).remote()) == (2, 2)
+    queries, _ = clustered(600, 1, DIM, seed=3, draw_seed=7)
+    for other in ("threads-2", "ray-2"):
+        _same_gallery(str(tmp_path / "threads-1"), str(tmp_path / other), storage, queries[:100])
 
 
 def test_distributed_add_is_the_single_process_add(tmp_path: Path, ray_session) -> None:

@@ -7,10 +7,16 @@ autofaiss split an index library:
 * :mod:`.plan`: which factory for a gallery size and memory budget (faiss wiki guidelines);
 * :mod:`.embeddings`: streaming and validating ``reid embed`` Parquet tables;
 * :mod:`.store`: ``index.json``, index files by generation, the id map;
+* :mod:`.commit`: a generation's files, then its manifest, then the stale files removed;
+* :mod:`.node_cache`: node-local copies of a committed index, memory-mapped;
 * :mod:`.indexes`: faiss index objects and per-call search parameters;
-* :mod:`.build`: train, add, commit (:func:`build_index`, :func:`add_to_index`), in this
-  process or as Ray tasks (``workers > 1``);
+* :mod:`.build`: :func:`build_index` and :func:`add_to_index`, each a list of phases (plan, train,
+  add shards, merge, tune, commit) that an executor runs;
+* :mod:`.executor`: where the phases run: in this process, or as Ray tasks (``workers > 1``);
+* :mod:`.train`: the trained, empty index every shard encodes with (fixed training threads);
 * :mod:`.shards`: which rows a build indexes, cut into shards, and the merge of shard indexes;
+* :mod:`.encode`: one shard encoded with the trained index, its files left for the merge;
+* :mod:`.merge`: the shards merged, the defaults tuned, the generation committed;
 * :mod:`.refine`: full-precision vectors beside the index, memory-mapped, for re-ranking;
 * :mod:`.tune`: recall against exact search and the ``nprobe`` (and re-rank factor) that reach a
   target;

@@ -11,16 +11,10 @@ import pyarrow as pa
 
 from vbatch.operators.index.embeddings import vector_problems
 from vbatch.operators.index.indexes import ivf_or_none, search_params
+from vbatch.operators.index.node_cache import load_faiss, map_faiss, open_refine
 from vbatch.operators.index.refine import RefineVectors
 from vbatch.operators.index.refine import rerank as rerank_candidates
-from vbatch.operators.index.store import (
-    IndexInfo,
-    load_faiss,
-    map_faiss,
-    open_refine,
-    read_id_map,
-    read_info,
-)
+from vbatch.operators.index.store import IndexInfo, read_id_map, read_info
 from vbatch.operators.storage import Storage
 
 
@@ -95,7 +89,7 @@ class GalleryIndex:
             index = map_faiss(info, storage, cache_root)
         else:
             with tempfile.TemporaryDirectory(prefix="vbatch-index-") as tmp:
-                index = load_faiss(info, storage, Path(tmp))
+                index = load_faiss(info, storage, tmp)  # a remote file fetched, read, dropped
         ids = read_id_map(info, storage).column("image_id").combine_chunks()
         ivf = ivf_or_none(index)
         if ivf is not None and info.nprobe:

@@ -172,8 +172,7 @@ def add_shard(
     """Encode and add the shard's kept rows to ``index``; write their id map rows to
     ``id_part`` and, with ``refine``, their full-precision vectors. Returns the rows added.
 
-    ``index`` may already hold vectors (the in-process path adds straight into the gallery);
-    faiss ids are ``shard.first_id`` onwards either way.
+    ``index`` may already hold vectors; faiss ids are ``shard.first_id`` onwards either way.
     """
     base = index.ntotal
     with pq.ParquetWriter(id_part, ID_MAP_SCHEMA) as writer:
@@ -258,7 +257,13 @@ def append_index(dest: faiss.Index, shard_file: Path) -> None:
     """
     ivf = ivf_or_none(dest)
     if ivf is None:
-        dest.merge_from(faiss.read_index(str(shard_file)), 0)
+        src = faiss.read_index(str(shard_file))
+        if isinstance(faiss.downcast_index(dest), faiss.IndexHNSW):
+            # faiss cannot merge HNSW graphs: the shard's vectors, read back from its storage,
+            # are added instead (what adding them to ``dest`` would have done)
+            dest.add(src.reconstruct_n(0, src.ntotal))
+        else:
+            dest.merge_from(src, 0)
         return
     src = faiss.read_index(str(shard_file), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     src_ivf = ivf_or_none(src)

@@ -10,38 +10,28 @@ Layout under the index URI (every object written through :class:`vbatch.operator
     refine/part-00000.npy      full-precision vectors for re-ranking (when the plan keeps them)
     _shards/00004/             a distributed run's shard indexes until its commit (then removed)
 
-Object stores have no multi-object transaction, so every build or add writes a new *generation*
-(new index file, new id part) and only then replaces ``index.json``; a reader that opened the old
-manifest still finds the files it names, because the previous generation's files are kept until
-the next commit. A crashed run leaves unreferenced files that the next commit overwrites or
-removes; a repeated run therefore never duplicates anything (the habits of faiss
-``contrib/ondisk.py`` and ``contrib/big_batch_search.py``).
+Every build or add writes a new *generation* (new index file, new parts) and only then replaces
+``index.json`` (:mod:`.commit`); a reader that opened the old manifest still finds the files it
+names. A repeated run therefore never duplicates anything (the habits of faiss
+``contrib/ondisk.py`` and ``contrib/big_batch_search.py``). Node-local copies of the files, mapped
+for search: :mod:`.node_cache`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import logging
-import os
 import re
-from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
 from vbatch.operators.index.embeddings import open_parquet
 from vbatch.operators.index.indexes import METRICS
-from vbatch.operators.index.refine import RefineVectors, npy_shape
-from vbatch.operators.storage import Storage, is_remote, join
-
-logger = logging.getLogger(__name__)
+from vbatch.operators.storage import Storage, join
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "index.json"
@@ -95,6 +85,8 @@ class IndexInfo:
         plan_reason: why this factory (auto choice or ``"explicit factory"``).
         memory_budget: bytes the build was asked to fit (``None``: no limit).
         build_seconds: ``train``, ``add``, ``tune`` and ``total`` seconds of the build.
+        train_threads: OpenMP threads the index was trained with, wherever it was trained
+            (``None``: an index without training, or a manifest written before it was kept).
         created_at, updated_at: UTC ISO timestamps.
         vbatch_version, faiss_version: software that wrote it.
         history: one dict per build/add: generation, operation, source URI, added, skipped…
@@ -122,6 +114,7 @@ class IndexInfo:
     plan_reason: str = ""
     memory_budget: int | None = None
     build_seconds: dict[str, float] = field(default_factory=dict)
+    train_threads: int | None = None
     created_at: str = ""
     updated_at: str = ""
     vbatch_version: str = ""
@@ -194,6 +187,10 @@ class IndexInfo:
             return f"nprobe must be an integer >= 1 or null, got {self.nprobe!r}"
         if not is_int(self.generation) or self.generation < 0:
             return f"generation must be an integer >= 0, got {self.generation!r}"
+        if self.train_threads is not None and (
+            not is_int(self.train_threads) or self.train_threads < 1
+        ):
+            return f"train_threads must be an integer >= 1 or null, got {self.train_threads!r}"
         if self.index_bytes is not None and (not is_int(self.index_bytes) or self.index_bytes < 0):
             return f"index_bytes must be an integer >= 0 or null, got {self.index_bytes!r}"
         # file names stay inside the index folder (no "../" from a tampered manifest)
@@ -270,48 +267,20 @@ def shard_staging(uri: str, generation: int) -> str:
     return join(uri, SHARDS_DIR, f"{generation:05d}")
 
 
-def commit(
-    storage: Storage,
-    index: faiss.Index,
-    id_part: Path | None,
-    info: IndexInfo,
-    previous: IndexInfo | None,
-    workdir: Path,
-    refine_part: Path | None = None,
-) -> None:
-    """Upload the generation's index, id part and refine part, then the manifest (the commit
-    point), then remove files that neither the new nor the previous manifest names."""
-    local_index = workdir / "index.faiss"
-    faiss.write_index(index, str(local_index))
-    info.index_bytes = local_index.stat().st_size
-    info.bytes_per_vector = round(info.index_bytes / max(info.count, 1), 2)
-    storage.put_file(local_index, join(info.uri, info.index_file))
-    if id_part is not None:
-        storage.put_file(id_part, join(info.uri, id_part_name(info.generation)))
-    if refine_part is not None:
-        storage.put_file(refine_part, join(info.uri, refine_part_name(info.generation)))
-    info.updated_at = now_iso()
-    storage.write_bytes(join(info.uri, MANIFEST_NAME), info.to_json().encode())
-
-    keep = {join(info.uri, name) for name in _files(info)}
-    if previous is not None:  # readers holding the previous manifest can still open its files
-        keep |= {join(info.uri, name) for name in _files(previous)}
-    for file_uri in storage.list_files(info.uri):
-        name = Path(file_uri).name
-        ours = (
-            (_INDEX_FILE_RE.search(file_uri) and join(info.uri, name) == file_uri)
-            or (_ID_PART_RE.search(file_uri) and join(info.uri, IDS_DIR, name) == file_uri)
-            or (_REFINE_PART_RE.search(file_uri) and join(info.uri, REFINE_DIR, name) == file_uri)
-        )
-        if ours and file_uri not in keep:
-            logger.info("removing stale index file %s", file_uri)
-            storage.delete(file_uri)
-    # shard indexes of this run (merged into the index just written) and of crashed runs
-    storage.delete(join(info.uri, SHARDS_DIR), recursive=True)
-
-
-def _files(info: IndexInfo) -> list[str]:
+def files_of(info: IndexInfo) -> list[str]:
+    """Every file the manifest ``info`` names, relative to its folder."""
     return [info.index_file, *info.id_parts, *info.refine_parts]
+
+
+def is_generation_file(uri: str, file_uri: str) -> bool:
+    """Whether ``file_uri`` is one of the layout's generation files of the index at ``uri``: an
+    index file, id part or refine part, in its folder (other files there are not the index's)."""
+    name = Path(file_uri).name
+    return bool(
+        (_INDEX_FILE_RE.search(file_uri) and join(uri, name) == file_uri)
+        or (_ID_PART_RE.search(file_uri) and join(uri, IDS_DIR, name) == file_uri)
+        or (_REFINE_PART_RE.search(file_uri) and join(uri, REFINE_DIR, name) == file_uri)
+    )
 
 
 _ID_MAP_READ = pa.schema([ID_MAP_SCHEMA.field("faiss_id"), ID_MAP_SCHEMA.field("image_id")])
@@ -347,178 +316,3 @@ def read_id_map(info: IndexInfo, storage: Storage) -> pa.Table:
             "the index is damaged, rebuild it"
         )
     return ids
-
-
-def _read_checked(local: Path, uri: str, info: IndexInfo, io_flags: int = 0) -> faiss.Index:
-    """``faiss.read_index`` of a local copy of ``uri``, checked against the manifest."""
-    size = local.stat().st_size
-    if info.index_bytes is not None and size != info.index_bytes:
-        what = "truncated" if size < info.index_bytes else "longer than written"
-        raise ValueError(
-            f"{uri}: {what} ({size} bytes, the manifest says {info.index_bytes}); rebuild the index"
-        )
-    try:
-        index = faiss.read_index(str(local), io_flags)
-    except RuntimeError as err:
-        # faiss' C++ message names the local copy and a misleading errno
-        reason = "empty file" if size == 0 else "truncated or not a faiss index file"
-        raise ValueError(f"{uri}: cannot read the faiss index ({size} bytes): {reason}") from err
-    if index.ntotal != info.count or index.d != info.dim:
-        raise ValueError(
-            f"{uri}: holds {index.ntotal} vectors of dim {index.d}, "
-            f"the manifest says {info.count} of dim {info.dim}"
-        )
-    return index
-
-
-@contextlib.contextmanager
-def _missing_file(uri: str) -> Iterator[None]:
-    """A file the manifest names but the store lacks: a damaged index, named."""
-    try:
-        yield
-    except FileNotFoundError as err:
-        raise ValueError(
-            f"{uri}: missing, but {MANIFEST_NAME} names it; the index is damaged, rebuild it"
-        ) from err
-
-
-def load_faiss(info: IndexInfo, storage: Storage, workdir: Path) -> faiss.Index:
-    """Download and read the index file of ``info`` into memory (an index to modify).
-
-    Raises:
-        ValueError: the file is truncated, not a faiss index, or holds another count or dim;
-            the message names the file's URI (never the local copy).
-    """
-    uri = join(info.uri, info.index_file)
-    with _missing_file(uri):
-        local = storage.get_file(uri, workdir / "index.faiss")
-    return _read_checked(local, uri, info)
-
-
-def _cache_dir(info: IndexInfo, cache_root: str | Path | None) -> Path:
-    cache = Path(cache_root or os.environ.get("VBATCH_CACHE") or Path.home() / ".cache" / "vbatch")
-    return cache / "indexes" / hashlib.sha256(info.uri.encode()).hexdigest()[:16]
-
-
-def _cached(storage: Storage, uri: str, folder: Path) -> Path:
-    """A local copy of ``uri`` under ``folder``, keyed by its URI, size and ETag (downloaded when
-    missing); the path itself for a local ``uri``."""
-    fs, path = storage.fs(uri)
-    if not is_remote(uri):
-        return Path(path)
-    meta = fs.info(path)
-    stamp = hashlib.sha256(repr((uri, meta.get("size"), meta.get("ETag"))).encode()).hexdigest()
-    target = folder / f"{stamp[:16]}-{Path(path).name}"
-    if target.is_file() and target.stat().st_size == meta.get("size"):
-        return target
-    storage.get_file(uri, target)  # atomic: a temporary name, then a rename
-    logger.info("%s cached at %s", uri, target)
-    return target
-
-
-def _drop_others(folder: Path, pattern: str, keep: list[Path]) -> None:
-    # a process that still maps an older copy keeps its pages (POSIX unlink semantics)
-    for old in folder.glob(pattern):
-        if old not in keep:
-            old.unlink(missing_ok=True)
-
-
-def cached_index_file(
-    info: IndexInfo, storage: Storage, cache_root: str | Path | None = None
-) -> Path:
-    """A local file holding the index file of ``info``: itself when local, else a copy
-    downloaded once per node into the cache (like model directories, :meth:`Storage.localize_dir`).
-
-    The cache key is the file's URI, size and ETag. Older copies of the same index are removed
-    when a new generation is cached: a process that still maps one keeps its pages (POSIX
-    unlink semantics), and the next open maps the new file.
-    """
-    uri = join(info.uri, info.index_file)
-    folder = _cache_dir(info, cache_root)
-    with _missing_file(uri):
-        target = _cached(storage, uri, folder)
-        target.stat()  # a local index is its own file: it must exist
-    if is_remote(uri):
-        _drop_others(folder, "*.faiss", [target])
-    return target
-
-
-def open_refine(
-    info: IndexInfo, storage: Storage, cache_root: str | Path | None = None
-) -> RefineVectors | None:
-    """The refinement vectors of ``info`` memory-mapped from node-local copies (cached like the
-    index file; parts of earlier generations are reused, not downloaded again).
-
-    Returns:
-        ``None`` for a gallery without refine parts (built before re-ranking existed, or with
-        re-ranking off).
-
-    Raises:
-        ValueError: a part that is not a 2-d ``.npy`` of the manifest's dim and dtype, or rows
-            that do not add up to the gallery's count (naming the part or the index).
-    """
-    if not info.refine_parts:
-        return None
-    folder = _cache_dir(info, cache_root) / REFINE_DIR
-    local = []
-    for name in info.refine_parts:
-        uri = join(info.uri, name)
-        with _missing_file(uri):
-            path = _cached(storage, uri, folder)
-            path.stat()
-        try:
-            shape, dtype = npy_shape(path)
-        except (ValueError, OSError) as err:
-            raise ValueError(f"{uri}: not a readable .npy file ({err}); rebuild the index") from err
-        if len(shape) != 2 or shape[1] != info.dim or dtype != info.refine_dtype:
-            raise ValueError(
-                f"{uri}: holds {dtype} {shape}, the manifest says {info.refine_dtype} rows of "
-                f"dim {info.dim}; rebuild the index"
-            )
-        data_bytes = path.stat().st_size - _npy_data_offset(path)
-        if data_bytes != shape[0] * shape[1] * np.dtype(dtype).itemsize:
-            raise ValueError(f"{uri}: truncated ({data_bytes} data bytes for {shape}); rebuild")
-        local.append(path)
-    if any(is_remote(join(info.uri, n)) for n in info.refine_parts):
-        _drop_others(folder, "*.npy", local)
-    vectors = RefineVectors(local)
-    if len(vectors) != info.count:
-        raise ValueError(
-            f"{info.uri}: refine parts hold {len(vectors)} vectors, the index {info.count}; "
-            "rebuild the index"
-        )
-    return vectors
-
-
-def _npy_data_offset(path: Path) -> int:
-    with open(path, "rb") as fh:
-        np.lib.format.read_magic(fh)
-        np.lib.format.read_array_header_1_0(fh)
-        return fh.tell()
-
-
-# IO_FLAG_MMAP_IFC maps the arrays of faiss' in-memory format (flat codes, inverted lists) from
-# the file instead of copying them to the heap; READ_ONLY because the mapping is shared with other
-# processes and the page cache (measured per index type in docs/BENCHMARKS.md)
-MMAP_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
-
-
-def map_faiss(
-    info: IndexInfo, storage: Storage, cache_root: str | Path | None = None
-) -> faiss.Index:
-    """The index file of ``info`` memory-mapped read-only from a node-local copy: opening a
-    gallery costs page cache (shared, evictable), not private memory.
-
-    Falls back to reading into memory (with a log line) for an index type faiss cannot map.
-
-    Raises:
-        ValueError: as :func:`load_faiss`.
-    """
-    uri = join(info.uri, info.index_file)
-    local = cached_index_file(info, storage, cache_root)
-    try:
-        return _read_checked(local, uri, info, MMAP_FLAGS)
-    except ValueError:
-        index = _read_checked(local, uri, info)  # a damaged file raises here again
-        logger.info("%s: faiss cannot memory-map this index type; read into memory", uri)
-        return index

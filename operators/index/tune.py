@@ -174,3 +174,41 @@ def tune_with_rerank(
         fallback[1],
     )
     return fallback
+
+
+def tune_index(
+    index: faiss.Index,
+    probe: RecallProbe | None,
+    refine: RefineVectors | None,
+    target: float,
+) -> tuple[int | None, int | None, float | None]:
+    """The default search parameters of a freshly built index, set on it where faiss keeps them.
+
+    Args:
+        index: the built index.
+        probe: held-out gallery queries with their exact neighbours (``None``: no tuning data;
+            an IVF then gets ``nprobe = min(nlist, 16)``).
+        refine: the refinement vectors (``None``: no re-ranking).
+        target: recall@k to reach.
+
+    Returns:
+        ``(nprobe, rerank, tuned recall)``, each ``None`` where it does not apply.
+    """
+    ivf = ivf_or_none(index)
+    nprobe = tuned = rerank = None
+    if refine is not None:
+        rerank = 1
+        if probe is not None:
+            nprobe, rerank, tuned = tune_with_rerank(
+                index, probe, None if ivf is None else ivf.nlist, target, refine
+            )
+        elif ivf is not None:
+            nprobe = min(ivf.nlist, 16)
+    elif ivf is not None:
+        if probe is not None:
+            nprobe, tuned = tune_nprobe(index, probe, ivf.nlist, target)
+        else:
+            nprobe = min(ivf.nlist, 16)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+    return nprobe, rerank, tuned
