@@ -46,6 +46,7 @@ REGISTRY: dict[str, ModelEntry] = {
         "salient-object detection (Res2Net/SENet with edge guidance, or U2NET)",
         required_files=("pytorch_model.pt",),
         checkpoint="pytorch_model.pt",
+        options=("precision",),
     ),
     "shop-seg": ModelEntry(
         "vbatch.models.shop_seg",
@@ -75,6 +76,7 @@ REGISTRY: dict[str, ModelEntry] = {
         "person re-ID embeddings (PASS ViT-B/16, 1536-d)",
         required_files=("pytorch_model.pt",),
         checkpoint="pytorch_model.pt",
+        options=("precision",),
     ),
     "rvos": ModelEntry(
         "vbatch.models.rvos",
