@@ -52,7 +52,7 @@ class SalientPredictor(Predictor):
         # reorder around every conv (SENet at 320², bf16, 2 threads: 5.0 → 10.5 images/s, fp32 3.2;
         # deviation from fp32 unchanged). fp32 stays NCHW, the reference's kernels (see normalize).
         self.memory_format = torch.contiguous_format if precision == "fp32" else torch.channels_last
-        self.net = net.to(device, memory_format=self.memory_format).eval()
+        self.net = net.to(device).to(memory_format=self.memory_format).eval()
         self.weights = weights
         self.variant = weights.variant
         self.model_version = model_version
