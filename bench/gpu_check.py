@@ -2,8 +2,8 @@
 
 Prepared for the first session with a GPU machine (one call of under 8 minutes): the CUDA tests,
 each model's bare forward vs end-to-end rate with GPU utilisation sampled by ``nvidia-smi``,
-shop-seg's memory-probed batch, autocast bf16/fp16, faiss-gpu training and ONNX Runtime's CUDA
-provider. Each step runs as a subprocess with its own time limit; a failing step is recorded and
+shop-seg's memory-probed batch, every torch model at bf16/fp16 vs fp32 (speed and deviation),
+faiss-gpu training and ONNX Runtime's CUDA provider. Each step runs as a subprocess with its own time limit; a failing step is recorded and
 the next one runs. Writes ``gpu_check.json`` and ``gpu_check.md`` under ``--out``.
 
     python bench/gpu_check.py --out /tmp/gpu-check          # on the GPU machine
@@ -71,7 +71,7 @@ def steps() -> list[Step]:
                 str(ROOT / "tests" / "models"),
                 str(ROOT / "tests" / "test_device_decode.py"),
             ],
-            90,
+            75,
             "the tests that need CUDA (skipped on CPU machines)",
         ),
         Step(
@@ -111,19 +111,25 @@ def steps() -> list[Step]:
             "autocast",
             [
                 PY,
-                str(bench / "bench_shop_seg_model.py"),
+                str(bench / "bench_precision.py"),
                 "--device",
                 "cuda",
-                "--precision",
+                "--precisions",
                 "fp32",
                 "bf16",
                 "fp16",
-                "--batch",
-                "1",
-                "8",
+                "--rounds",
+                "3",
+                # cheapest first: a timed-out step still keeps the models already printed
+                "--models",
+                "reid",
+                "salient",
+                "u2net",
+                "rvos",
+                "shop-seg",
             ],
-            60,
-            "shop-seg under autocast",
+            90,
+            "every torch model at fp32/bf16/fp16: images/s and deviation from fp32",
         ),
         Step(
             "faiss-gpu",
@@ -137,7 +143,7 @@ def steps() -> list[Step]:
                 "--queries",
                 "500",
             ],
-            60,
+            45,
             "index build with GPU training",
         ),
         Step("ort-cuda", [PY, "-c", ort], 15, "ONNX Runtime's CUDA provider is available"),

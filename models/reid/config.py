@@ -395,6 +395,7 @@ ENTRY = ModelEntry(
     summary="person re-ID embeddings (PASS ViT-B/16, 1536-d)",
     required_files=(WEIGHTS_FILE,),
     checkpoint=WEIGHTS_FILE,
+    options=("precision",),
     # ViT-B/16 at 256×128: tiny activations; large batches keep a GPU busy
     batch_cpu=32,
     batch_gpu=128,

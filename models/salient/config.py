@@ -230,6 +230,7 @@ ENTRY = ModelEntry(
     summary="salient-object detection (Res2Net/SENet with edge guidance, or U2NET)",
     required_files=(WEIGHTS_FILE,),
     checkpoint=WEIGHTS_FILE,
+    options=("precision",),
     # CPU: small batches keep the pipeline flowing; the forward cost per image hardly changes.
     # GPU: SENet at 320² holds ~0.3 GB of fp32 activations per image: 32 fit a 16 GB GPU with
     # room to spare

@@ -24,6 +24,7 @@ from timm.models.res2net import Bottle2neck
 from timm.models.resnet import ResNet
 from torch import nn
 
+from vbatch.models.precision import fp32_island
 from vbatch.models.salient.config import (
     SENET,
     U2NET,
@@ -319,10 +320,18 @@ class SENet(nn.Module):
         l2f = self.layer3_decoder(l2e, l34, area_logits)
         out8 = self.out_conv_8(l2f)
         l1f = self.layer2_decoder(l1e, l2f, out8)
-        out4 = F.interpolate(
-            self.out_conv_4(l1f), size=x.shape[-2:], mode="bilinear", align_corners=False
-        )
-        return torch.sigmoid(out4)
+        # fp32 island (one output channel, ~0.1 % of the work): a bf16 sigmoid quantises the map to
+        # 2^-9 relative (up to 0.5 grey level) and the head reads a small difference of large
+        # features. Measured at 320² under bf16 (random weights, photos): mean |Δ| 1.29 → 1.23,
+        # p99 4.58 → 4.36 grey levels with this island.
+        with fp32_island(x.device):
+            out4 = F.interpolate(
+                self.out_conv_4(l1f.float()),
+                size=x.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )
+            return torch.sigmoid(out4)
 
 
 def build_network(variant: Variant, cfg: SENetConfig | U2NetConfig | None = None) -> nn.Module:

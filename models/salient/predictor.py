@@ -47,13 +47,17 @@ class SalientPredictor(Predictor):
     ) -> None:
         check_precision(precision, device)
         self.device = device
-        self.net = net.to(device).eval()
+        self.precision = precision
+        # Reduced precision runs channels-last: oneDNN's bf16 convolutions then skip a layout
+        # reorder around every conv (SENet at 320², bf16, 2 threads: 5.0 → 10.5 images/s, fp32 3.2;
+        # deviation from fp32 unchanged). fp32 stays NCHW, the reference's kernels (see normalize).
+        self.memory_format = torch.contiguous_format if precision == "fp32" else torch.channels_last
+        self.net = net.to(device).to(memory_format=self.memory_format).eval()
         self.weights = weights
         self.variant = weights.variant
         self.model_version = model_version
         self.weights_path = weights_path
         self.transforms = SalientTransforms(weights.norm_size)
-        self.precision = precision
         self._mean = torch.tensor(weights.norm_mean, dtype=torch.float32, device=device).view(
             1, 3, 1, 1
         )
@@ -63,10 +67,10 @@ class SalientPredictor(Predictor):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """torchvision's ``ToTensor`` + ``Normalize``: (B, h, w, 3) uint8 → (B, 3, h, w) float32."""
-        # contiguous NCHW: a channels-last input would make the convolutions pick other kernels,
-        # which moves the maps by up to 1e-3 from the reference's
-        x = images.permute(0, 3, 1, 2).to(torch.float32).contiguous().div(255)
-        return x.sub(self._mean).div(self._std)
+        # fp32: contiguous NCHW, since a channels-last input would make the convolutions pick other
+        # kernels, which moves the maps by up to 1e-3 from the reference's; bf16/fp16: channels-last
+        x = images.permute(0, 3, 1, 2).to(torch.float32).div(255)
+        return x.sub(self._mean).div(self._std).contiguous(memory_format=self.memory_format)
 
     def forward(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Args: inputs: preprocessed (h, w, 3) uint8 images, all of ``norm_size``.

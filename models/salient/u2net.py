@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vbatch.models.precision import fp32_island
 from vbatch.models.salient.config import U2NET, U2NetConfig
 
 
@@ -128,15 +129,20 @@ class U2Net(nn.Module):
         hx3d = self.stage3d(torch.cat((_upsample_like(hx4d, hx3), hx3), 1))
         hx2d = self.stage2d(torch.cat((_upsample_like(hx3d, hx2), hx2), 1))
         hx1d = self.stage1d(torch.cat((_upsample_like(hx2d, hx1), hx1), 1))
-        d1 = self.side1(hx1d)
-        sides = [d1] + [
-            _upsample_like(side(h), d1)
-            for side, h in (
-                (self.side2, hx2d),
-                (self.side3, hx3d),
-                (self.side4, hx4d),
-                (self.side5, hx5d),
-                (self.side6, hx6),
-            )
-        ]
-        return torch.sigmoid(self.outconv(torch.cat(sides, 1)))
+        # fp32 island (six 1-channel side convs and the fusion, ~1 % of the work): a bf16 sigmoid
+        # quantises the map to 2^-9 relative (up to 0.5 grey level), and the side maps are
+        # upsampled ×2…×32 and summed. Measured at 320² under bf16 (random weights, photos):
+        # mean |Δ| 1.18 → 1.06, p99 6.2 → 5.4 grey levels with this island.
+        with fp32_island(x.device):
+            d1 = self.side1(hx1d.float())
+            sides = [d1] + [
+                _upsample_like(side(h.float()), d1)
+                for side, h in (
+                    (self.side2, hx2d),
+                    (self.side3, hx3d),
+                    (self.side4, hx4d),
+                    (self.side5, hx5d),
+                    (self.side6, hx6),
+                )
+            ]
+            return torch.sigmoid(self.outconv(torch.cat(sides, 1)))

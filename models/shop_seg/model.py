@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vbatch.models.precision import AUTOCAST_DTYPES, PRECISIONS
+from vbatch.models.precision import ACTIVATION_BYTES, PRECISIONS
 from vbatch.models.shop_seg.clip import PromptTextEncoder, ViTPyramid
 from vbatch.models.shop_seg.config import FULL, WEIGHTS, ShopSegConfig
 from vbatch.models.shop_seg.decoder import ContextDecoder, FPNHead, FPNNeck
@@ -131,8 +131,23 @@ class ShopSegNet(nn.Module):
         del pyramid, dense_embed, visual_context
         return self.head(feats)
 
+    def segment_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The reference's class probabilities: bilinear to S×S, softmax; in fp32 whatever the
+        forward's precision (the logits are upcast first).
+
+        Args:
+            logits: (B, K, h, w).
+
+        Returns:
+            (B, K, S, S) float32.
+        """
+        s = self.config.image_size
+        up = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+        return up.softmax(dim=1)
+
     def segment(self, logits: torch.Tensor) -> torch.Tensor:
-        """The reference's decision: bilinear to S×S, softmax, argmax (ties → class 0, background).
+        """The reference's decision: argmax of :meth:`segment_probabilities` (ties → class 0,
+        background).
 
         Args:
             logits: (B, K, h, w).
@@ -140,9 +155,7 @@ class ShopSegNet(nn.Module):
         Returns:
             (B, S, S) uint8 class map.
         """
-        s = self.config.image_size
-        up = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
-        return up.softmax(dim=1).argmax(dim=1).to(torch.uint8)
+        return self.segment_probabilities(logits).argmax(dim=1).to(torch.uint8)
 
 
 def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "fp32") -> int:
@@ -166,10 +179,9 @@ def activation_bytes_per_image(config: ShopSegConfig = FULL, precision: str = "f
     Returns:
         Bytes for one image.
     """
-    if precision not in AUTOCAST_DTYPES:
+    if precision not in ACTIVATION_BYTES:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    # autocast runs the activations at its dtype; fp32 (no autocast) at 4 bytes
-    nbytes = (AUTOCAST_DTYPES[precision] or torch.float32).itemsize
+    nbytes = ACTIVATION_BYTES[precision]
     s = config.image_size
     levels = [(s // stride) ** 2 for stride in (4, 8, 16, 32)]
     pyramid = config.vision_width * sum(levels) + config.num_classes * levels[2]
