@@ -121,6 +121,10 @@ class RunOptions:
     #: custom Ray resources each model actor requests, e.g. {"gpu_node": 1}: pins the actors to
     #: the nodes that carry them
     actor_resources: dict[str, float] | None = role(PLACEMENT, None)  # noqa: RUF009 (a field)
+    #: also commit the result rows to this Iceberg table, NAMESPACE.TABLE (jobs.lakehouse)
+    table: str | None = role(OUTPUT, None)
+    #: the pyiceberg catalog of --table (~/.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__…)
+    catalog: str = role(OUTPUT, "default")
     #: take over --out's lease even when its holder looks alive (jobs.lease)
     break_lease: bool = role(PLACEMENT, False)
     #: exit 3 above this fraction of error rows (jobs.summary)

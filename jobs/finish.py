@@ -72,6 +72,9 @@ class Tail:
             options that decide results, the run key), read back by ``--reuse`` and backfills.
         product_columns: the result columns holding product URIs (their folders are kept).
         lease: the run's lease on ``out`` (checked before the commit), if it took one.
+        table: commits the staged rows to the run's Iceberg table (``--table``) and returns the
+            summary's ``table`` facts: run right before the Parquet generation is published.
+            With a table, no product folder is removed: its snapshots (time travel) name them.
     """
 
     command: str
@@ -87,6 +90,7 @@ class Tail:
     commit: dict[str, Any] = field(default_factory=dict)
     product_columns: tuple[str, ...] = ()
     lease: Any = None  # jobs.lease.Lease
+    table: Callable[[list[str], Outcome], dict[str, Any]] | None = None
 
 
 def finish(tail: Tail, clock: RunClock, staged: list[str]) -> tuple[dict[str, Any], Outcome]:
@@ -103,21 +107,24 @@ def finish(tail: Tail, clock: RunClock, staged: list[str]) -> tuple[dict[str, An
     check_infrastructure(outcome.counts, tail.limits, tail.what)
     if tail.lease is not None:
         tail.lease.check()
+    files = outcome.files if outcome.files is not None else staged
+    # the table first: a commit the catalog refuses fails the run before anything is published
+    table = tail.table(files, outcome) if tail.table is not None else None
     generation = publish(
         tail.out,
         tail.storage,
         clock.run_id,
-        outcome.files if outcome.files is not None else staged,
+        files,
         outcome.rows,
         staging_name=tail.staging_key,
         record={"command": tail.command, **tail.commit},
         product_dirs=product_dirs(outcome.table, tail.out, tail.product_columns),
+        clean_products=tail.table is None,
     )
     if tail.after_publish is not None:
         _published(lambda: tail.after_publish(outcome), tail.out)  # type: ignore[misc]
-    record = job_record(
-        tail.command, clock, outcome.counts, tail.limits, **tail.facts(outcome, generation)
-    )
+    facts = tail.facts(outcome, generation) | ({"table": table} if table is not None else {})
+    record = job_record(tail.command, clock, outcome.counts, tail.limits, **facts)
     _published(
         lambda: write_run_record(tail.out, tail.storage, {**record, **tail.run_extra}), tail.out
     )

@@ -12,6 +12,7 @@ result rows (stage, count, publish) is the job's (:mod:`vbatch.jobs.segment`, ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -25,7 +26,12 @@ import ray
 from vbatch.jobs.config import INPUT, MODEL, OUTPUT, PLACEMENT, RESULT, SELECTION, RunOptions, role
 from vbatch.jobs.publish import FAULT_ENV, PARTITION
 from vbatch.jobs.resume import fault_row, raise_from_row
-from vbatch.jobs.runtime import Resources, decide_resources, model_pool_stage
+from vbatch.jobs.runtime import (
+    Resources,
+    decide_resources,
+    model_pool_stage,
+    resolve_job_precision,
+)
 from vbatch.models import check_model_dir, load_transforms, model_entry
 from vbatch.models.registry import ModelEntry
 from vbatch.operators.columns import set_column
@@ -59,8 +65,9 @@ class ImageJobConfig(RunOptions):
     max_side: int = role(RESULT, 2000)
     #: matting: composite cut-outs over this colour or image URI
     background: str | None = role(RESULT, None)
-    #: "fp32", "bf16" or "fp16" (models.precision)
-    precision: str = role(RESULT, "fp32")
+    #: "fp32", "bf16", "fp16", "auto" or None: the model's default (ModelEntry.default_precision);
+    #: resolved to a precision before anything runs (jobs.runtime.resolve_job_precision)
+    precision: str | None = role(RESULT, None)
     rows_per_block: int = role(PLACEMENT, ROWS_PER_BLOCK)
     #: "exact" (reference preprocessing), "fast" (DCT-scaled JPEG decode) or "gpu" (JPEGs decoded
     #: and resized in the model actor, operators.device_decode)
@@ -103,6 +110,10 @@ class ImagePipeline:
     info: ManifestInfo
     #: the CPU stages' map_batches arguments
     cpu_stage: dict[str, Any]
+    #: the job's configuration with its precision resolved (what decides its results)
+    cfg: ImageJobConfig
+    #: why that precision (``"bf16: CPU has AMX (amx_bf16)"``)
+    precision_reason: str
 
 
 def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
@@ -119,6 +130,9 @@ def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
         cfg.precision,
         cfg.device,
     )
+    precision, reason = resolve_job_precision(cfg.task, cfg.precision, res, cfg.actor_resources)
+    cfg = dataclasses.replace(cfg, precision=precision)
+    logger.info("%s at %s", cfg.task, reason)
     model_options, transform_options = task_options(entry, cfg, res)
     local_model_dir = storage.localize_dir(cfg.model_dir)
     check_model_dir(cfg.task, local_model_dir)
@@ -146,7 +160,17 @@ def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
         "udf_modifying_row_count": False,
     }
     return ImagePipeline(
-        entry, res, storage, local_model_dir, transforms, model_options, ds, info, cpu_stage
+        entry,
+        res,
+        storage,
+        local_model_dir,
+        transforms,
+        model_options,
+        ds,
+        info,
+        cpu_stage,
+        cfg,
+        reason,
     )
 
 

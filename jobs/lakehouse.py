@@ -30,12 +30,6 @@ TABLE_KEYS = {
     "reid search": "reid-search",
     "video": "video",
 }
-#: the snapshot properties ``--reuse`` of a table compares (vbatch.operators.reuse)
-MODEL_IDENTITY = "vbatch.model-identity"
-OPTIONS = "vbatch.options"
-OUT = "vbatch.out"
-#: what ``--reuse`` names a table by
-TABLE_SCHEME = "iceberg:"
 
 
 def target_of(table: str | None, catalog: str) -> Any:  # -> IcebergTarget | None
@@ -85,7 +79,10 @@ def commit_table(
     schema = _staged_schema(staged, storage)
     props = {
         "vbatch.version": versions().get("vbatch") or "",
-        **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in properties.items()},
+        **{
+            k: v if isinstance(v, str) else json.dumps(v, default=str)
+            for k, v in properties.items()
+        },
     }
     try:
         info = commit(

@@ -191,6 +191,7 @@ def publish(
     staging_name: str | None = None,
     record: dict[str, Any] | None = None,
     product_dirs: list[str] | None = None,
+    clean_products: bool = True,
 ) -> str:
     """Commit the staged files as the generation ``run_id`` of ``<out>/results``.
 
@@ -205,7 +206,8 @@ def publish(
             ``_SUCCESS`` before the pointer moves, so that whoever follows the pointer
             (``--reuse``, a backfill's ledger) reads the facts of that very generation.
         product_dirs: the product folders (relative to ``out``) the generation's rows reference;
-            after the commit every other product folder is deleted.
+            after the commit every other product folder is deleted (unless ``clean_products`` is
+            false: an Iceberg table's older snapshots may name them).
 
     Returns:
         The generation's folder, ``<out>/results/<run_id>``.
@@ -235,7 +237,8 @@ def publish(
     storage.write_bytes(join(out, POINTER), f"{RESULTS}/{run_id}\n".encode())
     fault_point("after-pointer")
     try:
-        remove_stale(out, storage, run_id, set(product_dirs or []))
+        kept = set(product_dirs or []) if clean_products else None
+        remove_stale(out, storage, run_id, kept)
     except InjectedFault:
         raise
     except Exception as e:  # published: a later run's cleanup removes what is left

@@ -23,6 +23,7 @@ import pyarrow as pa
 from vbatch.jobs.segment import ImageJobConfig, JobSummary, run_image_job
 from vbatch.jobs.summary import Counts, RunClock, count_rows
 from vbatch.models import load_model
+from vbatch.models.registry import weights_version
 from vbatch.operators.decode import decode_image
 from vbatch.operators.index import GalleryIndex
 from vbatch.operators.index.embeddings import vector_problems, vectors_from_arrow
@@ -60,7 +61,11 @@ class Queries:
 
 
 def embed_images(
-    uris: list[str], model_dir: str, storage: Storage, batch_size: int = 32
+    uris: list[str],
+    model_dir: str,
+    storage: Storage,
+    batch_size: int = 32,
+    precision: str | None = None,
 ) -> Queries:
     """Embed a few query images on this machine (no Ray); an unreadable image fails alone.
 
@@ -69,11 +74,20 @@ def embed_images(
         model_dir: the re-ID model directory.
         storage: the storage layer.
         batch_size: images per model call.
+        precision: the model's precision (``None``: its default, ``ModelEntry.default_precision``;
+            ``"auto"`` is resolved for this machine).
 
     Returns:
         :class:`Queries` with the model's version; a failed image's error names its URI.
     """
-    predictor = load_model("reid", storage.localize_dir(model_dir))
+    from vbatch.models.base import resolve_device
+    from vbatch.models.precision import resolve_precision
+    from vbatch.models.registry import model_entry
+
+    device = resolve_device(None)
+    chosen, reason = resolve_precision(precision or model_entry("reid").default_precision, device)
+    logger.info("reid queries at %s", reason)
+    predictor = load_model("reid", storage.localize_dir(model_dir), device, precision=chosen)
     errors: list[str | None] = [None] * len(uris)
     embedded: dict[int, np.ndarray] = {}
     for start in range(0, len(uris), batch_size):
@@ -164,7 +178,7 @@ def check_model_version(queries: Queries, index: GalleryIndex, allow_mismatch: b
     gallery = index.info.model_version
     if allow_mismatch or queries.model_version is None or gallery is None:
         return
-    if queries.model_version != gallery:
+    if weights_version(queries.model_version) != weights_version(gallery):
         raise ValueError(
             f"queries come from model_version {queries.model_version!r}, the gallery at "
             f"{index.info.uri} from {gallery!r}: embeddings of different models are not "

@@ -21,6 +21,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
@@ -35,15 +36,18 @@ from vbatch.jobs.image_pipeline import (
     prepare_image_job,
     write_stage,
 )
+from vbatch.jobs.lakehouse import check_table, commit_table, target_of
 from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import read_files, stage
 from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.models import check_model_dir, model_version
+from vbatch.models.registry import weights_version
 from vbatch.operators.index import IndexInfo, read_info
 from vbatch.operators.index.gallery import check_search_options
-from vbatch.operators.index.search_stage import SEARCH_BATCH_ROWS, SearchStage
+from vbatch.operators.index.search_stage import HIT_FIELDS, SEARCH_BATCH_ROWS, SearchStage
+from vbatch.operators.lakehouse.catalog import OUT
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 from vbatch.operators.tables import results_files
 
@@ -102,7 +106,7 @@ def _check_model_dir_version(model_dir: str, info: IndexInfo, storage: Storage) 
     local = storage.localize_dir(model_dir)
     check_model_dir("reid", local)  # a wrong folder is named as such, not as a missing hash
     version = model_version("reid", local)
-    if info.model_version is not None and version != info.model_version:
+    if info.model_version is not None and version != weights_version(info.model_version):
         raise ValueError(
             f"the model at {model_dir} is model_version {version!r}, the gallery at {info.uri} "
             f"holds {info.model_version!r}: embeddings of different models are not comparable "
@@ -125,7 +129,11 @@ def _embeddings_table(uri: str, storage: Storage, cfg: SearchJobConfig) -> tuple
         found = table.to_table(columns=["model_version"]).column("model_version")
         versions = set(pc.unique(found.drop_null()).to_pylist())
         gallery = read_info(cfg.index, storage).model_version
-        if gallery is not None and versions and versions != {gallery}:
+        if (
+            gallery is not None
+            and versions
+            and {weights_version(v) for v in versions} != {weights_version(gallery)}
+        ):
             raise ValueError(
                 f"queries come from model_version {sorted(versions)}, the gallery at {cfg.index} "
                 f"from {gallery!r}: embeddings of different models are not comparable "
@@ -188,6 +196,8 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
     info = read_info(cfg.index, storage)  # a missing or damaged index fails here, in seconds
     # here, not once per search actor inside Ray's task errors
     check_search_options(info, cfg.k, cfg.nprobe, cfg.rerank)
+    target = target_of(cfg.table, cfg.catalog)
+    check_table(target, "reid search", pa.schema(HIT_FIELDS))  # before any work
     with Lease(out, storage, clock.run_id, "reid search", cfg.break_lease) as lease:
         ds, expected = _search_stages(cfg, storage, info)
         staged = stage(ds, out, storage, clock.run_id)
@@ -242,6 +252,7 @@ def _finish(
     lease: Lease,
 ) -> SearchJobSummary:
     """Count the hit rows (one per query: its first hit or its error), publish, record."""
+    target = target_of(cfg.table, cfg.catalog)
 
     def account(staged: list[str]) -> Outcome:
         columns = ["query_id", "rank", "status", "error", "error_class"]
@@ -285,6 +296,23 @@ def _finish(
         run_extra={"config": asdict(cfg)},
         commit={"index": cfg.index, "index_generation": info.generation},
         lease=lease,
+        table=None
+        if target is None
+        else lambda files, outcome: commit_table(
+            target,
+            "reid search",
+            files,
+            storage,
+            clock,
+            {
+                "vbatch.command": "reid search",
+                "vbatch.index": cfg.index,
+                "vbatch.index-generation": info.generation or "",
+                OUT: out,
+                "vbatch.queries": outcome.counts.rows,
+                "vbatch.hits": outcome.rows,
+            },
+        ),
     )
     record, outcome = finish(tail, clock, staged)
     counts = outcome.counts

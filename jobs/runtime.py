@@ -130,6 +130,40 @@ def actor_resources(resources: dict[str, float] | None) -> dict[str, Any]:
     return {"resources": dict(resources)} if resources else {}
 
 
+def resolve_job_precision(
+    task: str, requested: str | None, res: Resources, resources: dict[str, float] | None = None
+) -> tuple[str, str]:
+    """The precision the model actors run ``task`` at, and why (for the log, summary, run.json).
+
+    ``requested`` ``None`` takes the model's default (``ModelEntry.default_precision``); ``"auto"``
+    is bf16 where the device runs it natively (``models.precision.resolve_precision``). The device
+    decides, so on GPUs or a cluster of several nodes ``auto`` is resolved by a task placed as the
+    model actors are (a driver's CPU says nothing of a worker node's); locally, here.
+
+    Raises:
+        ValueError: a precision the model or the device cannot run.
+    """
+    from vbatch.models.precision import resolve_precision
+
+    entry = model_entry(task)
+    if "precision" not in entry.options:
+        if requested in (None, "auto", "fp32"):
+            return "fp32", f"fp32: {task} runs in fp32 only"
+        raise ValueError(
+            f"--precision {requested}: {task} runs in fp32 only (ONNX Runtime has no faster "
+            "path that keeps its mattes within 2 grey levels on x86: docs/BENCHMARKS.md)"
+        )
+    requested = requested or entry.default_precision
+    alive = len([n for n in ray.nodes() if n.get("Alive")])
+    if requested == "auto" and (res.device == "cuda" or alive > 1):
+        probe = ray.remote(resolve_precision).options(
+            num_cpus=0, num_gpus=res.gpus_per_actor or 0, **actor_resources(resources)
+        )
+        precision, reason = ray.get(probe.remote(requested, res.device), timeout=600)
+        return str(precision), str(reason)
+    return resolve_precision(requested, res.device)
+
+
 def model_pool_stage(
     ds: ray.data.Dataset,
     stage: type,
@@ -278,7 +312,7 @@ def decide_resources(
     actors: int | None = None,
     gpus_per_actor: float | None = None,
     threads: int | None = None,
-    precision: str = "fp32",
+    precision: str | None = "fp32",
     device: str = "auto",
 ) -> Resources:
     """Fill in the model stage's resources from the cluster (after :func:`ensure_ray`).
@@ -325,6 +359,9 @@ def decide_resources(
         # replica gets a node's cores
         share = actors if len([n for n in ray.nodes() if n.get("Alive")]) <= 1 else 1
         threads = 4 if on_gpu else max(1, node_cpus() // share)
+    precision = (
+        precision if precision in ("fp32", "bf16", "fp16") else "fp32"
+    )  # auto: resolved later
     if not on_gpu and precision == "fp16":
         raise ValueError("--precision fp16 needs a GPU; on CPU use bf16 or fp32")
     if batch_size is None and on_gpu and task == "shop-seg" and gpus_now:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 
 from vbatch.jobs.config import key_fields, pool_fields, reuse_fields
@@ -40,6 +42,7 @@ from vbatch.jobs.image_pipeline import (
     write_partitioned,
     write_stage,
 )
+from vbatch.jobs.lakehouse import check_table, commit_table, target_of
 from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import read_files, report_details, stage, stage_partitions
@@ -54,8 +57,10 @@ from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.models import model_entry
 from vbatch.models import model_version as weights_version
+from vbatch.operators.lakehouse.catalog import MODEL_IDENTITY, OPTIONS, OUT
 from vbatch.operators.manifest import ManifestInfo, manifest_files
 from vbatch.operators.outputs import OutputOptions
+from vbatch.operators.quality import GT_COLUMN, metric_kind
 from vbatch.operators.reuse import (
     Previous,
     carry_forward,
@@ -68,8 +73,8 @@ from vbatch.operators.reuse import (
     previous_run,
 )
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
-from vbatch.operators.tables import product_root
-from vbatch.schemas.images import PRODUCT_URI_COLUMNS
+from vbatch.operators.tables import STAGING, product_root
+from vbatch.schemas.images import PRODUCT_URI_COLUMNS, image_results_schema, metric_fields
 
 __all__ = ["ImageJobConfig", "JobSummary", "PoolMismatch", "run_image_job", "run_image_jobs"]
 
@@ -156,7 +161,7 @@ def run_image_job(
     ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
     part = _plan(cfg, storage, clock, command)
     with part.lease:
-        ds = fault_stage(part.p, model_stages(part.p, cfg, part.ds))
+        ds = fault_stage(part.p, model_stages(part.p, part.cfg, part.ds))
         ds = write_stage(part.p, ds, part.options)
         carried = _carried(part)
         if carried is not None:
@@ -324,16 +329,19 @@ def _plan(cfg: ImageJobConfig, storage: Storage, clock: RunClock, command: str) 
     lease = Lease(out, storage, clock.run_id, command, cfg.break_lease)
     lease.__enter__()
     try:
-        return _plan_leased(cfg, storage, clock, out, lease)
+        return _plan_leased(cfg, storage, clock, out, lease, command)
     except BaseException:
         lease.release()
         raise
 
 
 def _plan_leased(
-    cfg: ImageJobConfig, storage: Storage, clock: RunClock, out: str, lease: Lease
+    cfg: ImageJobConfig, storage: Storage, clock: RunClock, out: str, lease: Lease, command: str
 ) -> _Partition:
     p = prepare_image_job(cfg, storage)
+    cfg = p.cfg  # the precision resolved: it decides results, so it is in the key
+    # an Iceberg table that cannot take the results fails the job here, before any work
+    check_table(target_of(cfg.table, cfg.catalog), command, results_schema(p))
     # staged under a key of what decides the results: the rerun of a crashed run finds its files
     # and skips their rows before anything is fetched (jobs.resume)
     key, identity = image_run_key(cfg, storage, list(p.info.files), p.local_model_dir)
@@ -345,10 +353,22 @@ def _plan_leased(
             fn_kwargs={"done_ids": previous.done_ids, "done_rows": previous.done_rows},
             **{**p.cpu_stage, "udf_modifying_row_count": True},
         )
-    ds, carried, reusable = _split_reused(ds, cfg, p.info, storage, identity, p.cpu_stage)
+    ds, carried, reusable = _split_reused(ds, cfg, p.info, storage, identity, p.cpu_stage, out)
     # this run's products go to its own folder: no other run ever writes there
     options = output_options(p, cfg, product_root(out, clock.run_id))
     return _Partition(cfg, out, p, key, previous, identity, ds, carried, reusable, options, lease)
+
+
+def results_schema(p: ImagePipeline) -> pa.Schema:
+    """The columns an image job's result rows will have: the output's, the ground-truth metrics
+    when the manifest has a ground-truth column, the manifest's own (as ``write_products`` builds
+    the rows)."""
+    dim = getattr(p.transforms, "embed_dim", None)
+    fields = list(image_results_schema(p.entry.output, embedding_dim=dim))
+    if GT_COLUMN in p.info.passthrough.names:
+        fields += metric_fields(metric_kind(p.cfg.task))
+    names = {f.name for f in fields}
+    return pa.schema(fields + [f for f in p.info.passthrough if f.name not in names])
 
 
 def _carried(part: _Partition) -> ray.data.Dataset | None:
@@ -412,6 +432,8 @@ def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) 
             "results_uri": join(out, "results"),
             "generation": generation,
             "resources": part.p.res.describe(),
+            "precision": cfg.precision,
+            "precision_reason": part.p.precision_reason,
             # rows an earlier, crashed attempt of this run had staged: not fetched or inferred
             "resumed_rows": part.previous.rows,
             # rows carried forward from --reuse: not fetched or inferred either
@@ -443,6 +465,7 @@ def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) 
         },
         product_columns=PRODUCT_URI_COLUMNS,
         lease=part.lease,
+        table=_table_step(part, clock, command),
     )
     record, outcome = finish(tail, clock, staged)
     counts = outcome.counts
@@ -463,6 +486,37 @@ def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) 
     )
 
 
+def _table_step(part: _Partition, clock: RunClock, command: str) -> Any:
+    """The finishing tail's ``--table`` commit of this job, or ``None`` without a table."""
+    cfg = part.cfg
+    target = target_of(cfg.table, cfg.catalog)
+    if target is None:
+        return None
+
+    def commit(files: list[str], outcome: Outcome) -> dict[str, Any]:
+        counts = outcome.counts
+        return commit_table(
+            target,
+            command,
+            files,
+            part.p.storage,
+            clock,
+            {
+                "vbatch.command": command,
+                "vbatch.task": cfg.task,
+                "vbatch.model-version": _model_version(outcome.table) or "",
+                MODEL_IDENTITY: part.identity,
+                OPTIONS: reuse_fields(cfg),
+                OUT: part.out,
+                "vbatch.rows": counts.rows,
+                "vbatch.ok": counts.by_status.get("ok", 0),
+                "vbatch.errors": counts.errors,
+            },
+        )
+
+    return commit
+
+
 def _split_reused(
     ds: ray.data.Dataset,
     cfg: ImageJobConfig,
@@ -470,6 +524,7 @@ def _split_reused(
     storage: Storage,
     identity: str,
     cpu_stage: dict[str, Any],
+    out: str,
 ) -> tuple[ray.data.Dataset, ray.data.Dataset | None, Previous | None]:
     """Give each manifest row its content fingerprint and split off the rows ``--reuse`` carries
     forward (:mod:`vbatch.operators.reuse`).
@@ -483,7 +538,11 @@ def _split_reused(
     previous: Previous | None = None
     listing = None
     if cfg.reuse is not None:
-        previous = previous_run(cfg.reuse, storage, identity, reuse_fields(cfg))
+        # an Iceberg table's rows are exported into this run's staging (gone with it)
+        scratch = join(out, STAGING, f"reuse-{uuid.uuid4().hex[:12]}")
+        previous = previous_run(
+            cfg.reuse, storage, identity, reuse_fields(cfg), catalog=cfg.catalog, scratch=scratch
+        )
         if previous.reason:
             logger.warning("--reuse %s: nothing to reuse: %s", cfg.reuse, previous.reason)
         else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -40,6 +40,7 @@ from vbatch.jobs.config import (
 )
 from vbatch.jobs.finish import Outcome, Tail, finish
 from vbatch.jobs.image_pipeline import task_options
+from vbatch.jobs.lakehouse import check_table, commit_table, target_of
 from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import FAULT_ENV, read_files, report_details, stage
@@ -50,6 +51,7 @@ from vbatch.jobs.runtime import (
     ensure_ray,
     model_pool_stage,
     refuse_local_paths_on_cluster,
+    resolve_job_precision,
 )
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.jobs.video_resume import (
@@ -62,6 +64,7 @@ from vbatch.jobs.video_resume import (
 )
 from vbatch.models import check_model_dir, model_entry
 from vbatch.models import model_version as weights_version
+from vbatch.operators.lakehouse.catalog import MODEL_IDENTITY, OPTIONS, OUT
 from vbatch.operators.reuse import model_identity
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 from vbatch.operators.tables import product_root
@@ -73,6 +76,7 @@ from vbatch.operators.video.queries import rvos_query_check
 from vbatch.operators.video.render import render_video
 from vbatch.operators.video.write import write_window_masks
 from vbatch.schemas.images import PRODUCT_URI_COLUMNS
+from vbatch.schemas.videos import video_results_schema
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +92,9 @@ class VideoConfig(RunOptions):
     limit: int | None = role(SELECTION, None)
     #: renders are drawn after publishing, from the table: they change no result row
     render: bool = role(OUTPUT, False)
-    #: "fp32" (the reference's), "bf16" or "fp16" autocast (models.precision)
-    precision: str = role(RESULT, "fp32")
+    #: "fp32" (the reference's), "bf16", "fp16", "auto" or None (the model's default, fp32):
+    #: resolved before anything runs (jobs.runtime.resolve_job_precision)
+    precision: str | None = role(RESULT, None)
 
 
 @dataclass
@@ -156,6 +161,7 @@ def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
     """
     clock = clock or RunClock()
     plan = _plan(cfg, clock)
+    cfg = plan.cfg  # the precision resolved
     with plan.lease:
         staged = stage(_stages(cfg, plan, clock), plan.out, plan.storage, plan.key)
         record, outcome = finish(_tail(cfg, plan, clock), clock, staged)
@@ -178,6 +184,9 @@ class _VideoPlan:
     previous: Any  # jobs.video_resume.VideoAttempt
     identity: str
     lease: Lease
+    #: the configuration with its precision resolved, and why that precision
+    cfg: VideoConfig
+    precision_reason: str
 
 
 def _plan(cfg: VideoConfig, clock: RunClock) -> _VideoPlan:
@@ -207,6 +216,9 @@ def _plan_leased(cfg: VideoConfig, storage: Storage, out: str, lease: Lease) -> 
         cfg.threads_per_actor,
         device=cfg.device,
     )
+    precision, reason = resolve_job_precision("rvos", cfg.precision, res, cfg.actor_resources)
+    cfg = replace(cfg, precision=precision)
+    logger.info("rvos at %s", reason)
     # checked on the driver before any worker starts: a wrong model directory fails in seconds
     local_model_dir = storage.localize_dir(cfg.model_dir)
     check_model_dir("rvos", local_model_dir)
@@ -227,7 +239,11 @@ def _plan_leased(cfg: VideoConfig, storage: Storage, out: str, lease: Lease) -> 
     identity = model_identity(weights_version("rvos", local_model_dir), local_model_dir)
     key = run_key(key_fields(cfg), file_fingerprints(list(info.files), storage), [identity])
     previous = previous_video_attempt(out, storage, key)
-    return _VideoPlan(storage, out, res, local_model_dir, ds, info, key, previous, identity, lease)
+    # an Iceberg table that cannot take the results fails the job here, before any work
+    check_table(target_of(cfg.table, cfg.catalog), "video", video_results_schema(info.has_gt))
+    return _VideoPlan(
+        storage, out, res, local_model_dir, ds, info, key, previous, identity, lease, cfg, reason
+    )
 
 
 def _stages(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> ray.data.Dataset:
@@ -343,6 +359,8 @@ def _tail(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> Tail:
             "results_uri": s.results_uri,
             "generation": generation,
             "resources": plan.res.describe(),
+            "precision": cfg.precision,
+            "precision_reason": plan.precision_reason,
             # rows an earlier, crashed attempt of this run had staged: their windows not redone
             "resumed_rows": plan.previous.rows,
         }
@@ -366,7 +384,38 @@ def _tail(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> Tail:
         },
         product_columns=PRODUCT_URI_COLUMNS,
         lease=plan.lease,
+        table=_table_step(cfg, plan, clock),
     )
+
+
+def _table_step(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> Any:
+    """The finishing tail's ``--table`` commit, or ``None`` without a table."""
+    target = target_of(cfg.table, cfg.catalog)
+    if target is None:
+        return None
+
+    def commit(files: list[str], outcome: Outcome) -> dict[str, Any]:
+        s = outcome.details
+        return commit_table(
+            target,
+            "video",
+            files,
+            plan.storage,
+            clock,
+            {
+                "vbatch.command": "video",
+                "vbatch.task": "rvos",
+                "vbatch.model-version": s.model_version or "",
+                MODEL_IDENTITY: plan.identity,
+                OPTIONS: reuse_fields(cfg),
+                OUT: plan.out,
+                "vbatch.rows": outcome.counts.rows,
+                "vbatch.videos": s.videos,
+                "vbatch.videos-ok": s.videos_ok,
+            },
+        )
+
+    return commit
 
 
 def summarize(

@@ -48,6 +48,10 @@ class ModelEntry:
         metric_kind: how a product is scored against a manifest's ground truth (one of
             :data:`METRIC_KINDS`), ``None`` when it is not.
         visual: how the report draws a product (one of :data:`VISUALS`), ``None``: not drawn.
+        default_precision: the ``--precision`` a job runs the model at unless told otherwise:
+            ``"auto"`` (bf16 where the device runs it natively, ``models.precision``) where its
+            measured deviation from fp32 stays within the bounds (docs/BENCHMARKS.md, "bf16 on
+            CPU"), else ``"fp32"``. A model without ``precision`` among its options runs fp32.
     """
 
     name: str
@@ -64,6 +68,7 @@ class ModelEntry:
     actor_memory_gb: float = 4.0
     metric_kind: str | None = None
     visual: str | None = None
+    default_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
@@ -73,6 +78,8 @@ class ModelEntry:
         ):
             if value not in allowed:
                 raise ValueError(f"{self.name}: {what} {value!r} is not one of {allowed}")
+        if self.default_precision != "fp32" and "precision" not in self.options:
+            raise ValueError(f"{self.name}: a default precision needs the precision option")
         if self.checkpoint is not None and self.checkpoint not in self.required_files:
             raise ValueError(f"{self.name}: the checkpoint must be one of the required files")
 

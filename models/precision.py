@@ -19,9 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 #: precision name → torch dtype name of its autocast (``None``: no autocast, plain fp32)
@@ -231,6 +230,8 @@ def mask_deviation(reference: np.ndarray, other: np.ndarray) -> dict[str, float]
 
 def min_cosine(reference: np.ndarray, other: np.ndarray) -> float:
     """The smallest cosine between matching rows of two (N, E) embedding arrays."""
+    import numpy as np
+
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(other, dtype=np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

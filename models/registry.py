@@ -99,8 +99,22 @@ def load_model(
 
     Returns:
         A :class:`Predictor`; ``predict(list of RGB uint8 arrays)`` gives one product per image.
+        Its ``model_version`` (what every result row records) is the weights' content hash,
+        with ``+bf16`` / ``+fp16`` appended at a reduced precision.
     """
-    return _package(name).load(Path(model_dir), device=device, **options)
+    predictor: Predictor = _package(name).load(Path(model_dir), device=device, **options)
+    precision = options.get("precision", "fp32")
+    if precision != "fp32":
+        # rows record the precision beside the weights: resume and --reuse never mix them
+        predictor.model_version = f"{predictor.model_version}+{precision}"
+    return predictor
+
+
+def weights_version(model_version: str) -> str:
+    """The weights' part of a row's ``model_version`` (``"3fa9c1d2e4b5+bf16"`` → its weights
+    ``"3fa9c1d2e4b5"``): embeddings of the same weights at another precision are comparable
+    (cosine >= 0.999, docs/BENCHMARKS.md), so searches and evaluations compare this part."""
+    return model_version.split("+", 1)[0]
 
 
 def load_transforms(name: str, model_dir: str | Path, **options: Any) -> Transforms:

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vbatch.models.registry import weights_version
 from vbatch.operators.index.embeddings import list_parquet, open_parquet, vectors_from_arrow
 from vbatch.operators.storage import Storage
 
@@ -186,6 +187,8 @@ def check_model_versions(
     """
     if query is None or gallery is None or not query or not gallery:
         return
+    # the weights decide comparability; a precision suffix ("+bf16") does not (cosine >= 0.999)
+    query, gallery = {weights_version(v) for v in query}, {weights_version(v) for v in gallery}
     if query != gallery or len(query) > 1:
         raise ValueError(
             f"query embeddings{sources[0]} come from model_version {sorted(query)} and the "

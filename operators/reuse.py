@@ -198,14 +198,32 @@ class Previous:
         return len(self.keys)
 
 
-def previous_run(reuse: str, storage: Storage, identity: str, options: dict[str, Any]) -> Previous:
-    """Read what the run at ``reuse`` can give: its ``ok`` rows with a fingerprint, if its
-    committed generation was computed with the same model (``identity``, :func:`model_identity`)
-    and the same ``options`` (the job's fields that decide results, ``jobs.config.reuse_fields``),
-    as that generation's commit record says.
+#: what ``--reuse`` names an Iceberg table by: ``iceberg:NAMESPACE.TABLE`` (in ``--catalog``)
+TABLE_PREFIX = "iceberg:"
 
-    Reads only the committed table's key columns (``image_id, uri, status, source_fingerprint``).
+
+def previous_run(
+    reuse: str,
+    storage: Storage,
+    identity: str,
+    options: dict[str, Any],
+    catalog: str = "default",
+    scratch: str | None = None,
+) -> Previous:
+    """Read what the earlier run at ``reuse`` can give: its ``ok`` rows with a fingerprint, if it
+    was computed with the same model (``identity``, :func:`model_identity`) and the same
+    ``options`` (the job's fields that decide results, ``jobs.config.reuse_fields``).
+
+    ``reuse`` is an earlier ``--out``, whose committed generation's commit record says what it
+    was computed with, or ``iceberg:NAMESPACE.TABLE``, whose current snapshot's properties say
+    it (the table's current rows are exported as Parquet files into ``scratch`` first).
+
+    Reads only the rows' key columns (``image_id, uri, status, source_fingerprint``).
     """
+    if reuse.startswith(TABLE_PREFIX):
+        return _previous_table(
+            reuse[len(TABLE_PREFIX) :], catalog, storage, identity, options, scratch
+        )
     reuse = normalize(reuse)
     found = Previous(out=reuse)
     # the committed generation's own record, not run.json: a run that failed between its commit
@@ -218,22 +236,60 @@ def previous_run(reuse: str, storage: Storage, identity: str, options: dict[str,
     if record is None:
         found.reason = f"{reuse} has no committed table (no finished run there)"
         return found
-    if "model_identity" not in record:
-        found.reason = (
-            "its commit record has no model identity (written before vbatch recorded one)"
-        )
-        return found
-    if record.get("model_identity") != identity:
-        found.reason = f"the model differs (then {record.get('model_identity')}, now {identity})"
-        return found
-    then, now = record.get("options") or {}, json.loads(json.dumps(options, default=str))
-    if then != now:
-        differs = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-        found.reason = f"options that decide results differ: {', '.join(differs)}"
+    found.reason = _differs(record.get("model_identity"), record.get("options"), identity, options)
+    if found.reason is not None:
         return found
     generation = committed_generation(reuse, storage)
     assert generation is not None
-    files = [join(generation, name) for name in record["files"]]
+    return _collect(found, [join(generation, name) for name in record["files"]], storage)
+
+
+def _differs(
+    then_identity: str | None, then_options: Any, identity: str, options: dict[str, Any]
+) -> str | None:
+    """Why an earlier run's rows cannot be reused (``None``: they can)."""
+    if then_identity is None:
+        return "its commit record has no model identity (written before vbatch recorded one)"
+    if then_identity != identity:
+        return f"the model differs (then {then_identity}, now {identity})"
+    then = json.loads(then_options) if isinstance(then_options, str) else (then_options or {})
+    now = json.loads(json.dumps(options, default=str))
+    if then != now:
+        differs = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+        return f"options that decide results differ: {', '.join(differs)}"
+    return None
+
+
+def _previous_table(
+    name: str,
+    catalog: str,
+    storage: Storage,
+    identity: str,
+    options: dict[str, Any],
+    scratch: str | None,
+) -> Previous:
+    """:func:`previous_run` of an Iceberg table's current snapshot."""
+    from vbatch.operators.lakehouse import IcebergTarget, current_summary, export_current
+    from vbatch.operators.lakehouse.catalog import MODEL_IDENTITY, OPTIONS, OUT
+
+    target = IcebergTarget(name, catalog)
+    try:
+        summary = current_summary(target)
+    except FileNotFoundError as e:
+        return Previous(out="", reason=str(e))
+    if not summary:
+        return Previous(out="", reason=f"Iceberg table {name} has no snapshot yet")
+    found = Previous(out=normalize(summary[OUT]) if summary.get(OUT) else "")
+    found.reason = _differs(summary.get(MODEL_IDENTITY), summary.get(OPTIONS), identity, options)
+    if found.reason is not None:
+        return found
+    if scratch is None:
+        raise ValueError("reusing an Iceberg table needs a scratch folder to export its rows to")
+    return _collect(found, export_current(target, scratch, storage), storage)
+
+
+def _collect(found: Previous, files: list[str], storage: Storage) -> Previous:
+    """``found`` with the reusable rows of ``files`` (ok, with a content fingerprint)."""
     keys, file_index, row_index = [], [], []
     for i, uri in enumerate(files):
         afs, path = storage.arrow_fs(uri)

@@ -222,8 +222,9 @@ def test_task_options_come_from_the_registry() -> None:
     )
     shop = dataclasses.replace(cfg, task="shop-seg")
     assert task_options(model_entry("shop-seg"), shop, res) == ({"precision": "bf16"}, {})
-    assert task_options(model_entry("salient"), cfg, res) == ({}, {})
-    assert task_options(model_entry("reid"), cfg, res) == ({}, {})
+    # every torch model takes the job's precision
+    assert task_options(model_entry("salient"), cfg, res) == ({"precision": "bf16"}, {})
+    assert task_options(model_entry("reid"), cfg, res) == ({"precision": "bf16"}, {})
 
 
 def test_image_job_config_is_not_mutated_by_reid_embed() -> None:

@@ -186,12 +186,34 @@ def add_index_workers(p: argparse.ArgumentParser) -> None:
     add_forward_s3_env(g)
 
 
+def add_precision(g: argparse._ActionsContainer, models: tuple[str, ...]) -> None:
+    """``--precision`` of a job that runs ``models``; its default is each model's own."""
+    from vbatch.models.precision import PRECISION_CHOICES
+    from vbatch.models.registry import REGISTRY
+
+    defaults = ", ".join(
+        f"{m} {REGISTRY[m].default_precision if 'precision' in REGISTRY[m].options else 'fp32 only'}"
+        for m in models
+    )
+    g.add_argument(
+        "--precision",
+        choices=list(PRECISION_CHOICES),
+        metavar="{" + ",".join(PRECISION_CHOICES) + "}",
+        help="the model's numeric precision on CPU and GPU: fp32 (the reference's, bit for bit "
+        "what parity is proven at), bf16, fp16 (GPU only), or auto: bf16 where the device runs "
+        "it natively (CPUs with AMX or AVX512-BF16, CUDA compute capability >= 8.0), else fp32. "
+        f"Default per model: {defaults} (docs/BENCHMARKS.md, 'bf16 on CPU'). What was chosen "
+        "and why is in the summary; rows record it in model_version (e.g. <hash>+bf16)",
+    )
+
+
 def add_reuse(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reuse",
         metavar="URI",
         help=(
-            "an earlier run's --out (e.g. last night's, or this --out itself): rows whose image_id, "
+            "an earlier run's --out (e.g. last night's, or this --out itself), or an Iceberg table "
+            "as iceberg:NAMESPACE.TABLE (its current snapshot, in --catalog): rows whose image_id, "
             "uri and content fingerprint match an ok row there, run with the same model and options, "
             "are carried forward (result row copied, products copied server-side into --out) without "
             "being fetched, decoded or inferred. Fingerprint: the manifest's content_hash or etag "
@@ -252,6 +274,23 @@ def add_row_job(p: argparse.ArgumentParser, batch_help: str | None = None) -> No
         add_pool(p, batch_help=batch_help)
     add_common(p)
     add_run_arguments(p)
+    g = p.add_argument_group(
+        "lakehouse (pip install 'vbatch[iceberg]'; README, Writing to Iceberg)"
+    )
+    g.add_argument(
+        "--table",
+        metavar="NAMESPACE.TABLE",
+        help="also commit the result rows to this Apache Iceberg table, upserted by the job's key "
+        "(image_id; video_id, query_index, frame_index; query_id, rank), one snapshot per run "
+        "whose properties record the run; created on first use. Products stay under --out",
+    )
+    g.add_argument(
+        "--catalog",
+        default="default",
+        metavar="NAME",
+        help="the pyiceberg catalog of --table, configured as pyiceberg does: ~/.pyiceberg.yaml "
+        "or PYICEBERG_CATALOG__<NAME>__<KEY> variables (default: default)",
+    )
     p.add_argument(
         "--break-lease",
         action="store_true",
@@ -277,6 +316,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("s3_endpoint", "address", *pool)} | {
         "forward_s3_env": args.forward_s3_env,
         "break_lease": args.break_lease,
+        "table": args.table,
+        "catalog": args.catalog,
         "actor_resources": dict(args.actor_resources) if args.actor_resources else None,
         "max_error_rate": limits.max_error_rate,
         "max_infra_error_rate": limits.max_infra_error_rate,

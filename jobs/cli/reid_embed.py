@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.set_defaults(command_module=sys.modules[__name__])
     add_manifest_job(p)
+    options.add_precision(p, ("reid",))
     options.add_reuse(p)
     options.add_row_job(p)
     options.add_report_option(p)

@@ -81,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="search actors of the batch job (each maps the gallery once per node; default 1)",
     )
     p.add_argument("--limit", type=int, metavar="N", help="only the first N manifest rows")
+    options.add_precision(p, ("reid",))
     p.add_argument(
         "--allow-model-mismatch",
         action="store_true",
@@ -145,7 +146,7 @@ def search_here(args: argparse.Namespace, clock: Any) -> dict[str, Any]:
     elif not args.model_dir:
         raise ValueError("--model-dir is needed to embed query images")
     else:
-        queries = reid.embed_images(args.image, args.model_dir, storage)
+        queries = reid.embed_images(args.image, args.model_dir, storage, precision=args.precision)
     reid.check_model_version(queries, index, args.allow_model_mismatch)
     failed = queries.failed
     if failed and len(failed) == len(queries.ids):

@@ -42,12 +42,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"refuse images with more pixels (decompression bombs; default {DEFAULT_MAX_PIXELS:,}, Pillow's limit)",
     )
     g = p.add_argument_group("model options")
-    g.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "fp16"],
-        default="fp32",
-        help="shop-seg on GPU: autocast precision (default fp32; bf16 halves activation memory)",
-    )
+    options.add_precision(g, tuple(TASKS))
     g.add_argument(
         "--max-side",
         type=int,

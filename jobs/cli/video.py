@@ -35,9 +35,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="also write <out>/renders/<video_id>.mp4 overlays (query texts drawn in ASCII: "
         "emoji as [their name])",
     )
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="GPU autocast"
-    )
+    options.add_precision(p, ("rvos",))
     options.add_row_job(
         p, batch_help="windows (of the model's window_size frames) per model call (default 1)"
     )

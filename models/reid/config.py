@@ -400,4 +400,6 @@ ENTRY = ModelEntry(
     batch_cpu=32,
     batch_gpu=128,
     actor_memory_gb=2.0,
+    # bf16 on AMX: 3.2x the fp32 forward, min cosine 0.99998, recall@10/mAP unchanged (BENCHMARKS)
+    default_precision="auto",
 )

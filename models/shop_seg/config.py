@@ -125,4 +125,6 @@ ENTRY = ModelEntry(
     actor_memory_gb=4.0,
     metric_kind="mask",
     visual="outline",
+    # bf16 on AMX: 3.1x the fp32 forward, mask IoU 1.000, mean 0.22 grey levels (BENCHMARKS)
+    default_precision="auto",
 )

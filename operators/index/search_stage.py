@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vbatch.models.registry import weights_version
 from vbatch.operators.index.embeddings import vectors_from_arrow
 from vbatch.operators.index.gallery import GalleryIndex
 from vbatch.operators.storage import Storage, StorageOptions
@@ -94,7 +95,7 @@ class SearchStage:
                 not self.allow_model_mismatch
                 and version is not None
                 and gallery_version is not None
-                and version != gallery_version
+                and weights_version(version) != weights_version(gallery_version)
             ):
                 out.append(
                     f"query from model_version {version!r}, the gallery from "

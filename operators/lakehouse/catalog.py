@@ -29,6 +29,14 @@ EXPORT_FILE_ROWS = 1_000_000
 _NAME_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
 
+#: snapshot summary properties a job's commit records and ``--reuse iceberg:…`` compares
+#: (``operators.reuse``): the model's content identity, the options that decide results (JSON),
+#: the ``--out`` the run's products live under
+MODEL_IDENTITY = "vbatch.model-identity"
+OPTIONS = "vbatch.options"
+OUT = "vbatch.out"
+
+
 class IcebergError(ValueError):
     """The catalog, the table or its schema cannot take the job's results (found before any
     work, or before anything is written)."""
