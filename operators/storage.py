@@ -12,6 +12,8 @@ exponential backoff and full jitter for up to :attr:`StorageOptions.retry_second
 ``--io-retry-seconds`` / ``VBATCH_IO_RETRY_SECONDS``), on top of botocore's own ``standard`` retry
 mode; when they run out, the error is a :class:`StorageUnavailableError` whose message starts with
 ``storage unavailable`` so that the row is counted as an infrastructure error, not a bad input.
+Messages and logs that quote a URI redact its credentials
+(:func:`vbatch.operators.redact.redact_uri`).
 
 Writes are atomic: a local file is written under a temporary name and ``os.replace``-d; an S3 object
 becomes visible only when its single PUT completes. Names are deterministic, so a repeated run
@@ -38,6 +40,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 from vbatch.models.fileio import atomic_path, atomic_write_bytes
+from vbatch.operators.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +183,12 @@ def _hidden_http_error(e: FileNotFoundError) -> BaseException | None:
 
 def describe_read_error(e: BaseException, uri: str, what: str = "") -> str:
     """The error message of a row whose object at ``uri`` could not be read (``what``: e.g.
-    ``"video "`` for "cannot read video …")."""
+    ``"video "`` for "cannot read video …"), with the credentials of every URL in it redacted
+    (the exception's own text quotes the URL too)."""
+    return redact_uri(_read_error(e, uri, what))
+
+
+def _read_error(e: BaseException, uri: str, what: str) -> str:
     if isinstance(e, (StorageUnavailableError, UnsupportedURIError)):
         return str(e)
     if isinstance(e, FileNotFoundError):
@@ -273,7 +281,7 @@ def with_retries(fn: Callable[[], T], what: str, budget_s: float) -> T:
 
     Args:
         fn: the operation; it must be safe to repeat (reads, whole-object writes, deletes).
-        what: what is being done, for the log (``"read s3://b/k"``).
+        what: what is being done, for the log (``"read s3://b/k"``; redacted here).
         budget_s: total seconds of retrying before giving up.
 
     Raises:
@@ -294,13 +302,17 @@ def with_retries(fn: Callable[[], T], what: str, budget_s: float) -> T:
             if elapsed + delay > budget_s:
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise StorageUnavailableError(
-                    f"storage unavailable after {attempt} retries ({elapsed:.0f} s): "
-                    f"{type(e).__name__}: {first}"
+                    redact_uri(
+                        f"storage unavailable after {attempt} retries ({elapsed:.0f} s): "
+                        f"{type(e).__name__}: {first}"
+                    )
                 ) from e
             attempt += 1
             if attempt == 1:
                 logger.warning(
-                    "%s: %s: %s; retrying for up to %.0f s", what, type(e).__name__, e, budget_s
+                    "%s; retrying for up to %.0f s",
+                    redact_uri(f"{what}: {type(e).__name__}: {e}"),
+                    budget_s,
                 )
             time.sleep(delay)
 
@@ -354,8 +366,8 @@ class Storage:
             return pafs.PyFileSystem(pafs.FSSpecHandler(_s3(self.options))), _strip(uri)
         if is_http(uri):
             raise UnsupportedURIError(
-                f"{uri}: manifests and outputs live on local paths or s3://; http(s):// is for the "
-                "images and videos a manifest names"
+                f"{redact_uri(uri)}: manifests and outputs live on local paths or s3://; "
+                "http(s):// is for the images and videos a manifest names"
             )
         return pafs.LocalFileSystem(), _strip(uri)
 
@@ -366,7 +378,9 @@ class Storage:
 
     def _writable(self, uri: str) -> None:
         if is_http(uri):
-            raise UnsupportedURIError(f"cannot write to {uri}: http(s):// is read-only here")
+            raise UnsupportedURIError(
+                f"cannot write to {redact_uri(uri)}: http(s):// is read-only here"
+            )
 
     # -- objects -----------------------------------------------------------------------------------
     def read_bytes(self, uri: str) -> bytes:
