@@ -12,8 +12,9 @@ exponential backoff and full jitter for up to :attr:`StorageOptions.retry_second
 ``--io-retry-seconds`` / ``VBATCH_IO_RETRY_SECONDS``), on top of botocore's own ``standard`` retry
 mode; when they run out, the error is a :class:`StorageUnavailableError` whose message starts with
 ``storage unavailable`` so that the row is counted as an infrastructure error, not a bad input.
-Messages and logs that quote a URI redact its credentials
-(:func:`vbatch.operators.redact.redact_uri`).
+The same holds for s3fs and for :meth:`Storage.arrow_fs`'s pyarrow filesystem
+(:mod:`vbatch.operators.s3`): an unreachable store is never a missing object. Messages and logs
+that quote a URI redact its credentials (:func:`vbatch.operators.redact.redact_uri`).
 
 Writes are atomic: a local file is written under a temporary name and ``os.replace``-d; an S3 object
 becomes visible only when its single PUT completes. Names are deterministic, so a repeated run
@@ -318,7 +319,8 @@ def with_retries(fn: Callable[[], T], what: str, budget_s: float) -> T:
 
 
 def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
-    import s3fs  # imported lazily: local-only runs never need boto
+    # imported lazily: local-only runs never need boto
+    from vbatch.operators.s3 import StrictS3FileSystem
 
     kwargs: dict[str, Any] = dict(options.extra)
     endpoint = options.resolved_endpoint()
@@ -332,7 +334,7 @@ def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
     config.setdefault("connect_timeout", 10)
     config.setdefault("read_timeout", 60)
     # listings change under us (other workers write); never serve a stale directory listing
-    return s3fs.S3FileSystem(
+    return StrictS3FileSystem(
         anon=options.anon, use_listings_cache=False, config_kwargs=config, **kwargs
     )
 
@@ -361,9 +363,15 @@ class Storage:
         return fsspec.filesystem("file"), _strip(uri)
 
     def arrow_fs(self, uri: str) -> tuple[pafs.FileSystem, str]:
-        """A pyarrow filesystem (for Ray Data and pyarrow readers/writers) and the path for it."""
+        """A pyarrow filesystem (for Ray Data and pyarrow readers/writers) and the path for it.
+
+        On S3, its look-ups, opens and reads are retried as this class's own reads are
+        (:class:`vbatch.operators.s3.RetryingFSSpecHandler`)."""
         if is_remote(uri):
-            return pafs.PyFileSystem(pafs.FSSpecHandler(_s3(self.options))), _strip(uri)
+            from vbatch.operators.s3 import RetryingFSSpecHandler
+
+            handler = RetryingFSSpecHandler(_s3(self.options), self.options.retry_seconds, "s3://")
+            return pafs.PyFileSystem(handler), _strip(uri)
         if is_http(uri):
             raise UnsupportedURIError(
                 f"{redact_uri(uri)}: manifests and outputs live on local paths or s3://; "
@@ -408,8 +416,13 @@ class Storage:
         return int(self.info(uri)["size"])
 
     def exists(self, uri: str) -> bool:
-        fs, path = self.fs(uri)
-        return bool(self._retry("look up", lambda: fs.exists(path), uri))
+        """Whether the store says there is an object or folder at ``uri`` (through :meth:`info`:
+        a store that cannot be reached raises, it is never "no")."""
+        try:
+            self.info(uri)
+        except FileNotFoundError:
+            return False
+        return True
 
     def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
         """Write an object atomically (readers see the old or the new content, never a part).
@@ -435,10 +448,12 @@ class Storage:
         fs, path = self.fs(uri)
 
         def listing() -> list[str]:
-            if fs.isfile(path):
-                return [normalize(uri)]
-            if not fs.exists(path):
+            try:
+                kind = fs.info(path)["type"]
+            except FileNotFoundError:  # the store's answer; an outage raises and is retried
                 return []
+            if kind == "file":
+                return [normalize(uri)]
             found = sorted(p for p in fs.find(path) if p.endswith(suffix))
             return [f"s3://{p}" for p in found] if is_remote(uri) else found
 
