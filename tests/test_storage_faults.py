@@ -559,3 +559,57 @@ def test_distributed_reid_index_survives_s3_outage(
     assert start < times["down"] and end > times["up"]
     info = json.loads(storage.read_bytes(join(index, "index.json")))
     assert info["count"] == len(x) and info["history"][-1]["workers"] == 2
+
+
+# -- resume reads its staged files like every other storage read -----------------------------------
+
+
+def test_resume_never_deletes_a_staged_file_it_could_not_read(monkeypatch) -> None:
+    """Reads of staged files that fail (throttling, a dropped connection) are retried and the
+    files kept; only a file read whole without a Parquet footer is deleted; a store that stays
+    down stops the resume with every file still there."""
+    from vbatch.jobs.resume import previous_attempt
+    from vbatch.operators import storage as storage_module
+    from vbatch.operators.tables import STAGING
+
+    out, key = f"s3://staging-{uuid.uuid4().hex[:12]}/out", "run-0123456789abcdef"
+    staging = join(out, STAGING, key)
+    flaky = _FlakyMemoryFS(fails=lambda path: path.endswith(".parquet"))
+    monkeypatch.setattr(storage_module, "_s3", lambda options: flaky)
+    storage = Storage(StorageOptions(retry_seconds=60))
+    ids = [f"img-{i:02d}" for i in range(12)]
+    good = []
+    for n in range(3):
+        rows = ids[4 * n : 4 * n + 4]
+        table = pa.table(
+            {
+                "image_id": rows,
+                "error": pa.nulls(4, pa.string()),
+                "error_class": pa.nulls(4, pa.string()),
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        good.append(join(staging, f"part-{n}.parquet"))
+        storage.write_bytes(good[-1], buf.getvalue())
+        if n == 0:
+            cut = buf.getvalue()[:-20]  # the writer died before the footer (local disks only)
+    storage.write_bytes(join(staging, "part-9.parquet"), cut)
+
+    # each file's first look-up, open and reads fail once: retried, every good file counts
+    found = previous_attempt(out, storage, key)
+    assert flaky.failures, "no read failed: this tested nothing"
+    assert found.files == good and found.rows == 12 and found.dropped == 1
+    assert storage.list_files(staging, suffix=".parquet") == good  # only the cut-short one went
+
+    # down for good once the files are listed: the resume stops, nothing is deleted
+    down = _FlakyMemoryFS(times=math.inf, fails=lambda path: path.endswith(".parquet"))
+    monkeypatch.setattr(storage_module, "_s3", lambda options: down)
+    storage.write_bytes(join(staging, "part-9.parquet"), cut)
+    with pytest.raises(StorageUnavailableError, match=r"^storage unavailable"):
+        previous_attempt(out, Storage(StorageOptions(retry_seconds=0.5)), key)
+    monkeypatch.setattr(storage_module, "_s3", lambda options: flaky)
+    assert storage.list_files(staging, suffix=".parquet") == [
+        *good,
+        join(staging, "part-9.parquet"),
+    ]
