@@ -138,7 +138,7 @@ def staged_tables(
     kept: list[tuple[str, pa.Table]] = []
     dropped = 0
     for uri in storage.list_files(staging, suffix=".parquet"):
-        afs, apath = storage.arrow_fs(uri)  # reads retried (storage.RetryingFSSpecHandler)
+        afs, apath = storage.arrow_fs(uri)  # reads retried (operators.s3.RetryingFSSpecHandler)
         try:
             table = pq.read_table(apath, filesystem=afs, columns=columns)
         except pa.ArrowInvalid as e:  # read whole, no valid footer: the writer died mid-file
