@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from vbatch.operators.redact import redact_uri
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "module.Name: message" or "NameError: message" at the start of a traceback's last lines
 _EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$")
@@ -54,8 +56,13 @@ def describe_failure(e: BaseException) -> str:
         e: what the job raised on the driver.
 
     Returns:
-        ``"CheckpointError: checkpoint … does not fit …"``-style text without ANSI codes.
+        ``"CheckpointError: checkpoint … does not fit …"``-style text without ANSI codes, with
+        the credentials of any signed URL in it redacted.
     """
+    return redact_uri(_describe(e))
+
+
+def _describe(e: BaseException) -> str:
     chain = _chain(e)
     own = [x for x in chain if not _is_wrapper(x)]
     if own:

@@ -27,6 +27,7 @@ from vbatch.models.registry import weights_version
 from vbatch.operators.decode import decode_image
 from vbatch.operators.index import GalleryIndex
 from vbatch.operators.index.embeddings import vector_problems, vectors_from_arrow
+from vbatch.operators.redact import redact_uri
 from vbatch.operators.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def embed_images(
             try:
                 images[i] = decode_image(storage.read_bytes(uris[i]))
             except Exception as err:  # an unreadable query is that query's error, not the run's
-                errors[i] = f"cannot read image {uris[i]}: {type(err).__name__}: {err}"
+                errors[i] = redact_uri(f"cannot read image {uris[i]}: {type(err).__name__}: {err}")
         if images:
             predicted = predictor.predict(list(images.values()))
             embedded.update(zip(images, predicted, strict=True))
@@ -106,7 +107,7 @@ def embed_images(
         vectors[i] = vector
     for i, problem in enumerate(vector_problems(vectors)):
         if errors[i] is None and problem is not None:
-            errors[i] = f"{uris[i]}: the model returned a {problem}"
+            errors[i] = redact_uri(f"{uris[i]}: the model returned a {problem}")
     bad = [e is not None for e in errors]
     vectors[bad] = 0
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)

@@ -18,7 +18,10 @@ output (a second thing to publish and clean, and on local disks only a network f
 do), and it knows nothing of our generations: the staged Parquet files are the record already.
 
 Rows with infrastructure errors are redone: a staged file holding one is deleted before the rerun
-(its other rows are redone too; a file is one model batch).
+(its other rows are redone too; a file is one model batch). Reading a staged file is a storage read
+like any other, retried through outages and throttling; only a file that was read whole and is not
+valid Parquet (cut short) is deleted. When the store stays unreachable the rerun stops and keeps
+every file: going on without them would redo their rows and publish them twice.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vbatch.operators.manifest import ERROR, ROW, id_hashes, sorted_lookup
-from vbatch.operators.storage import Storage, join
+from vbatch.operators.storage import Storage, StorageUnavailableError, join
 from vbatch.operators.tables import STAGING
 from vbatch.schemas.errors import INFRASTRUCTURE
 from vbatch.schemas.images import key_error_row
@@ -50,8 +53,7 @@ def file_fingerprints(files: list[str], storage: Storage) -> list[list[Any]]:
     (S3: ``ETag``; local: ``mtime``)."""
     out: list[list[Any]] = []
     for uri in files:
-        fs, path = storage.fs(uri)
-        info = fs.info(path)
+        info = storage.info(uri)  # retried, like every storage read
         stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime")
         out.append([uri, int(info.get("size") or 0), str(stamp)])
     return out
@@ -92,11 +94,17 @@ def staged_tables(
 ) -> tuple[list[tuple[str, pa.Table]], int]:
     """The staged files of an unfinished run ``key`` under ``out`` that can count, read.
 
-    A file that cannot count is deleted: one cut short (no footer: the writer died mid-file, local
-    disks only) and one for which ``redo`` says its rows must be redone (infrastructure errors).
+    A file that cannot count is deleted: one cut short (read whole, but not valid Parquet: the
+    writer died mid-file, local disks only) and one for which ``redo`` says its rows must be redone
+    (infrastructure errors). A file that could not be read is never deleted: the storage layer
+    retries the read, and when the store stays unreachable the error ends the run with every file
+    kept.
 
     Returns:
         ``([(uri, table of columns)], files deleted)``.
+
+    Raises:
+        StorageUnavailableError: a staged file could not be read within the retry budget.
     """
     staging = join(out, STAGING, key)
     fs, path = storage.fs(staging)
@@ -104,14 +112,20 @@ def staged_tables(
     kept: list[tuple[str, pa.Table]] = []
     dropped = 0
     for uri in storage.list_files(staging, suffix=".parquet"):
-        afs, apath = storage.arrow_fs(uri)
+        afs, apath = storage.arrow_fs(uri)  # reads retried (operators.s3.RetryingFSSpecHandler)
         try:
             table = pq.read_table(apath, filesystem=afs, columns=columns)
-        except Exception as e:  # no footer: the writer died mid-file (local disks only)
+        except pa.ArrowInvalid as e:  # read whole, no valid footer: the writer died mid-file
             logger.warning("resume: dropping the incomplete staged file %s (%s)", uri, e)
             storage.delete(uri)
             dropped += 1
             continue
+        except FileNotFoundError:  # gone since the listing: nothing of it to count or delete
+            logger.warning("resume: the staged file %s disappeared; its rows are redone", uri)
+            continue
+        except StorageUnavailableError:
+            logger.error("resume: cannot read the staged file %s; every staged file is kept", uri)
+            raise
         if redo(table):
             logger.info("resume: redoing the rows of %s (infrastructure errors)", uri)
             storage.delete(uri)

@@ -31,6 +31,7 @@ from vbatch.jobs.limits import (
     STATUS_BY_EXIT,
     Limits,
 )
+from vbatch.operators.redact import redact_uri, redact_value
 from vbatch.schemas.errors import INFRASTRUCTURE, classify_errors
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,11 @@ def count_rows(table: pa.Table, id_column: str) -> Counts:
         rows=table.num_rows,
         by_status=_counts(table.column("status")),
         by_error_class=_counts(error_class),
-        sample_errors=[(r[id_column], r["error"]) for r in sample],
+        # the rows' own texts are redacted where they are built; these are echoed to stdout, XCom
+        # and run.json, so the few shown are redacted again whoever wrote the table
+        sample_errors=[
+            (r[id_column], redact_uri(r["error"]) if r["error"] else r["error"]) for r in sample
+        ],
     )
 
 
@@ -220,7 +225,7 @@ def failed_record(
         "run_id": (partial or {}).get("run_id", clock.run_id),
         "status": STATUS_BY_EXIT[EXIT_FAILED],
         "exit_code": EXIT_FAILED,
-        "error": f"{type(error).__name__}: {error}",
+        "error": redact_uri(f"{type(error).__name__}: {error}"),
         "seconds": round(clock.seconds(), 3),
         "started_at": (partial or {}).get("started_at", utc_iso(clock.started)),
         "ended_at": utc_iso(time.time()),
@@ -230,9 +235,13 @@ def failed_record(
 
 # -- the scheduler's side ----------------------------------------------------------------------
 def emit(record: dict[str, Any], target: str | None, s3_endpoint: str | None = None) -> None:
-    """Write ``record`` to ``target``: a path or URI, ``-`` for one line on stdout, ``None``: nowhere."""
+    """Write ``record`` to ``target``: a path or URI, ``-`` for one line on stdout, ``None``: nowhere.
+
+    Every string in it is redacted (:func:`vbatch.operators.redact.redact_value`): the summary goes
+    to schedulers' logs and XCom, and it quotes exception texts that may hold a signed URL."""
     if not target:
         return
+    record = redact_value(record)
     if target == "-":
         sys.stderr.flush()
         print(json.dumps(record, default=str), flush=True)
@@ -264,7 +273,7 @@ def run_record(
     except Exception as e:  # the whole job failed: one clear line, the traceback with -v
         if getattr(args, "verbose", False):
             logger.exception("failed")
-        print(f"vbatch {command}: error: {e}", file=sys.stderr)
+        print(f"vbatch {command}: error: {redact_uri(str(e))}", file=sys.stderr)
         record = failed_record(command, clock, e, e.record if isinstance(e, JobFailed) else None)
     if record["exit_code"] == EXIT_TOO_MANY_ERRORS:
         print(

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from vbatch.operators.redact import redact_uri
 from vbatch.operators.storage import Storage, describe_read_error, resolve
 
 logger = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def score_frames(
     try:
         annotated = gt_frames(folder, query_index, storage)
     except FileNotFoundError as e:
-        return dict.fromkeys(masks, ({}, f"ground truth: {e}"))
+        return dict.fromkeys(masks, ({}, redact_uri(f"ground truth: {e}")))
     except Exception as e:
         return dict.fromkeys(masks, ({}, f"ground truth: {describe_read_error(e, folder)}"))
     scores: dict[int, tuple[dict[str, float], str | None]] = {}
@@ -246,7 +247,7 @@ def score_frames(
         try:
             scores[frame] = (region_boundary(mask, decode_gt(storage.read_bytes(uri))), None)
         except Exception as e:
-            scores[frame] = ({}, f"ground truth {uri}: {type(e).__name__}: {e}")
+            scores[frame] = ({}, redact_uri(f"ground truth {uri}: {type(e).__name__}: {e}"))
     return scores
 
 
@@ -314,4 +315,4 @@ def score_row(
             raise ValueError(f"{task} products have no per-image metrics")
         return METRICS[kind](pred, gt), None
     except Exception as e:
-        return {}, f"ground truth {uri}: {type(e).__name__}: {e}"
+        return {}, redact_uri(f"ground truth {uri}: {type(e).__name__}: {e}")

@@ -12,6 +12,9 @@ exponential backoff and full jitter for up to :attr:`StorageOptions.retry_second
 ``--io-retry-seconds`` / ``VBATCH_IO_RETRY_SECONDS``), on top of botocore's own ``standard`` retry
 mode; when they run out, the error is a :class:`StorageUnavailableError` whose message starts with
 ``storage unavailable`` so that the row is counted as an infrastructure error, not a bad input.
+The same holds for s3fs and for :meth:`Storage.arrow_fs`'s pyarrow filesystem
+(:mod:`vbatch.operators.s3`): an unreachable store is never a missing object. Messages and logs
+that quote a URI redact its credentials (:func:`vbatch.operators.redact.redact_uri`).
 
 Writes are atomic: a local file is written under a temporary name and ``os.replace``-d; an S3 object
 becomes visible only when its single PUT completes. Names are deterministic, so a repeated run
@@ -39,6 +42,7 @@ import pyarrow.fs as pafs
 
 from vbatch.models.fileio import atomic_path, atomic_write_bytes
 from vbatch.operators.defaults import DEFAULT_RETRY_SECONDS
+from vbatch.operators.redact import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +181,12 @@ def _hidden_http_error(e: FileNotFoundError) -> BaseException | None:
 
 def describe_read_error(e: BaseException, uri: str, what: str = "") -> str:
     """The error message of a row whose object at ``uri`` could not be read (``what``: e.g.
-    ``"video "`` for "cannot read video …")."""
+    ``"video "`` for "cannot read video …"), with the credentials of every URL in it redacted
+    (the exception's own text quotes the URL too)."""
+    return redact_uri(_read_error(e, uri, what))
+
+
+def _read_error(e: BaseException, uri: str, what: str) -> str:
     if isinstance(e, (StorageUnavailableError, UnsupportedURIError)):
         return str(e)
     if isinstance(e, FileNotFoundError):
@@ -270,7 +279,7 @@ def with_retries(fn: Callable[[], T], what: str, budget_s: float) -> T:
 
     Args:
         fn: the operation; it must be safe to repeat (reads, whole-object writes, deletes).
-        what: what is being done, for the log (``"read s3://b/k"``).
+        what: what is being done, for the log (``"read s3://b/k"``; redacted here).
         budget_s: total seconds of retrying before giving up.
 
     Raises:
@@ -291,19 +300,24 @@ def with_retries(fn: Callable[[], T], what: str, budget_s: float) -> T:
             if elapsed + delay > budget_s:
                 first = str(e).splitlines()[0] if str(e) else ""
                 raise StorageUnavailableError(
-                    f"storage unavailable after {attempt} retries ({elapsed:.0f} s): "
-                    f"{type(e).__name__}: {first}"
+                    redact_uri(
+                        f"storage unavailable after {attempt} retries ({elapsed:.0f} s): "
+                        f"{type(e).__name__}: {first}"
+                    )
                 ) from e
             attempt += 1
             if attempt == 1:
                 logger.warning(
-                    "%s: %s: %s; retrying for up to %.0f s", what, type(e).__name__, e, budget_s
+                    "%s; retrying for up to %.0f s",
+                    redact_uri(f"{what}: {type(e).__name__}: {e}"),
+                    budget_s,
                 )
             time.sleep(delay)
 
 
 def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
-    import s3fs  # imported lazily: local-only runs never need boto
+    # imported lazily: local-only runs never need boto
+    from vbatch.operators.s3 import StrictS3FileSystem
 
     kwargs: dict[str, Any] = dict(options.extra)
     endpoint = options.resolved_endpoint()
@@ -317,7 +331,7 @@ def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
     config.setdefault("connect_timeout", 10)
     config.setdefault("read_timeout", 60)
     # listings change under us (other workers write); never serve a stale directory listing
-    return s3fs.S3FileSystem(
+    return StrictS3FileSystem(
         anon=options.anon, use_listings_cache=False, config_kwargs=config, **kwargs
     )
 
@@ -346,13 +360,19 @@ class Storage:
         return fsspec.filesystem("file"), _strip(uri)
 
     def arrow_fs(self, uri: str) -> tuple[pafs.FileSystem, str]:
-        """A pyarrow filesystem (for Ray Data and pyarrow readers/writers) and the path for it."""
+        """A pyarrow filesystem (for Ray Data and pyarrow readers/writers) and the path for it.
+
+        On S3, its look-ups, opens and reads are retried as this class's own reads are
+        (:class:`vbatch.operators.s3.RetryingFSSpecHandler`)."""
         if is_remote(uri):
-            return pafs.PyFileSystem(pafs.FSSpecHandler(_s3(self.options))), _strip(uri)
+            from vbatch.operators.s3 import RetryingFSSpecHandler
+
+            handler = RetryingFSSpecHandler(_s3(self.options), self.options.retry_seconds, "s3://")
+            return pafs.PyFileSystem(handler), _strip(uri)
         if is_http(uri):
             raise UnsupportedURIError(
-                f"{uri}: manifests and outputs live on local paths or s3://; http(s):// is for the "
-                "images and videos a manifest names"
+                f"{redact_uri(uri)}: manifests and outputs live on local paths or s3://; "
+                "http(s):// is for the images and videos a manifest names"
             )
         return pafs.LocalFileSystem(), _strip(uri)
 
@@ -363,7 +383,9 @@ class Storage:
 
     def _writable(self, uri: str) -> None:
         if is_http(uri):
-            raise UnsupportedURIError(f"cannot write to {uri}: http(s):// is read-only here")
+            raise UnsupportedURIError(
+                f"cannot write to {redact_uri(uri)}: http(s):// is read-only here"
+            )
 
     # -- objects -----------------------------------------------------------------------------------
     def read_bytes(self, uri: str) -> bytes:
@@ -391,8 +413,13 @@ class Storage:
         return int(self.info(uri)["size"])
 
     def exists(self, uri: str) -> bool:
-        fs, path = self.fs(uri)
-        return bool(self._retry("look up", lambda: fs.exists(path), uri))
+        """Whether the store says there is an object or folder at ``uri`` (through :meth:`info`:
+        a store that cannot be reached raises, it is never "no")."""
+        try:
+            self.info(uri)
+        except FileNotFoundError:
+            return False
+        return True
 
     def write_bytes(self, uri: str, data: bytes, content_type: str | None = None) -> None:
         """Write an object atomically (readers see the old or the new content, never a part).
@@ -450,10 +477,12 @@ class Storage:
         fs, path = self.fs(uri)
 
         def listing() -> list[str]:
-            if fs.isfile(path):
-                return [normalize(uri)]
-            if not fs.exists(path):
+            try:
+                kind = fs.info(path)["type"]
+            except FileNotFoundError:  # the store's answer; an outage raises and is retried
                 return []
+            if kind == "file":
+                return [normalize(uri)]
             found = sorted(p for p in fs.find(path) if p.endswith(suffix))
             return [f"s3://{p}" for p in found] if is_remote(uri) else found
 

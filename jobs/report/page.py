@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from vbatch.operators.redact import redact_uri
+
 STYLE = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -44,7 +46,10 @@ MIN_SHOWN = 110
 
 
 def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
+    """``value`` as HTML text. Every text of the report passes here, so this is where the
+    credentials of signed URLs (in input URIs, error texts, run.json's facts) are redacted: a
+    report is shared more widely than the manifest it describes."""
+    return html.escape("" if value is None else redact_uri(str(value)))
 
 
 def fmt(value: Any) -> str:

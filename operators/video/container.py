@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vbatch.operators.cache import UnsafeKeyError
+from vbatch.operators.redact import redact_uri
 from vbatch.operators.storage import describe_read_error
 
 #: magic bytes of the containers FFmpeg builds usually read: (offset, bytes, name)
@@ -138,9 +139,9 @@ def describe_video_error(e: BaseException, uri: str, path: str | None = None) ->
             given, looked at when decord fails (``None`` when the download itself failed).
     """
     if isinstance(e, UnsafeKeyError):
-        return f"cannot read video {uri}: {e}"
+        return redact_uri(f"cannot read video {uri}: {e}")
     if path is not None and not isinstance(e, OSError):
         problem = container_problem(path)
         if problem is not None:
-            return f"cannot read video {uri}: {problem}"
+            return redact_uri(f"cannot read video {uri}: {problem}")
     return describe_read_error(e, uri, what="video ")

@@ -12,6 +12,7 @@ import pyarrow as pa
 from vbatch.models.rvos import owned_frames, plan_windows
 from vbatch.operators.cache import localize_video
 from vbatch.operators.manifest import ERROR, ROW
+from vbatch.operators.redact import redact_uri
 from vbatch.operators.storage import Storage, resolve
 from vbatch.operators.video.columns import (
     HEIGHT,
@@ -80,7 +81,7 @@ def plan_video_windows(batch: pa.Table, *, storage: Storage, base_uri: str) -> p
             probe = probe_video(path)
         except Exception as e:  # a missing or unreadable video is a row error, never a crash
             if uri is None:
-                emit(r, raw_uri, f"cannot resolve video uri {raw_uri!r}: {e}")
+                emit(r, raw_uri, redact_uri(f"cannot resolve video uri {raw_uri!r}: {e}"))
             else:
                 emit(r, uri, describe_video_error(e, uri, path))
             continue
