@@ -4,43 +4,25 @@ every (video, query, frame) row, and every failed video's rows, exactly once.
 
 The unit test stages every mix of whole, partial and missing windows of a manifest with a
 duplicate id, failed videos and a query that cannot run, and checks the rerun's stages complete
-it exactly. The end-to-end test runs the job as its own driver with ``VBATCH_FAULT=hang:<row>:<k>``
-(the write stage blocks at window k of manifest row ``row``), SIGKILLs the driver's process group
-and reruns the same command, as ``tests/test_resume.py`` does for the image jobs.
+it exactly. A real driver killed at a window (``VBATCH_FAULT=hang:<row>:<k>``), then the same
+command again, is the row-job contract's (``tests/test_row_jobs.py``, every job on both stores).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_video_job import (  # noqa: F401  (fixtures)
-    CASES,
-    FPS,
-    FRAMES_OF,
-    check_results,
-    expected_masks,
-    videos,
-    write_inputs,
-)
-from vbatch.jobs.cli import main
+from tests.test_video_job import FPS
 from vbatch.jobs.config import key_fields
-from vbatch.jobs.publish import FAULT_ENV, InjectedFault, read_files, read_table
+from vbatch.jobs.publish import InjectedFault
 from vbatch.jobs.resume import run_key
 from vbatch.jobs.video import VideoConfig
 from vbatch.jobs.video_resume import (
@@ -54,8 +36,8 @@ from vbatch.jobs.video_resume import (
 )
 from vbatch.models.rvos import owned_frames, plan_windows
 from vbatch.operators.manifest import ERROR, ROW
-from vbatch.operators.storage import Storage, join
-from vbatch.operators.tables import POINTER, STAGING
+from vbatch.operators.storage import Storage
+from vbatch.operators.tables import STAGING
 from vbatch.operators.video.columns import (
     LOGITS,
     OWN_START,
@@ -233,155 +215,3 @@ def test_fault_spec_and_run_key() -> None:
     assert key(same) == key(config)
     assert key(dataclasses.replace(config, precision="bf16")) != key(config)
     assert key(dataclasses.replace(config, limit=2)) != key(config)
-
-
-# -- a real driver killed mid-run, then the same command again -------------------------------------
-#: the killed run's write stage blocks at window 1 of manifest row 1 ("ride", 3 windows): rows
-#: 0 (2 windows) and row 1's window 0 come before it
-HANG = "1:1"
-
-
-def _units(rows: list[dict]) -> set[tuple[int, int]]:
-    """The work units result rows come from: (manifest row, window), (manifest row, -1) for a
-    failed video. A query-error row is window 0's."""
-    owned: dict[int, list[tuple[int, int]]] = {}
-    for m, (_vid, name, _q, start, end, expect) in enumerate(CASES):
-        if isinstance(expect, dict) and "ok" in expect.values():
-            lo = 0 if start is None else round(start * FPS)
-            hi = FRAMES_OF[name] if end is None else round(end * FPS)
-            owned[m] = [(lo + a, lo + b) for a, b in owned_frames(plan_windows(hi - lo))]
-    units = set()
-    for r in rows:
-        m, f = r["manifest_row"], r["frame_index"]
-        if m not in owned:
-            units.add((m, -1))
-        elif f is None:
-            units.add((m, 0))
-        else:
-            units.add((m, next(k for k, (a, b) in enumerate(owned[m]) if a <= f < b)))
-    return units
-
-
-def _staged(storage: Storage, out: str) -> dict[str, list[dict]]:
-    """The rows of each readable staged file (a local file being written has no footer yet)."""
-    fs, path = storage.fs(join(out, STAGING))
-    fs.invalidate_cache(path)
-    found = {}
-    for f in storage.list_files(join(out, STAGING), suffix=".parquet"):
-        afs, apath = storage.arrow_fs(f)
-        try:
-            found[f.rsplit("/", 1)[-1]] = pq.read_table(apath, filesystem=afs).to_pylist()
-        except Exception:
-            pass
-    return found
-
-
-def _kill_at_hang(storage: Storage, argv: list[str], out: str) -> dict[str, list[dict]]:
-    """Run the job as its own driver on the tests' Ray with ``VBATCH_FAULT=hang:<HANG>``,
-    SIGKILL its process group once the write stage blocks; returns the staged files' rows."""
-    import ray
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env[FAULT_ENV] = f"hang:{HANG}"
-    address = ray.get_runtime_context().gcs_address
-    log = Path(tempfile.mkdtemp()) / "driver.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vbatch.jobs.cli", *argv, "--address", address],
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        deadline = time.monotonic() + 600
-        # the blocked task's warning reaches the driver's stderr (Ray forwards worker logs)
-        while f"VBATCH_FAULT=hang:{HANG}" not in log.read_text(errors="replace"):
-            if proc.poll() is not None:
-                pytest.fail(f"the job ended (rc {proc.returncode}): {log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("the write stage did not reach the fault in 10 minutes")
-            time.sleep(0.5)
-        time.sleep(1)  # a file written just before the block lands
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, no cleanup
-        proc.wait()
-    return _staged(storage, out)
-
-
-def _comparable(table: pa.Table, out: str, storage: Storage) -> list[tuple]:
-    """Rows without the output and product folder in ``mask_uri`` (``frames/…``), each with its
-    mask PNG's pixels."""
-    rows = []
-    for r in table.to_pylist():
-        png = None
-        if r["mask_uri"] is not None:
-            data = storage.read_bytes(r["mask_uri"])
-            png = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).tobytes()
-            rel = r["mask_uri"][len(out) :]  # /products/<run id>/frames/…
-            r["mask_uri"] = rel.split("/", 3)[3]
-        rows.append((tuple(sorted(r.items(), key=lambda kv: kv[0])), png))
-    return sorted(rows, key=repr)
-
-
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_video_resume_after_killed_driver(
-    request: pytest.FixtureRequest,
-    ray_session,
-    tmp_path: Path,
-    rvos_dir,
-    videos,  # noqa: F811
-    expected_masks,  # noqa: F811
-    where: str,
-) -> None:
-    if where == "local":
-        storage, root, endpoint = Storage(), str(tmp_path), []
-    else:
-        server = request.getfixturevalue("s3_server")
-        storage, root = server.storage(), server.new_bucket()
-        endpoint = ["--s3-endpoint", server.endpoint]
-    manifest = write_inputs(storage, join(root, "in"), videos)
-
-    def command(out: str) -> list[str]:
-        return [
-            "video", "--manifest", manifest, "--model-dir", str(rvos_dir), "--out", out,
-            "--max-error-rate", "1", *endpoint,  # 6 of the 8 videos are bad
-        ]  # fmt: skip
-
-    out = join(root, "out")
-    argv = command(out)
-    killed = _kill_at_hang(storage, argv, out)
-    staged_rows = [r for rows in killed.values() for r in rows]
-    staged_units = _units(staged_rows)
-    assert staged_units and (1, 1) not in staged_units, staged_units
-
-    rerun_start = time.time()
-    summary = Path(tempfile.mkdtemp()) / "summary.json"
-    assert main([*argv, "--summary-json", str(summary)]) == 0
-    record = json.loads(summary.read_text())
-    assert record["resumed_rows"] == len(staged_rows)
-
-    # every (video, query, frame) once, the masks predict_video's (test_video_job's checks)
-    check_results(storage, out, expected_masks)
-    generation = storage.read_bytes(join(out, POINTER)).decode().strip()
-    files = storage.list_files(join(out, generation), suffix=".parquet")
-    table = read_files(files, storage)
-    assert record["rows"] == table.num_rows
-    # the rerun's files hold exactly the windows (and failed videos) the killed run had not staged
-    new_files = [f for f in files if f.rsplit("/", 1)[-1] not in killed]
-    assert len(new_files) == len(files) - len(killed)
-    redone = _units(read_files(new_files, storage).to_pylist()) if new_files else set()
-    every = _units(table.to_pylist())
-    assert len(every) == 6 + 5  # 2 + 3 + 1 windows, 5 failed videos
-    assert redone == every - staged_units, (redone, staged_units)
-    if where == "local":  # a staged window's masks were not written again
-        for r in staged_rows:
-            if r["mask_uri"] is not None:
-                assert os.stat(r["mask_uri"]).st_mtime < rerun_start, r
-        # the rows are a clean run's
-        clean = str(tmp_path / "clean")
-        assert main(command(clean)) == 0
-        assert _comparable(table, out, storage) == _comparable(
-            read_table(clean, storage), clean, storage
-        )
-    assert not storage.list_files(join(out, STAGING), suffix=".parquet")
