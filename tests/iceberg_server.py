@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.services import missing_service
+
 #: the catalog name the tests configure (``PYICEBERG_CATALOG__VBTEST__…``)
 CATALOG = "vbtest"
 
@@ -68,7 +70,10 @@ def _wait_for_catalog(uri: str, properties: dict[str, str], timeout: float = 60)
 def iceberg_catalog(s3_server) -> Iterator[IcebergCatalog]:
     """A table bucket on the session's SeaweedFS, configured as pyiceberg catalog ``vbtest``
     through ``PYICEBERG_CATALOG__VBTEST__*`` (for this process and its children)."""
-    pytest.importorskip("pyiceberg", reason="the iceberg extra is not installed")
+    try:
+        import pyiceberg  # noqa: F401
+    except ImportError:
+        missing_service("pyiceberg is not installed: pip install -e '.[iceberg]'")
     import boto3
 
     warehouse = f"vbatch-{uuid.uuid4().hex[:8]}"

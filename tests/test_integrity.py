@@ -203,10 +203,11 @@ def test_rows_staged_twice_are_published_once(
     ray_session, where, salient_dir: Path, tmp_path: Path
 ) -> None:
     storage, root, endpoint = where
-    manifest = _manifest(storage, root)
+    # 40 rows: the job works through 32-row blocks; the first is staged, the second fails
+    manifest = _manifest(storage, root, rows=40)
     out = join(root, "out")
     with pytest.MonkeyPatch.context() as mp:  # a crash after some rows are staged
-        mp.setenv(FAULT_ENV, f"rows:{ROWS // 2}")
+        mp.setenv(FAULT_ENV, "rows:32")
         assert main(_segment(salient_dir, manifest, out, endpoint)) == 1
     staged = storage.list_files(join(out, STAGING), ".parquet")
     assert staged
@@ -216,8 +217,8 @@ def test_rows_staged_twice_are_published_once(
     more, path = _summary(tmp_path, "rerun")
     assert main([*_segment(salient_dir, manifest, out, endpoint), *more]) == 0
     table = read_table(out, storage)
-    assert sorted(table.column("image_id").to_pylist()) == [f"img-{i:02d}" for i in range(ROWS)]
-    assert json.loads(path.read_text())["rows"] == ROWS
+    assert sorted(table.column("image_id").to_pylist()) == [f"img-{i:02d}" for i in range(40)]
+    assert json.loads(path.read_text())["rows"] == 40
 
 
 def test_dedupe_keeps_one_of_each_row_and_key_error_rows_apart(tmp_path: Path) -> None:
@@ -246,11 +247,10 @@ def test_backfill_reruns_a_regenerated_partition_and_writes_its_summary(
     ray_session, where, salient_dir: Path, tmp_path: Path
 ) -> None:
     storage, root, endpoint = where
-    for day, seed in (("2026-10-01", 0), ("2026-10-02", 0)):
-        storage.write_bytes(
-            join(root, "m", f"{day}.parquet"),
-            storage.read_bytes(_manifest(storage, join(root, "in", day), rows=4, seed=seed)),
-        )
+    # manifests and images in one folder (relative uris resolve against it)
+    first = storage.read_bytes(_manifest(storage, join(root, "m"), rows=4, seed=0))
+    for day in ("2026-10-01", "2026-10-02"):
+        storage.write_bytes(join(root, "m", f"{day}.parquet"), first)
     summary_dir = tmp_path / "summaries"
     job = [
         *_segment(salient_dir, join(root, "m", "{date}.parquet"), join(root, "o", "{date}"), endpoint),
@@ -261,7 +261,7 @@ def test_backfill_reruns_a_regenerated_partition_and_writes_its_summary(
     for day in ("2026-10-01", "2026-10-02"):  # (6) each partition's own summary
         assert json.loads((summary_dir / f"{day}.json").read_text())["rows"] == 4
     # the manifest of the 2nd is regenerated at the same path with other rows
-    regenerated = _manifest(storage, join(root, "in2"), rows=6, seed=5)
+    regenerated = _manifest(storage, join(root, "m"), rows=6, seed=5)
     storage.write_bytes(join(root, "m", "2026-10-02.parquet"), storage.read_bytes(regenerated))
     (summary_dir / "2026-10-02.json").unlink()
     assert main(argv) == 0

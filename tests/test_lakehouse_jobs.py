@@ -139,7 +139,9 @@ def test_a_table_that_cannot_take_the_results_refuses_before_any_work(
     ]  # fmt: skip
     assert main(argv) == 1
     assert "foreground_ratio" in capsys.readouterr().err
-    assert not storage.list_files(out)  # nothing staged, nothing written
+    # nothing staged, nothing written, the lease released
+    assert not storage.list_files(out, ".parquet") and not storage.list_files(out, ".png")
+    assert not storage.exists(join(out, "_LATEST")) and not storage.exists(join(out, "_LEASE"))
 
 
 def test_reid_embed_and_video_commit_their_rows(
