@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -116,6 +117,34 @@ def commit_table(
         "created": info.created,
         "seconds": round(info.seconds, 3),
     }
+
+
+def table_step(
+    table: str | None,
+    catalog: str,
+    command: str,
+    storage: Storage,
+    clock: RunClock,
+    properties: Callable[[Any], dict[str, Any]],
+) -> Callable[[list[str], Any], dict[str, Any]] | None:
+    """The finishing tail's ``--table`` step (``jobs.finish.Tail.table``): commits the staged
+    files with the snapshot ``properties`` that ``properties(outcome)`` gives; ``None`` without a
+    table."""
+    target = target_of(table, catalog)
+    if target is None:
+        return None
+
+    def commit(files: list[str], outcome: Any) -> dict[str, Any]:
+        return commit_table(
+            target,
+            command,
+            files,
+            storage,
+            clock,
+            {"vbatch.command": command, **properties(outcome)},
+        )
+
+    return commit
 
 
 def _staged_schema(staged: list[str], storage: Storage) -> pa.Schema:

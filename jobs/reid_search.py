@@ -36,7 +36,7 @@ from vbatch.jobs.image_pipeline import (
     prepare_image_job,
     write_stage,
 )
-from vbatch.jobs.lakehouse import check_table, commit_table, target_of
+from vbatch.jobs.lakehouse import check_table, table_step, target_of
 from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import read_files, stage
@@ -252,7 +252,6 @@ def _finish(
     lease: Lease,
 ) -> SearchJobSummary:
     """Count the hit rows (one per query: its first hit or its error), publish, record."""
-    target = target_of(cfg.table, cfg.catalog)
 
     def account(staged: list[str]) -> Outcome:
         columns = ["query_id", "rank", "status", "error", "error_class"]
@@ -296,16 +295,13 @@ def _finish(
         run_extra={"config": asdict(cfg)},
         commit={"index": cfg.index, "index_generation": info.generation},
         lease=lease,
-        table=None
-        if target is None
-        else lambda files, outcome: commit_table(
-            target,
+        table=table_step(
+            cfg.table,
+            cfg.catalog,
             "reid search",
-            files,
             storage,
             clock,
-            {
-                "vbatch.command": "reid search",
+            lambda outcome: {
                 "vbatch.index": cfg.index,
                 "vbatch.index-generation": info.generation or "",
                 OUT: out,

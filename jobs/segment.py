@@ -42,7 +42,7 @@ from vbatch.jobs.image_pipeline import (
     write_partitioned,
     write_stage,
 )
-from vbatch.jobs.lakehouse import check_table, commit_table, target_of
+from vbatch.jobs.lakehouse import check_table, table_step, target_of
 from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import read_files, report_details, stage, stage_partitions
@@ -465,7 +465,23 @@ def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) 
         },
         product_columns=PRODUCT_URI_COLUMNS,
         lease=part.lease,
-        table=_table_step(part, clock, command),
+        table=table_step(
+            cfg.table,
+            cfg.catalog,
+            command,
+            part.p.storage,
+            clock,
+            lambda outcome: {
+                "vbatch.task": cfg.task,
+                "vbatch.model-version": _model_version(outcome.table) or "",
+                MODEL_IDENTITY: part.identity,
+                OPTIONS: reuse_fields(cfg),
+                OUT: out,
+                "vbatch.rows": outcome.counts.rows,
+                "vbatch.ok": outcome.counts.by_status.get("ok", 0),
+                "vbatch.errors": outcome.counts.errors,
+            },
+        ),
     )
     record, outcome = finish(tail, clock, staged)
     counts = outcome.counts
@@ -484,37 +500,6 @@ def _finish(part: _Partition, clock: RunClock, command: str, staged: list[str]) 
         resumed_rows=part.previous.rows,
         reused_rows=reused_rows,
     )
-
-
-def _table_step(part: _Partition, clock: RunClock, command: str) -> Any:
-    """The finishing tail's ``--table`` commit of this job, or ``None`` without a table."""
-    cfg = part.cfg
-    target = target_of(cfg.table, cfg.catalog)
-    if target is None:
-        return None
-
-    def commit(files: list[str], outcome: Outcome) -> dict[str, Any]:
-        counts = outcome.counts
-        return commit_table(
-            target,
-            command,
-            files,
-            part.p.storage,
-            clock,
-            {
-                "vbatch.command": command,
-                "vbatch.task": cfg.task,
-                "vbatch.model-version": _model_version(outcome.table) or "",
-                MODEL_IDENTITY: part.identity,
-                OPTIONS: reuse_fields(cfg),
-                OUT: part.out,
-                "vbatch.rows": counts.rows,
-                "vbatch.ok": counts.by_status.get("ok", 0),
-                "vbatch.errors": counts.errors,
-            },
-        )
-
-    return commit
 
 
 def _split_reused(

@@ -40,7 +40,7 @@ from vbatch.jobs.config import (
 )
 from vbatch.jobs.finish import Outcome, Tail, finish
 from vbatch.jobs.image_pipeline import task_options
-from vbatch.jobs.lakehouse import check_table, commit_table, target_of
+from vbatch.jobs.lakehouse import check_table, table_step, target_of
 from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import FAULT_ENV, read_files, report_details, stage
@@ -384,38 +384,24 @@ def _tail(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> Tail:
         },
         product_columns=PRODUCT_URI_COLUMNS,
         lease=plan.lease,
-        table=_table_step(cfg, plan, clock),
-    )
-
-
-def _table_step(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> Any:
-    """The finishing tail's ``--table`` commit, or ``None`` without a table."""
-    target = target_of(cfg.table, cfg.catalog)
-    if target is None:
-        return None
-
-    def commit(files: list[str], outcome: Outcome) -> dict[str, Any]:
-        s = outcome.details
-        return commit_table(
-            target,
+        table=table_step(
+            cfg.table,
+            cfg.catalog,
             "video",
-            files,
-            plan.storage,
+            storage,
             clock,
-            {
-                "vbatch.command": "video",
+            lambda outcome: {
                 "vbatch.task": "rvos",
-                "vbatch.model-version": s.model_version or "",
+                "vbatch.model-version": outcome.details.model_version or "",
                 MODEL_IDENTITY: plan.identity,
                 OPTIONS: reuse_fields(cfg),
-                OUT: plan.out,
+                OUT: out,
                 "vbatch.rows": outcome.counts.rows,
-                "vbatch.videos": s.videos,
-                "vbatch.videos-ok": s.videos_ok,
+                "vbatch.videos": outcome.details.videos,
+                "vbatch.videos-ok": outcome.details.videos_ok,
             },
-        )
-
-    return commit
+        ),
+    )
 
 
 def summarize(

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,14 +170,31 @@ def _fast_tier_guard() -> Iterator[None]:
         yield
 
 
+#: Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py), which a loaded 2-core
+#: machine can miss; the start is tried again, the instance being cheap to throw away
+RAY_START_ATTEMPTS = 3
+
+
+def start_local_ray(ray: Any) -> None:
+    """``ray.init`` of the session's local instance, tried again when Ray's own start-up times out."""
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            # address="local": never join a `ray start` cluster another test (or a developer) left up
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == RAY_START_ATTEMPTS:
+                raise
+            ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session (2 CPUs, as on CI)."""
     import ray
 
     if not ray.is_initialized():
-        # address="local": never join a `ray start` cluster another test (or a developer) left up
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        start_local_ray(ray)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

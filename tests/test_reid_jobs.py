@@ -71,6 +71,9 @@ def test_embed_index_add_search_eval(ray_session, s3_server, reid_dir: Path, cap
                     # default --max-error-rate of 1 %, which would exit 3
                     "--max-error-rate",
                     "0.2",
+                    # (its default is auto, bf16 on this CPU: the API comparison below is fp32)
+                    "--precision",
+                    "fp32",
                     *s3,
                 ]
             )

@@ -45,6 +45,7 @@ from vbatch.jobs.lease import LEASE
 from vbatch.jobs.publish import FAULT_ENV, read_table
 from vbatch.operators.storage import Storage, join
 from vbatch.operators.tables import POINTER, PRODUCTS, STAGING, commit_record
+from vbatch.schemas.images import PRODUCT_URI_COLUMNS
 
 #: good images of an image manifest; four broken rows follow. The job works through 32-row blocks
 #: (its CPU stages' batch, which the model stage's output keeps): ``hang:32`` lets the first block
@@ -272,6 +273,43 @@ def _generation(storage: Storage, out: str) -> str:
     return storage.read_bytes(join(out, POINTER)).decode().strip()
 
 
+def _results(job: RowJob, table: pa.Table, storage: Storage) -> list[tuple[dict, list]]:
+    """The rows in key order, each with its products' pixels (read now: a later commit removes
+    the products no committed row names)."""
+    from vbatch.operators.decode import decode_image
+
+    rows = sorted(table.to_pylist(), key=lambda r: repr(job.key(r)))
+    return [
+        (
+            r,
+            [
+                decode_image(storage.read_bytes(r[c])) if r.get(c) else None
+                for c in PRODUCT_URI_COLUMNS
+            ],
+        )
+        for r in rows
+    ]
+
+
+def _same_results(job: RowJob, a: list[tuple[dict, list]], b: list[tuple[dict, list]]) -> None:
+    """Two runs of the same inputs gave the same rows (:func:`_results`): equal but for when they
+    were computed and where their products were written; floats and product pixels within what
+    another batch composition moves (1e-5; one grey level)."""
+    assert len(a) == len(b)
+    for (x, xp), (y, yp) in zip(a, b, strict=True):
+        for name in x:
+            if name == "processed_at" or name in PRODUCT_URI_COLUMNS:
+                continue
+            if isinstance(x[name], (float, list)):
+                np.testing.assert_allclose(x[name], y[name], atol=1e-5, err_msg=name)
+            else:
+                assert x[name] == y[name], (name, job.key(x))
+        for u, v in zip(xp, yp, strict=True):
+            assert (u is None) == (v is None), job.key(x)
+            if u is not None:
+                assert np.abs(u.astype(np.int16) - v.astype(np.int16)).max() <= 1, job.key(x)
+
+
 def _kept_and_redone(
     job: RowJob, staged: list[dict], table: pa.Table, run_id: str, rerun_start: float
 ) -> None:
@@ -327,6 +365,7 @@ def test_row_job_contract(
         _kept_and_redone(job, staged, table, record["run_id"], rerun_start)
     first = _generation(storage, out)
 
+    resumed = _results(job, table, storage)
     # 4. a rerun replaces the table; 0 with a limit that fits the broken inputs
     code, again = _run(argv, tmp_path / "again.json", "--max-error-rate", "1")
     assert (code, again["exit_code"], again["status"]) == (0, 0, "ok")
@@ -340,10 +379,12 @@ def test_row_job_contract(
     assert generations == {again["run_id"]}
     # products: only the committed generation's folders are left
     kept = set((commit_record(out, storage) or {})["product_dirs"])
-    left = {
-        "/".join(f[len(out) + 1 :].split("/")[:2]) for f in storage.list_files(join(out, PRODUCTS))
-    }
-    assert left == kept
+    products = storage.list_files(join(out, PRODUCTS))
+    assert {"/".join(f[len(out) + 1 :].split("/")[:2]) for f in products} == kept
+    named = [u for r in table.to_pylist() for c in PRODUCT_URI_COLUMNS if (u := r.get(c))]
+    assert sorted(named) == sorted(products)  # one file per product a row names, none else
+    # the resumed run's rows are a clean run's (this rerun resumed nothing: it is one)
+    _same_results(job, resumed, _results(job, table, storage))
 
     # 3. exit 1: a manifest without a required column fails the job; the table stays
     bad_uri = join(root, "in", "bad.parquet")
