@@ -213,6 +213,8 @@ def mask_deviation(reference: np.ndarray, other: np.ndarray) -> dict[str, float]
         ``mean``, ``p99`` and ``max`` of |Δ| in grey levels, and ``iou`` of the masks binarised
         at 128 (1.0 when both are empty).
     """
+    import numpy as np
+
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(other, dtype=np.float64)
     if a.shape != b.shape:
