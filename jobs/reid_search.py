@@ -40,7 +40,7 @@ from vbatch.jobs.lakehouse import check_table, table_step, target_of
 from vbatch.jobs.lease import Lease
 from vbatch.jobs.limits import Limits
 from vbatch.jobs.publish import read_files, stage
-from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
+from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster, releases_actors
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.models import check_model_dir, model_version
 from vbatch.models.registry import weights_version
@@ -171,6 +171,7 @@ class SearchJobSummary:
         return "\n".join(lines)
 
 
+@releases_actors
 def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> SearchJobSummary:
     """Search every query of ``cfg.embeddings`` or ``cfg.embed.manifest`` on Ray.
 
@@ -198,6 +199,9 @@ def run_search_job(cfg: SearchJobConfig, clock: RunClock | None = None) -> Searc
     check_search_options(info, cfg.k, cfg.nprobe, cfg.rerank)
     target = target_of(cfg.table, cfg.catalog)
     check_table(target, "reid search", pa.schema(HIT_FIELDS))  # before any work
+    if cfg.embed is not None and not cfg.allow_model_mismatch:
+        # before the lease too: a refused run leaves no trace under --out
+        _check_model_dir_version(cfg.embed.model_dir, info, storage)
     with Lease(out, storage, clock.run_id, "reid search", cfg.break_lease) as lease:
         ds, expected = _search_stages(cfg, storage, info)
         staged = stage(ds, out, storage, clock.run_id)
@@ -210,8 +214,6 @@ def _search_stages(
     """The queries (embedded by the image pipeline, or read) → the search actors; the dataset
     of hit rows and how many queries it has."""
     if cfg.embed is not None:
-        if not cfg.allow_model_mismatch:
-            _check_model_dir_version(cfg.embed.model_dir, info, storage)
         ds, expected = _embedded_queries(cfg.embed, storage)
     else:
         assert cfg.embeddings is not None

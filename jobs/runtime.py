@@ -6,14 +6,18 @@ Every default names the assumption it rests on.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import importlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import ray
 
@@ -73,6 +77,54 @@ def s3_env_to_forward() -> dict[str, str]:
         name → value (empty when the driver has none).
     """
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _pool_actors() -> dict[bytes, Any]:
+    """The handles this process holds to actors of Ray Data's actor pools, by actor id."""
+    from ray.actor import ActorHandle
+
+    found = {}
+    for o in gc.get_objects():
+        if issubclass(type(o), ActorHandle):  # type(): isinstance would wake lazy modules up
+            descriptor = getattr(o, "_ray_actor_creation_function_descriptor", None)
+            # the pools' actor class is named after the stage: "MapWorker(MapBatches(ModelStage))"
+            if getattr(descriptor, "module_name", "").endswith(".actor_pool_map_operator"):
+                found[o._actor_id.binary()] = o
+    return found
+
+
+def releases_actors(job: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a job that runs Ray Data pipelines: when it fails, the actors its pipelines
+    started are killed as it returns.
+
+    Ray Data stops a failed execution by dropping its references to the pool's actors, and Ray
+    kills an actor once nothing references it; but the stopped executor sits in reference cycles
+    that still hold the handles (an in-flight task's callback names its actor). The actors lived
+    on, each holding its CPU (and GPU), until Python's cyclic collector happened to run, and the
+    next job of the same process (a rerun in a long-lived driver or a notebook, the tests) waited
+    for resources that never freed. So the pool actors this process holds handles to, less those
+    it held when the job began, are killed before the exception goes on (a job running at the
+    same time in another thread of the same process would lose the actors it started meanwhile:
+    the CLI never runs two).
+    """
+
+    @functools.wraps(job)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        before = set(_pool_actors())
+        try:
+            return job(*args, **kwargs)
+        except BaseException:
+            for actor_id, handle in _pool_actors().items():
+                if actor_id not in before:
+                    with contextlib.suppress(Exception):  # already dead
+                        ray.kill(handle, no_restart=True)
+            raise
+
+    return run
 
 
 def ensure_ray(

@@ -53,7 +53,7 @@ from vbatch.jobs.resume import (
     previous_attempt,
     run_key,
 )
-from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster
+from vbatch.jobs.runtime import ensure_ray, refuse_local_paths_on_cluster, releases_actors
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
 from vbatch.models import model_entry
 from vbatch.models import model_version as weights_version
@@ -139,6 +139,7 @@ class JobSummary:
         return "\n".join([headline, *details])
 
 
+@releases_actors
 def run_image_job(
     cfg: ImageJobConfig, clock: RunClock | None = None, command: str | None = None
 ) -> JobSummary:
@@ -170,6 +171,7 @@ def run_image_job(
         return _finish(part, clock, command, staged)
 
 
+@releases_actors
 def run_image_jobs(
     cfgs: list[ImageJobConfig], clocks: list[RunClock], command: str | None = None
 ) -> list[JobSummary | Exception]:

@@ -51,6 +51,7 @@ from vbatch.jobs.runtime import (
     ensure_ray,
     model_pool_stage,
     refuse_local_paths_on_cluster,
+    releases_actors,
     resolve_job_precision,
 )
 from vbatch.jobs.summary import Counts, JobFailed, RunClock, count_rows
@@ -151,6 +152,7 @@ class VideoSummary:
         return "\n".join([headline, *details])
 
 
+@releases_actors
 def run_video(cfg: VideoConfig, clock: RunClock | None = None) -> VideoSummary:
     """Run the job; returns the summary. Raises on problems with the job as a whole (bad manifest
     columns, unreadable model directory, too many infrastructure errors), never on problems with

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -199,15 +200,38 @@ def test_cleanup_never_deletes_the_generation_the_pointer_names(tmp_path: Path) 
 
 
 # -- (4) a staged file written twice ---------------------------------------------------------------
+def _wait_for_free_cpus(ray: Any, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    total = ray.cluster_resources()["CPU"]
+    while ray.available_resources().get("CPU", 0) < total:
+        assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()}"
+        time.sleep(0.2)
+
+
+def test_a_failed_runs_actors_die_with_it(ray_session, salient_dir: Path, tmp_path: Path) -> None:
+    """A job that fails while its model actors run (here its write stage raises) frees their CPUs
+    as it returns: they used to live on until a garbage collection happened to run, and the next
+    job of the same driver (a rerun, the next test) waited for resources forever."""
+    storage, root = Storage(), str(tmp_path)
+    manifest = _manifest(storage, root, rows=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, "rows:4")
+        assert main(_segment(salient_dir, manifest, join(root, "out"), [])) == 1
+    _wait_for_free_cpus(ray_session)
+    assert main(_segment(salient_dir, manifest, join(root, "out"), [])) == 0
+
+
 def test_rows_staged_twice_are_published_once(
     ray_session, where, salient_dir: Path, tmp_path: Path
 ) -> None:
     storage, root, endpoint = where
-    # 40 rows: the job works through 32-row blocks; the first is staged, the second fails
+    # 40 rows: the job works through 32-row blocks, staged as two files
     manifest = _manifest(storage, root, rows=40)
     out = join(root, "out")
-    with pytest.MonkeyPatch.context() as mp:  # a crash after some rows are staged
-        mp.setenv(FAULT_ENV, "rows:32")
+    # a crash once the rows are staged (a crash in the middle, VBATCH_FAULT=rows:32, could stop
+    # the job before the other block's file was written: the blocks finish in any order)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, "publish:after-stage")
         assert main(_segment(salient_dir, manifest, out, endpoint)) == 1
     staged = storage.list_files(join(out, STAGING), ".parquet")
     assert staged
