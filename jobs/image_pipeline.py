@@ -116,11 +116,9 @@ class ImagePipeline:
     precision_reason: str
 
 
-def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
-    """Resources, the checked model directory, its transforms and the annotated manifest dataset
-    (after :func:`vbatch.jobs.runtime.ensure_ray`). A wrong model directory fails here, in
-    seconds, before any worker starts."""
-    entry = model_entry(cfg.task)
+def resolve_config(cfg: ImageJobConfig) -> tuple[ImageJobConfig, Resources, str]:
+    """``cfg`` with its precision resolved (it decides results, so run keys hash this config),
+    the actors' resources, and why that precision (after :func:`vbatch.jobs.runtime.ensure_ray`)."""
     res = decide_resources(
         cfg.task,
         cfg.batch_size,
@@ -131,7 +129,15 @@ def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
         cfg.device,
     )
     precision, reason = resolve_job_precision(cfg.task, cfg.precision, res, cfg.actor_resources)
-    cfg = dataclasses.replace(cfg, precision=precision)
+    return dataclasses.replace(cfg, precision=precision), res, reason
+
+
+def prepare_image_job(cfg: ImageJobConfig, storage: Storage) -> ImagePipeline:
+    """Resources, the checked model directory, its transforms and the annotated manifest dataset
+    (after :func:`vbatch.jobs.runtime.ensure_ray`). A wrong model directory fails here, in
+    seconds, before any worker starts."""
+    entry = model_entry(cfg.task)
+    cfg, res, reason = resolve_config(cfg)
     logger.info("%s at %s", cfg.task, reason)
     model_options, transform_options = task_options(entry, cfg, res)
     local_model_dir = storage.localize_dir(cfg.model_dir)

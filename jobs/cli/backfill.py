@@ -74,10 +74,16 @@ class PartitionJob:
 
     def run_key(self, args: argparse.Namespace) -> str | None:
         from vbatch.jobs.cli.command import storage_of
+        from vbatch.jobs.image_pipeline import resolve_config
+        from vbatch.jobs.runtime import ensure_ray
         from vbatch.jobs.segment import image_run_key
 
         try:
-            return image_run_key(self.module.config(args), storage_of(args))[0]
+            cfg = self.module.config(args)
+            ensure_ray(cfg.address, forward_s3_env=cfg.forward_s3_env)
+            # the key of the run: with the precision it resolves to (a default of auto is bf16
+            # or fp32 by the device), as the job computes it
+            return image_run_key(resolve_config(cfg)[0], storage_of(args))[0]
         except Exception as e:  # the partition runs, and fails with the reason
             logger.info("backfill: no run key for %s (%s): it runs", args.out, e)
             return None
