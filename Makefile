@@ -30,8 +30,12 @@ oracle: $(ORACLE_VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/vbatch demo
 
+# Two workers (pytest-xdist), each with its own Ray and S3 server; a module runs whole on one worker
+# unless tests/conftest.py spreads it (TEST_WORKERS=0: one process, as a debugger wants).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
-	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest \
+		-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The inner loop: unit and contract tests of pure code, no Ray, no S3 server, no oracle, no browser,
 # no full-size model (docs/TESTING.md). Starting Ray fails a test here (VBATCH_TEST_TIER=fast).

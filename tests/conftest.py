@@ -144,13 +144,31 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 TIER_FIXTURES = {"ray_session": "ray", "s3_server": "s3"}
 
 
+#: modules whose tests spread over ``make test``'s workers one by one (pytest-xdist's
+#: ``--dist loadgroup``): their tests share no module-scoped fixture, and each runs jobs for a
+#: minute. Every other module runs whole on one worker, so that its module-scoped fixtures (an
+#: oracle run, a 3-node cluster) are built once.
+SPREAD_MODULES = {
+    "test_row_jobs.py",
+    "test_segment_job.py",
+    "test_reid_jobs.py",
+    "test_reuse.py",
+    "test_storage_faults.py",
+    "test_lakehouse_jobs.py",
+    "test_precision_jobs.py",
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with the tiers of the session fixtures it uses (directly or through other
-    fixtures: ``fixturenames`` is the closure)."""
+    fixtures: ``fixturenames`` is the closure), and with its module's xdist group unless its module
+    spreads (:data:`SPREAD_MODULES`)."""
     for item in items:
         for fixture, marker in TIER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+        if item.path.name not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(str(item.path)))
 
 
 @pytest.fixture(scope="session", autouse=True)
