@@ -232,7 +232,8 @@ def fault_stage(p: ImagePipeline, ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds.map_batches(
         raise_from_row,  # type: ignore[arg-type]
         fn_kwargs={"row": crash[0], "hang": crash[1]},
-        **{**p.cpu_stage, "batch_size": None},
+        # its own stage holding no CPU: a blocked batch never keeps the others from being written
+        **{**p.cpu_stage, "batch_size": None, "num_cpus": 0},
     )
 
 

@@ -302,7 +302,9 @@ def _stages(cfg: VideoConfig, plan: _VideoPlan, clock: RunClock) -> ray.data.Dat
         ds = ds.map_batches(
             stop_from_window,  # type: ignore[arg-type]
             fn_kwargs={"row": crash[0], "window": crash[1], "hang": crash[2]},
-            **{**cpu_stage, "batch_size": None},
+            # its own stage holding no CPU: blocked batches never keep the other batches from
+            # being written (on a 2-CPU node two blocked tasks held every CPU, nothing was staged)
+            **{**cpu_stage, "batch_size": None, "num_cpus": 0},
         )
     ds = ds.map_batches(
         write_window_masks,  # type: ignore[arg-type]

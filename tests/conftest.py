@@ -150,6 +150,9 @@ TIER_FIXTURES = {"ray_session": "ray", "s3_server": "s3"}
 #: oracle run, a 3-node cluster) are built once.
 SPREAD_MODULES = {
     "test_row_jobs.py",
+    "test_integrity.py",
+    "test_backfill.py",
+    "test_index_distributed.py",
     "test_segment_job.py",
     "test_reid_jobs.py",
     "test_reuse.py",

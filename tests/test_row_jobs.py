@@ -166,6 +166,9 @@ class RowJob:
     required: str = "uri"
     #: a result row's key (resumable jobs: which rows the killed run had staged)
     key: Callable[[dict], tuple] = _image_key
+    #: ``--batch-size``: video's is windows per model call, one so that the first window's block
+    #: holds nothing the fault blocks
+    batch: str = "2"
 
 
 JOBS = [
@@ -174,7 +177,7 @@ JOBS = [
     RowJob("segment-matting", ("segment", "--task", "matting"), "matting_dir", _products, _once_per_image, "hang:32"),
     RowJob("reid-embed", ("reid", "embed"), "reid_dir", _people, _once_per_image, "hang:32"),
     RowJob("reid-search", ("reid", "search", "--k", "3"), "reid_dir", _people, _once_per_query, "hang:32", resumes=False, rows_are_units=False),
-    RowJob("video", ("video",), "rvos_dir", _videos, _once_per_frame, "hang:0:1", required="queries", key=_frame_key),
+    RowJob("video", ("video",), "rvos_dir", _videos, _once_per_frame, "hang:0:1", required="queries", key=_frame_key, batch="1"),
 ]  # fmt: skip
 
 
@@ -208,7 +211,7 @@ def _argv(
     extra = ["--index", index] if job.name == "reid-search" else []
     return [
         *job.command, *extra, "--manifest", manifest, "--model-dir", str(model), "--out", out,
-        "--batch-size", "2", "--report-samples", "0", *endpoint,
+        "--batch-size", job.batch, "--report-samples", "0", *endpoint,
     ]  # fmt: skip
 
 
