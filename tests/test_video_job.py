@@ -173,7 +173,8 @@ def check_results(storage: Storage, out: str, expected_masks: dict) -> None:
             for r in q_rows:
                 assert r["status"] == "ok" and r["error"] is None
                 assert r["timestamp_s"] == pytest.approx(r["frame_index"] / FPS, abs=1e-3)
-                name = join("frames", safe_name(vid), str(qi), f"{r['frame_index']}.png")
+                # a relative name: storage's join makes a relative first part absolute (cwd)
+                name = "/".join(("frames", safe_name(vid), str(qi), f"{r['frame_index']}.png"))
                 assert r["mask_uri"] in {join(root, name) for root in roots}
                 png = cv2.imdecode(
                     np.frombuffer(storage.read_bytes(r["mask_uri"]), np.uint8),
