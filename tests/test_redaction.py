@@ -142,7 +142,8 @@ def test_error_texts_and_logs_are_redacted(caplog, capsys) -> None:
         raise ConnectionResetError(f"Connection reset by peer, url={url}")
 
     with caplog.at_level(logging.WARNING), pytest.raises(StorageUnavailableError) as raised:
-        with_retries(down, f"read {url}", budget_s=0.3)
+        # a budget over the first backoff (at most 0.5 s, jittered): the first retry always happens
+        with_retries(down, f"read {url}", budget_s=1.0)
     assert SIG not in str(raised.value) and MASK in str(raised.value)
     assert "retrying" in caplog.text and SIG not in caplog.text
     assert SIG not in describe_failure(RuntimeError(f"boom {url}"))
