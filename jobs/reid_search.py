@@ -48,6 +48,7 @@ from vbatch.operators.index import IndexInfo, read_info
 from vbatch.operators.index.gallery import check_search_options
 from vbatch.operators.index.search_stage import HIT_FIELDS, SEARCH_BATCH_ROWS, SearchStage
 from vbatch.operators.lakehouse.catalog import OUT
+from vbatch.operators.manifest import read_parquet_files
 from vbatch.operators.storage import Storage, StorageOptions, join, normalize
 from vbatch.operators.tables import results_files
 
@@ -139,7 +140,7 @@ def _embeddings_table(uri: str, storage: Storage, cfg: SearchJobConfig) -> tuple
                 f"from {gallery!r}: embeddings of different models are not comparable "
                 "(--allow-model-mismatch to search anyway)"
             )
-    ds = ray.data.read_parquet([storage.arrow_fs(f)[1] for f in files], filesystem=fs)
+    ds = read_parquet_files([storage.arrow_fs(f)[1] for f in files], fs)
     return ds, rows
 
 

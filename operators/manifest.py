@@ -58,6 +58,24 @@ class ManifestInfo:
     passthrough: pa.Schema
 
 
+def read_parquet_files(paths: list[str], fs: Any, **kwargs: Any) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` of a known list of files, through Ray Data's file-per-task reader.
+
+    Ray 2.60's default (``DataContext.use_datasource_v2``) lists the files through a pool of 32
+    footer-reading actors that it starts for every read and kills after: on a 2-CPU node a one-file
+    manifest took 5-10 s to read that way, and 0.1 s (3 s cold) through the older reader, which
+    reads each file in a task. A job reads files it has already listed, so it has nothing to gain
+    from the actors; the switch holds for building this read's plan only.
+    """
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs, **kwargs)
+    finally:
+        ctx.use_datasource_v2 = saved
+
+
 def manifest_files(uri: str, storage: Storage) -> list[str]:
     """The Parquet files of a manifest (one file, or a folder read in sorted order)."""
     try:
@@ -202,7 +220,7 @@ def read_image_manifest(
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # block order = manifest order
     try:
-        blocks = ray.data.read_parquet(paths, filesystem=fs, file_extensions=None).to_arrow_refs()
+        blocks = read_parquet_files(paths, fs, file_extensions=None).to_arrow_refs()
     finally:
         ctx.execution_options.preserve_order = saved
 
