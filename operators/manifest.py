@@ -73,9 +73,7 @@ def read_parquet_files(paths: list[str], fs: Any, **kwargs: Any) -> ray.data.Dat
     saved = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(
-            paths, filesystem=fs, override_num_blocks=len(paths), **kwargs
-        )
+        return ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths), **kwargs)
     finally:
         ctx.use_datasource_v2 = saved
 
