@@ -111,3 +111,26 @@ def test_empty_manifest_is_an_empty_dataset(ray_session, tmp_path) -> None:
     assert info.num_rows == 0 and info.num_bad_rows == 0
     assert ds.count() == 0
     assert {"image_id", "uri", "shelf", ROW, ERROR} <= set(ds.schema().names)
+
+
+def test_blocks_are_the_manifest_cut_whatever_the_files(ray_session, tmp_path) -> None:
+    """The job's blocks are ``rows_per_block`` slices of each file, in manifest order, however
+    Ray's reader would split a file: a one-file manifest of 38 rows is [32, 6] at 32 rows a block
+    (the fault tests block the second slice and expect the first one staged), two files are cut
+    each on its own."""
+    one = tmp_path / "one.parquet"
+    pq.write_table(pa.table({"image_id": [f"i{i}" for i in range(38)], "uri": ["u"] * 38}), one)
+    ds, _ = read_image_manifest(str(one), Storage(), "mask", None, 32)
+    blocks = ray_session.get(ds.to_arrow_refs())
+    assert [b.num_rows for b in blocks] == [32, 6]
+    assert [b.column(ROW).to_pylist() for b in blocks] == [list(range(32)), list(range(32, 38))]
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for f, rows in enumerate((range(0, 20), range(20, 45))):
+        pq.write_table(
+            pa.table({"image_id": [f"i{i}" for i in rows], "uri": ["u"] * len(rows)}),
+            two / f"part-{f}.parquet",
+        )
+    ds, _ = read_image_manifest(str(two), Storage(), "mask", None, 16)
+    assert [b.num_rows for b in ray_session.get(ds.to_arrow_refs())] == [16, 4, 16, 9]
