@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 ORACLE_VENV ?= .venv-oracle
 UV := $(VENV)/bin/uv
+# Every install is compiled to bytecode: this machine's environment sets PYTHONDONTWRITEBYTECODE, so
+# without it each new process (a Ray worker, a job's model actor, an oracle reference run) compiled
+# torch, timm and transformers from source as it imported them: 10-15 s of CPU a process, 3-4 s with it.
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: demo test test-fast test-multinode lint bench oracle clean
 
@@ -11,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv
 	$(UV) pip install --python $(VENV)/bin/python -e '.[cpu,dev]'
+	$(VENV)/bin/python -m compileall -q jobs operators models schemas
 	touch $@
 
 # The tests also convert TensorFlow graphs (the `convert` extra; workers never need TensorFlow) and
@@ -35,7 +40,7 @@ demo: $(VENV)/.installed
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
 	VBATCH_ORACLE_PYTHON=$(abspath $(ORACLE_VENV))/bin/python $(VENV)/bin/python -m pytest \
-		-n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+		-n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # The inner loop: unit and contract tests of pure code, no Ray, no S3 server, no oracle, no browser,
 # no full-size model (docs/TESTING.md). Starting Ray fails a test here (VBATCH_TEST_TIER=fast).

@@ -144,10 +144,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 TIER_FIXTURES = {"ray_session": "ray", "s3_server": "s3"}
 
 
-#: modules whose tests spread over ``make test``'s workers one by one (pytest-xdist's
-#: ``--dist loadgroup``): their tests share no module-scoped fixture, and each runs jobs for a
-#: minute. Every other module runs whole on one worker, so that its module-scoped fixtures (an
-#: oracle run, a 3-node cluster) are built once.
+#: modules whose tests spread over ``make test``'s workers one by one: their tests share no
+#: module-scoped fixture, and each runs jobs for a minute. Every other module runs whole on one
+#: worker (:func:`pytest_xdist_make_scheduler`), so that its module-scoped fixtures (an oracle run,
+#: a 3-node cluster) are built once.
 SPREAD_MODULES = {
     "test_row_jobs.py",
     "test_integrity.py",
@@ -162,16 +162,37 @@ SPREAD_MODULES = {
 }
 
 
+def scope_of(nodeid: str) -> str:
+    """The unit of work a test is scheduled in: its module, or the test itself in a module of
+    :data:`SPREAD_MODULES`."""
+    module = nodeid.split("::", 1)[0]
+    return nodeid if Path(module).name in SPREAD_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope`` (``make test``) with :func:`scope_of` for scopes. pytest-xdist's own
+    ``loadgroup`` cannot group under pytest 9.2: it renames the test ids through ``Item._nodeid``,
+    which pytest no longer reads, so every test was a unit of its own and a module's fixtures
+    (the oracle's reference runs, the 3-node cluster) were built on both workers at once."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with the tiers of the session fixtures it uses (directly or through other
-    fixtures: ``fixturenames`` is the closure), and with its module's xdist group unless its module
-    spreads (:data:`SPREAD_MODULES`)."""
+    fixtures: ``fixturenames`` is the closure)."""
     for item in items:
         for fixture, marker in TIER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
-        if item.path.name not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(str(item.path)))
 
 
 @pytest.fixture(scope="session", autouse=True)
