@@ -46,7 +46,8 @@ test: $(VENV)/.installed-test $(ORACLE_VENV)/.installed
 # no full-size model (docs/TESTING.md). Starting Ray fails a test here (VBATCH_TEST_TIER=fast).
 FAST_TIER = not (ray or s3 or parity or browser or multinode or slow)
 test-fast: $(VENV)/.installed-test
-	VBATCH_TEST_TIER=fast $(VENV)/bin/python -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
+	VBATCH_TEST_TIER=fast $(VENV)/bin/python -m pytest -m "$(FAST_TIER)" \
+		-n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # The cluster tests alone (`make test` runs them too): the multi-node Ray cluster (a head, CPU
 # nodes, a model node; segment, reid search, video, a node killed mid-run) and `ray job submit`.
