@@ -33,6 +33,9 @@ from vbatch.jobs.demo_data import encode, product_image
 from vbatch.jobs.publish import read_table
 from vbatch.operators.storage import Storage
 
+#: Ray, though not the session's: a `ray start` head of its own, in a subprocess (not the fast tier)
+pytestmark = pytest.mark.ray
+
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 START_ATTEMPTS = 3
 #: the job (a 6-image segment run on a 2-CPU head) takes under a minute on a quiet 2-core machine

@@ -54,6 +54,7 @@ def test_package_for_workers_is_a_vbatch_folder() -> None:
     assert not list(folder.rglob("__pycache__"))
 
 
+@pytest.mark.ray  # the job starts a Ray of its own, in a subprocess (not the fast tier)
 def test_segment_runs_from_a_folder_with_colliding_names(tmp_path: Path) -> None:
     """Ray puts the driver's working directory on the workers' path: empty ``models/`` & co there
     used to shadow the project's packages (``cannot import name 'Predictor' from 'models'``)."""
