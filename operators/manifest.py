@@ -10,9 +10,8 @@ a Ray object and a task downstream, and their overhead dominated on the driver. 
 the segment job's 32 rows per block (``bench/bench_manifest.py``, 2 cores): 31,250 slices, 60 s
 and +755 MB of driver memory when the driver gathered the ids and cut every slice in its own task;
 2045 slices of 489 rows, 11 s and +40 MB now (15 s through Ray 2.60's default reader, which starts
-32 actors to list the files: :func:`read_parquet_files`). The CPU
-stages work through a slice ``rows_per_block`` rows at a time (``map_batches(batch_size=…)``), so
-memory per task stays bounded.
+32 actors to list the files: :func:`read_parquet_files`). The CPU stages work through a slice
+``rows_per_block`` rows at a time (``map_batches(batch_size=…)``), so memory per task stays bounded.
 """
 
 from __future__ import annotations
