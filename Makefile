@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 ORACLE_VENV ?= .venv-oracle
 UV := $(VENV)/bin/uv
+# the project's packages (vbatch.<name>)
+PACKAGES := jobs operators models schemas
 # Every install is compiled to bytecode: this machine's environment sets PYTHONDONTWRITEBYTECODE, so
 # without it each new process (a Ray worker, a job's model actor, an oracle reference run) compiled
 # torch, timm and transformers from source as it imported them: 10-15 s of CPU a process, 3-4 s with it.
@@ -15,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv
 	$(UV) pip install --python $(VENV)/bin/python -e '.[cpu,dev]'
-	$(VENV)/bin/python -m compileall -q jobs operators models schemas
+	$(VENV)/bin/python -m compileall -q $(PACKAGES)
 	touch $@
 
 # The tests also convert TensorFlow graphs (the `convert` extra; workers never need TensorFlow) and
@@ -59,7 +61,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	@# mypy reads files, not the install's import hook: it checks a link tree that spells vbatch.*
 	rm -rf build/typecheck && mkdir -p build/typecheck/vbatch
-	for p in jobs operators models schemas; do ln -s ../../../$$p build/typecheck/vbatch/$$p; done
+	for p in $(PACKAGES); do ln -s ../../../$$p build/typecheck/vbatch/$$p; done
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
 		-p vbatch.jobs -p vbatch.operators -p vbatch.models -p vbatch.schemas
 
